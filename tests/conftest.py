@@ -1,0 +1,20 @@
+"""Shared test set-up: offline Hugging Face, few threads, and the hypothesis profiles.
+
+`pytest` (see pyproject.toml) runs with `--hypothesis-profile=ci`: derandomized, so every CI run draws the same
+examples. `pytest --hypothesis-profile=dev` draws fresh random examples for local exploration.
+"""
+
+import os
+
+# huggingface_hub reads this at import time: nothing in the tests may touch the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+settings.register_profile("ci", derandomize=True, deadline=None, max_examples=60,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("dev", deadline=None, max_examples=300)
