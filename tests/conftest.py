@@ -5,10 +5,14 @@ examples. `pytest --hypothesis-profile=dev` draws fresh random examples for loca
 """
 
 import os
+import tempfile
 
 # huggingface_hub reads this at import time: nothing in the tests may touch the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# The built-in digits model and judge are pre-trained once (~20 s) into this cache and shared by all tests and the
+# subprocesses they start; a developer's own FLOW_CPS_CACHE is respected.
+os.environ.setdefault("FLOW_CPS_CACHE", os.path.join(tempfile.gettempdir(), "flow_cps_test_cache"))
 
 import torch  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402

@@ -1,0 +1,137 @@
+"""GRPO for flow-matching models: group advantages, the clipped surrogate, the KL penalty, which steps to train.
+
+One function per concept, each with its formula (PAPER.md §4; Flow-GRPO and DanceGRPO as PRIOR_ART.md §1.5, §2.2).
+Everything here is pure tensor math on one process: train.py gathers rewards across ranks first, so the same
+function gives the same advantages on every rank.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+# -- advantages --------------------------------------------------------------------------------------------------
+def _group_index(groups: Tensor) -> tuple[Tensor, int]:
+    _, inv = torch.unique(groups, return_inverse=True)
+    return inv, int(inv.max()) + 1 if inv.numel() else 0
+
+
+def _group_stats(r: Tensor, valid: Tensor, inv: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """Per-group (count, mean) of the valid rewards."""
+    w = valid.to(r.dtype)
+    count = torch.zeros(n, dtype=r.dtype).index_add_(0, inv, w)
+    total = torch.zeros(n, dtype=r.dtype).index_add_(0, inv, torch.where(valid, r, 0.0))
+    return count, total / count.clamp(min=1)
+
+
+def flow_grpo_advantages(rewards: Tensor, groups: Tensor, valid: Tensor | None = None, *, global_std: bool = True,
+                         eps: float = 1e-4, clip: float = 5.0) -> Tensor:
+    """Flow-GRPO (PerPromptStatTracker): A_i = clip((r_i - mean_{g(i)} r) / (std + eps), -clip, clip).
+
+    mean over the valid samples of the prompt's group; std is the *population* std of all valid rewards of the batch
+    (global_std=True, Flow-GRPO's default) or of the group. All-equal rewards give exactly 0 (the numerator is 0).
+    Invalid samples (NaN rewards) get advantage 0 and do not enter any statistic.
+    """
+    r = rewards.double()
+    valid = torch.isfinite(r) if valid is None else valid & torch.isfinite(r)
+    inv, n = _group_index(groups)
+    count, mean = _group_stats(r, valid, inv, n)
+    centred = torch.where(valid, r - mean[inv], 0.0)
+    if global_std:
+        std = centred.new_tensor(float(r[valid].std(correction=0))) if int(valid.sum()) > 0 else centred.new_zeros(())
+    else:
+        sq = torch.zeros(n, dtype=r.dtype).index_add_(0, inv, centred ** 2)
+        std = (sq / count.clamp(min=1)).sqrt()[inv]
+    return (centred / (std + eps)).clamp(-clip, clip).to(rewards.dtype)
+
+
+def dance_grpo_advantages(rewards: Tensor, groups: Tensor, valid: Tensor | None = None, *, eps: float = 1e-8,
+                          clip: float = 5.0) -> Tensor:
+    """DanceGRPO: A_i = clip((r_i - mean_{g(i)} r) / (std_{g(i)} r + eps)) with the *unbiased* group std.
+
+    A group with fewer than two valid samples has no std: its advantages are 0 (never NaN).
+    """
+    r = rewards.double()
+    valid = torch.isfinite(r) if valid is None else valid & torch.isfinite(r)
+    inv, n = _group_index(groups)
+    count, mean = _group_stats(r, valid, inv, n)
+    centred = torch.where(valid, r - mean[inv], 0.0)
+    sq = torch.zeros(n, dtype=r.dtype).index_add_(0, inv, centred ** 2)
+    std = (sq / (count - 1).clamp(min=1)).sqrt()
+    adv = torch.where((count[inv] >= 2) & valid, centred / (std[inv] + eps), 0.0)
+    return adv.clamp(-clip, clip).to(rewards.dtype)
+
+
+ADVANTAGES = {"flow_grpo": flow_grpo_advantages, "dance": dance_grpo_advantages}
+
+
+# -- the policy loss ---------------------------------------------------------------------------------------------
+def clipped_surrogate(logp_new: Tensor, logp_old: Tensor, adv: Tensor, clip_range: float) -> tuple[Tensor, dict]:
+    """PPO's clipped surrogate per sample: max(-A r, -A clip(r, 1 - eps, 1 + eps)), r = exp(logp_new - logp_old).
+
+    Returns the per-sample loss (B,) (the caller weights and averages it, so padding and gradient accumulation stay
+    exact) and diagnostics: clipfrac = mean(|r - 1| > eps), approx_kl = 0.5 mean (logp_new - logp_old)^2 (as
+    Flow-GRPO logs it), ratio mean/min/max.
+    """
+    log_ratio = logp_new - logp_old
+    ratio = torch.exp(log_ratio)
+    loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_range, 1 + clip_range))
+    with torch.no_grad():
+        stats = dict(clipfrac=float(((ratio - 1).abs() > clip_range).float().mean()),
+                     approx_kl=float(0.5 * log_ratio.pow(2).mean()), ratio_mean=float(ratio.mean()),
+                     ratio_min=float(ratio.min()), ratio_max=float(ratio.max()))
+    return loss, stats
+
+
+def kl_penalty(mean: Tensor, mean_ref: Tensor, std: Tensor | float, dt: Tensor | float, form: str = "mse") -> Tensor:
+    """KL(policy step || reference step) per sample (B,), in the form each codebase uses; both steps share `std`.
+
+    "mse"       mean_dims (mu - mu_ref)^2                     FlowCPS (commit 814c359 dropped the divisor)
+    "flow_grpo" mean_dims (mu - mu_ref)^2 / (2 sigma_t^2)     Flow-GRPO, sigma_t = std / sqrt(dt) the diffusion
+                                                              coefficient: |dt| times the exact KL
+    "gaussian"  mean_dims (mu - mu_ref)^2 / (2 std^2)         the exact KL between the two Gaussians (per element)
+    """
+    sq = (mean.float() - mean_ref.float()).pow(2).flatten(1).mean(1)
+    if form == "mse":
+        return sq
+    std = torch.as_tensor(std, dtype=torch.float32, device=mean.device)
+    if std.ndim:
+        std = std.reshape(std.shape[0], -1)[:, 0]  # std is constant over a sample's elements
+    if form == "gaussian":
+        return sq / (2 * std ** 2)
+    if form == "flow_grpo":
+        return sq / (2 * std ** 2 / torch.as_tensor(dt, dtype=torch.float32, device=mean.device))
+    raise ValueError(f"unknown KL form {form!r}; use 'mse', 'flow_grpo' or 'gaussian'.")
+
+
+# -- which steps are trained -------------------------------------------------------------------------------------
+def ordered_timesteps(stochastic: Tensor, fraction: float = 0.99) -> Tensor:
+    """Flow-GRPO: the first int(N * fraction) steps in order (0.99 -> N - 1: the last, noise-free CPS step is
+    skipped), keeping only steps that injected noise (a deterministic step has no density)."""
+    n = len(stochastic)
+    steps = torch.arange(int(n * fraction))
+    return steps[stochastic[steps]]
+
+
+def random_timesteps(stochastic: Tensor, batch: int, fraction: float = 0.6,
+                     generator: torch.Generator | None = None) -> Tensor:
+    """DanceGRPO: per sample, a random subset of int(fraction * (N - 1)) of the stochastic steps before the last.
+    Returns (batch, K) step indices, each row in random order as Dance's permutation."""
+    candidates = torch.arange(len(stochastic) - 1)
+    candidates = candidates[stochastic[candidates]]
+    k = max(1, int(fraction * len(candidates)))
+    if len(candidates) == 0:
+        raise ValueError("no stochastic step to train: widen the SDE window or use a stochastic sampler")
+    order = torch.stack([torch.randperm(len(candidates), generator=generator)[:k] for _ in range(batch)])
+    return candidates[order]
+
+
+def draw_sde_window(num_steps: int, size: int, lo: int = 0, hi: int | None = None,
+                    generator: torch.Generator | None = None) -> tuple[int, int]:
+    """Flow-GRPO-Fast / MixGRPO: a window of `size` consecutive stochastic steps whose start is uniform in
+    [lo, hi - size]; all other steps use the ODE. Default range: the first half, (0, N // 2) as Flow-GRPO-Fast."""
+    hi = num_steps // 2 if hi is None else hi
+    if size < 1 or lo < 0 or hi > num_steps or lo + size > hi:
+        raise ValueError(f"SDE window of {size} steps does not fit in range [{lo}, {hi}) of {num_steps} steps")
+    start = lo + int(torch.randint(hi - size - lo + 1, (1,), generator=generator))
+    return start, start + size
