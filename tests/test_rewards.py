@@ -1,0 +1,481 @@
+"""rewards.py: OCR on real rendered text (real RapidOCR); PickScore, HPSv2.1 and GenEval on tiny random-weight
+models saved in the public checkpoints' on-disk formats and loaded through the same code path as the real ones,
+checked against hand computations; missing weights; the built-in rewards; combination and failure isolation."""
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+
+import geneval
+import rewards
+from rewards import NORMALISERS, REGISTRY, Normaliser, RewardModel
+
+# FLOW_CPS_TEST_DEVICE=cuda runs the model-based rewards on a GPU (references stay on the CPU)
+DEVICE = os.environ.get("FLOW_CPS_TEST_DEVICE", "cpu")
+if DEVICE != "cpu":
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # compare fp32 with fp32
+
+
+# -- helpers -----------------------------------------------------------------------------------------------------
+def render(text: str, size=(256, 64), font_size=32) -> torch.Tensor:
+    """Black text on white, as (1, 3, H, W) in [0, 1]."""
+    im = Image.new("RGB", size, "white")
+    ImageDraw.Draw(im).text((10, 10), text, fill="black", font=ImageFont.load_default(size=font_size))
+    return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+
+
+def pil(images: torch.Tensor) -> list:
+    arr = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
+def rand_images(n, h, w, seed=0) -> torch.Tensor:
+    return torch.rand(n, 3, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+# -- OCR: real RapidOCR on rendered text -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ocr():
+    return REGISTRY["ocr"]()
+
+
+def test_ocr_score_formula():
+    assert rewards.ocr_score("Hello World!", "hello") == 1.0  # contained, case and spaces ignored
+    assert rewards.ocr_score("helo", "hello") == pytest.approx(1 - 1 / 5)
+    assert rewards.ocr_score("", "open late") == 0.0  # nothing read: distance = len(target)
+    assert rewards.ocr_score("zzzzzzzzzz", "ab") == 0.0  # floored at 0
+    assert math.isnan(rewards.ocr_score("abc", "  "))
+
+
+def test_ocr_reads_rendered_text(ocr):
+    texts = ["OPEN LATE", "HELLO WORLD", "Fresh Bread"]
+    scores = ocr(torch.cat([render(t) for t in texts]), [f'A sign that says "{t}"' for t in texts])
+    assert (scores >= 0.9).all(), scores
+
+
+def test_ocr_wrong_word_scores_by_edit_distance(ocr):
+    img = render("BREAD")
+    assert float(ocr(img, ['A sign that says "BREAK"'])[0]) == pytest.approx(1 - 1 / 5)  # bread vs break: 1 edit
+    # bread vs broadway: e->o and 3 insertions = 4 edits over 8 letters
+    assert float(ocr(img, ['A poster titled "BROAD WAY"'])[0]) == pytest.approx(1 - 4 / 8)
+
+
+def test_ocr_blank_and_noise_score_zero(ocr):
+    blank, noise = torch.ones(1, 3, 64, 256), rand_images(1, 64, 256)
+    assert ocr(torch.cat([blank, noise]), ['A sign that says "OPEN"'] * 2).tolist() == [0.0, 0.0]
+
+
+def test_ocr_needs_quoted_text(ocr):
+    img = render("HELLO").expand(3, -1, -1, -1)
+    out = ocr(img, ["a sign without quotes", "a sign", 'a sign "HELLO"'], [None, {"text": "HELLO"}, None])
+    assert math.isnan(out[0]) and out[1] == 1 and out[2] == 1  # metadata "text" overrides the prompt
+    assert rewards.ocr_target('say \u201cHI THERE\u201d and "NO"') == "HI THERE"
+
+
+# -- tiny CLIP pieces in the public on-disk formats --------------------------------------------------------------
+def tiny_tokenizer(max_len=16):
+    """A char-level CLIP BPE tokenizer whose start/end tokens are the last two ids, as in OpenAI CLIP's vocab."""
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPTokenizer
+
+    chars = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_len)
+
+
+def tiny_clip(seed=0, image_size=32, max_len=16):
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(seed)
+    tok = dict(bos_token_id=512, eos_token_id=513, pad_token_id=513)
+    cfg = CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
+                                      vocab_size=514, max_position_embeddings=max_len, hidden_act="gelu", **tok),
+                     vision_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                        num_hidden_layers=2, image_size=image_size, patch_size=8, hidden_act="gelu"),
+                     projection_dim=16)
+    return CLIPModel(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def pickscore_dirs(tmp_path_factory):
+    """PickScore_v1's layout: a CLIPModel folder and a separate CLIPProcessor folder (laion's CLIP-ViT-H-14)."""
+    import transformers
+    from transformers import CLIPProcessor
+
+    image_processor = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+
+    root = tmp_path_factory.mktemp("pickscore")
+    tiny_clip(seed=1).save_pretrained(root / "model")
+    CLIPProcessor(image_processor=image_processor(size={"shortest_edge": 32},
+                                                        crop_size={"height": 32, "width": 32}),
+                  tokenizer=tiny_tokenizer()).save_pretrained(root / "processor")
+    return dict(model=str(root / "model"), processor=str(root / "processor"))
+
+
+PROMPTS = ["a red cat", "two dogs on a sofa", "a sign that says hi"]
+
+
+def test_pickscore_is_logit_scale_times_cosine(pickscore_dirs):
+    from transformers import CLIPModel, CLIPProcessor
+
+    images = rand_images(3, 32, 32)
+    got = REGISTRY["pickscore"](DEVICE, **pickscore_dirs)(images, PROMPTS)
+    # hand computation: transformers' own CLIP forward on the processor's PIL inputs;
+    # logits_per_image = logit_scale.exp() * cos(image, text)
+    model, proc = CLIPModel.from_pretrained(pickscore_dirs["model"]), CLIPProcessor.from_pretrained(
+        pickscore_dirs["processor"])
+    inp = proc(images=pil(images), text=PROMPTS, return_tensors="pt", padding=True, truncation=True, max_length=16)
+    with torch.no_grad():
+        out = model(**inp)
+    cos = F.cosine_similarity(out.image_embeds, out.text_embeds)
+    assert torch.allclose(got, out.logits_per_image.diag(), atol=1e-4)
+    assert torch.allclose(got, model.logit_scale.exp() * cos, atol=1e-4)
+    flow_grpo = REGISTRY["pickscore"](DEVICE, **pickscore_dirs, scale="flow_grpo")
+    assert torch.allclose(flow_grpo(images, PROMPTS), got / 26, atol=1e-5)
+    assert flow_grpo.normaliser.shift == pytest.approx(22 / 26)  # a combination normalises on that scale
+
+
+def test_pickscore_resizes_like_the_processor(pickscore_dirs):
+    from transformers import CLIPProcessor
+
+    proc = CLIPProcessor.from_pretrained(pickscore_dirs["processor"])
+    images = rand_images(2, 48, 80, seed=3)
+    images = F.avg_pool2d(F.interpolate(images, scale_factor=4), 5, 1, 2)  # smoother than white noise, like a photo
+    ours = rewards.clip_preprocess(rewards.quantise(images), 32, 32, proc.image_processor.image_mean,
+                                   proc.image_processor.image_std)
+    theirs = proc.image_processor(pil(images), return_tensors="pt").pixel_values
+    assert ours.shape == theirs.shape == (2, 3, 32, 32)
+    assert (ours - theirs).abs().mean() < 0.02  # torch's antialiased bicubic vs PIL's, in normalised units
+
+
+# -- HPSv2.1: an OpenCLIP state dict converted to transformers' CLIP ---------------------------------------------
+VIS = dict(width=32, layers=2, heads=4, patch=8, image=32)
+TXT = dict(width=24, layers=2, heads=2, vocab=514, ctx=16)
+EMBED = 12
+
+
+def openclip_state_dict(seed=0) -> dict:
+    """Random weights under OpenCLIP's key layout for open_clip.CLIP (ViT image tower, built-in text tower):
+    visual.{conv1, class_embedding, positional_embedding, ln_pre, transformer.resblocks.i.*, ln_post, proj};
+    token_embedding, positional_embedding, transformer.resblocks.i.*, ln_final, text_projection, logit_scale.
+    A residual block is ln_1, attn (nn.MultiheadAttention: in_proj_weight/bias fused [q; k; v], out_proj),
+    ln_2, mlp.c_fc, mlp.c_proj."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape, s=0.2: s * torch.randn(*shape, generator=g)  # noqa: E731
+    sd = {}
+
+    def ln(name, w):
+        sd[f"{name}.weight"], sd[f"{name}.bias"] = 1 + r(w, s=0.1), r(w, s=0.1)
+
+    def blocks(prefix, w, layers):
+        for i in range(layers):
+            p = f"{prefix}transformer.resblocks.{i}."
+            ln(p + "ln_1", w)
+            ln(p + "ln_2", w)
+            sd[p + "attn.in_proj_weight"], sd[p + "attn.in_proj_bias"] = r(3 * w, w), r(3 * w)
+            sd[p + "attn.out_proj.weight"], sd[p + "attn.out_proj.bias"] = r(w, w), r(w)
+            sd[p + "mlp.c_fc.weight"], sd[p + "mlp.c_fc.bias"] = r(4 * w, w), r(4 * w)
+            sd[p + "mlp.c_proj.weight"], sd[p + "mlp.c_proj.bias"] = r(w, 4 * w), r(w)
+
+    wv, wt = VIS["width"], TXT["width"]
+    sd["visual.conv1.weight"] = r(wv, 3, VIS["patch"], VIS["patch"])
+    sd["visual.class_embedding"] = r(wv)
+    sd["visual.positional_embedding"] = r((VIS["image"] // VIS["patch"]) ** 2 + 1, wv)
+    ln("visual.ln_pre", wv)
+    blocks("visual.", wv, VIS["layers"])
+    ln("visual.ln_post", wv)
+    sd["visual.proj"] = r(wv, EMBED)
+    sd["token_embedding.weight"] = r(TXT["vocab"], wt)
+    sd["positional_embedding"] = r(TXT["ctx"], wt)
+    blocks("", wt, TXT["layers"])
+    ln("ln_final", wt)
+    sd["text_projection"] = r(wt, EMBED)
+    sd["logit_scale"] = torch.tensor(math.log(1 / 0.07))
+    return sd
+
+
+def _openclip_block(x, sd, p, heads, causal):
+    """One OpenCLIP residual block, written out: x + attn(ln_1(x)); x + mlp(ln_2(x)); exact GELU."""
+    ln = lambda x, n: F.layer_norm(x, x.shape[-1:], sd[n + ".weight"], sd[n + ".bias"], 1e-5)  # noqa: E731
+    b, n, w = x.shape
+    q, k, v = (ln(x, p + "ln_1") @ sd[p + "attn.in_proj_weight"].T + sd[p + "attn.in_proj_bias"]).split(w, -1)
+    q, k, v = (t.view(b, n, heads, w // heads).transpose(1, 2) for t in (q, k, v))
+    att = q @ k.transpose(-1, -2) / math.sqrt(w // heads)
+    if causal:
+        att = att.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    o = (att.softmax(-1) @ v).transpose(1, 2).reshape(b, n, w)
+    x = x + o @ sd[p + "attn.out_proj.weight"].T + sd[p + "attn.out_proj.bias"]
+    h = F.gelu(ln(x, p + "ln_2") @ sd[p + "mlp.c_fc.weight"].T + sd[p + "mlp.c_fc.bias"])
+    return x + h @ sd[p + "mlp.c_proj.weight"].T + sd[p + "mlp.c_proj.bias"]
+
+
+def openclip_features(sd, pixel_values, token_ids):
+    """OpenCLIP's encode_image / encode_text for the tiny config, in plain torch (the independent reference)."""
+    ln = lambda x, n: F.layer_norm(x, x.shape[-1:], sd[n + ".weight"], sd[n + ".bias"], 1e-5)  # noqa: E731
+    x = F.conv2d(pixel_values, sd["visual.conv1.weight"], stride=VIS["patch"]).flatten(2).transpose(1, 2)
+    x = torch.cat([sd["visual.class_embedding"].expand(len(x), 1, -1), x], 1) + sd["visual.positional_embedding"]
+    x = ln(x, "visual.ln_pre")
+    for i in range(VIS["layers"]):
+        x = _openclip_block(x, sd, f"visual.transformer.resblocks.{i}.", VIS["heads"], causal=False)
+    image = ln(x[:, 0], "visual.ln_post") @ sd["visual.proj"]
+    t = sd["token_embedding.weight"][token_ids] + sd["positional_embedding"]
+    for i in range(TXT["layers"]):
+        t = _openclip_block(t, sd, f"transformer.resblocks.{i}.", TXT["heads"], causal=True)
+    # OpenCLIP pools at argmax(token id): the end-of-text token has the largest id
+    text = ln(t, "ln_final")[torch.arange(len(t)), token_ids.argmax(-1)] @ sd["text_projection"]
+    return image, text
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("clip_tokenizer")
+    tiny_tokenizer(TXT["ctx"]).save_pretrained(path)
+    return str(path)
+
+
+def _openclip_ids(prompts):
+    """OpenCLIP's tokenisation: [SOT] tokens [EOT], zero-padded to the context length."""
+    ids = tiny_tokenizer(TXT["ctx"])(prompts, truncation=True, max_length=TXT["ctx"]).input_ids
+    return torch.tensor([i + [0] * (TXT["ctx"] - len(i)) for i in ids])
+
+
+def test_hpsv2_matches_an_openclip_forward(tmp_path, tokenizer_dir):
+    sd = openclip_state_dict()
+    ckpt = tmp_path / "HPS_v2.1_compressed.pt"
+    torch.save({"state_dict": sd, "epoch": 1}, ckpt)  # the released file's layout
+    fn = REGISTRY["hpsv2"](DEVICE, model=str(ckpt), tokenizer=tokenizer_dir, vision_heads=VIS["heads"],
+                           text_heads=TXT["heads"])
+    images = rand_images(3, 32, 32)
+    got = fn(images, PROMPTS)
+    px = (rewards.quantise(images) - torch.tensor(rewards.CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(
+        rewards.CLIP_STD).view(1, 3, 1, 1)
+    image, text = openclip_features(sd, px, _openclip_ids(PROMPTS))
+    assert torch.allclose(got, F.cosine_similarity(image, text), atol=1e-5)
+    assert got.abs().max() <= 1
+
+
+def test_openclip_conversion_details(tmp_path, tokenizer_dir):
+    sd = openclip_state_dict(seed=2)
+    half = {f"module.{k}": v.half() for k, v in sd.items()}  # a DDP-saved, fp16 ("compressed") bare state dict
+    torch.save(half, tmp_path / "bare.pt")
+    loaded = rewards.load_openclip_state_dict(tmp_path / "bare.pt")
+    assert set(loaded) == set(sd) and all(v.dtype == torch.float32 for v in loaded.values())
+    model = rewards.openclip_to_transformers(loaded, VIS["heads"], TXT["heads"])
+    px, ids = torch.randn(2, 3, 32, 32), _openclip_ids(PROMPTS[:2])
+    image, text = openclip_features(loaded, px, ids)
+    with torch.no_grad():
+        assert torch.allclose(model.get_image_features(pixel_values=px).pooler_output, image, atol=1e-5)
+        hf_ids = tiny_tokenizer(TXT["ctx"])(PROMPTS[:2], padding=True, return_tensors="pt")
+        assert torch.allclose(model.get_text_features(**hf_ids).pooler_output, text, atol=1e-5)
+    assert model.logit_scale.item() == pytest.approx(math.log(1 / 0.07), rel=1e-3)
+    with pytest.raises(ValueError, match="no transformers CLIP counterpart"):
+        rewards.openclip_to_transformers({**sd, "visual.transformer.resblocks.0.ls_1.gamma": torch.ones(32),
+                                          "visual.attn_pool.query": torch.ones(1)}, VIS["heads"], TXT["heads"])
+    with pytest.raises(ValueError, match="head counts"):
+        rewards.openclip_to_transformers(sd)  # width 32 cannot be split into 64-wide heads
+
+
+def test_hps_resize_pads_to_square():
+    img = torch.rand(1, 3, 16, 32)
+    out = rewards.resize_max_and_pad(img, 32)
+    assert out.shape == (1, 3, 32, 32) and torch.equal(out[..., 8:24, :], img)
+    assert out[..., :8, :].abs().sum() == 0 and out[..., 24:, :].abs().sum() == 0
+
+
+# -- GenEval: tiny Mask2Former + tiny CLIP -----------------------------------------------------------------------
+DOG = geneval.COCO_CLASSES.index("dog")
+
+
+@pytest.fixture(scope="module")
+def geneval_dirs(tmp_path_factory):
+    """The two models in their hub layouts: a Mask2Former folder (80 COCO classes) and a CLIP folder holding the
+    model and its tokenizer (as openai/clip-vit-large-patch14 does). The class head is biased towards "dog", so
+    every query is a confident dog and the rules have something to judge."""
+    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
+
+    root = tmp_path_factory.mktemp("geneval")
+    torch.manual_seed(0)
+    swin = SwinConfig(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=4, image_size=64,
+                      out_features=["stage1", "stage2", "stage3", "stage4"])
+    cfg = Mask2FormerConfig(backbone_config=swin, num_labels=80, hidden_dim=32, mask_feature_size=32,
+                            feature_size=32, encoder_layers=1, decoder_layers=2, num_attention_heads=2,
+                            dim_feedforward=64, num_queries=10, encoder_feedforward_dim=64, common_stride=4)
+    det = Mask2FormerForUniversalSegmentation(cfg).eval()
+    with torch.no_grad():
+        det.class_predictor.bias[DOG] += 12
+    det.save_pretrained(root / "detector")
+    tiny_clip(seed=4, max_len=77).save_pretrained(root / "clip")
+    tiny_tokenizer(77).save_pretrained(root / "clip")
+    return dict(detector=str(root / "detector"), clip=str(root / "clip"), detector_size=64)
+
+
+@pytest.fixture(scope="module")
+def scorer(geneval_dirs):
+    return geneval.Scorer(**geneval_dirs, device=DEVICE)
+
+
+def test_geneval_detections_match_hand_postprocessing(scorer):
+    images = rand_images(2, 48, 48, seed=5)
+    dets = scorer.detect(images, min_score=0.3)
+    # by hand: 48 -> 64 px, ImageNet normalisation, Mask2Former; per query: class softmax without "no object",
+    # mask logits -> 64 px -> 48 px, mask > 0, score = p(class) x mean sigmoid inside, box = the mask's extent
+    x = F.interpolate(images, size=(64, 64), mode="bilinear", align_corners=False)
+    x = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(
+        1, 3, 1, 1)
+    with torch.no_grad():
+        out = scorer.detector(pixel_values=x.to(scorer.device))
+    cls_logits, mask_logits = out.class_queries_logits.cpu(), out.masks_queries_logits.cpu()
+    for b in range(2):
+        expected = []
+        for q in range(10):
+            p = cls_logits[b, q].softmax(-1)[:-1]
+            logit = F.interpolate(mask_logits[b, q][None, None], size=(64, 64), mode="bilinear")
+            logit = F.interpolate(logit, size=(48, 48), mode="bilinear")[0, 0]
+            mask = logit > 0
+            if p.argmax() != DOG or not mask.any():
+                continue
+            ys, xs = mask.nonzero(as_tuple=True)
+            box = (xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1)
+            expected.append((box, float(p[DOG] * logit.sigmoid()[mask].mean())))
+        got = sorted((tuple(int(v) for v in d.box), d.score) for d in dets[b].get("dog", []))
+        expected = sorted(expected)
+        assert [g[0] for g in got] == [e[0] for e in expected] and len(got) > 0
+        assert [g[1] for g in got] == pytest.approx([e[1] for e in expected], abs=1e-4)
+        assert set(dets[b]) == {"dog"}  # every other class is far below 0.3
+
+
+def test_geneval_colours_are_clip_zero_shot_on_masked_crops(scorer, geneval_dirs):
+    from transformers import AutoTokenizer, CLIPModel
+
+    image = rand_images(1, 48, 48, seed=6)[0]
+    mask = torch.zeros(48, 48, dtype=torch.bool)
+    mask[10:30, 5:45] = True
+    d = geneval.Detection(box=(5, 10, 45, 30), score=0.9, mask=mask)
+    got = scorer.colours(image, [d, geneval.Detection(box=(0, 0, 48, 48), score=0.9)], "dog")
+    # by hand: per colour, the mean of the three templates' normalised text embeddings; each object masked onto
+    # "#999" grey and cropped to its box (no mask: the plain crop); CLIP's argmax
+    model, tok = CLIPModel.from_pretrained(geneval_dirs["clip"]), AutoTokenizer.from_pretrained(geneval_dirs["clip"])
+    with torch.no_grad():
+        texts = [t.format(color=c, cls="dog") for c in geneval.COLORS for t in geneval.COLOR_TEMPLATES]
+        emb = model.get_text_features(**tok(texts, padding=True, return_tensors="pt")).pooler_output
+        classifier = F.normalize(F.normalize(emb, dim=-1).view(10, 3, -1).mean(1), dim=-1)
+        expected = []
+        for crop in (torch.where(mask, image, 0x99 / 255)[:, 10:30, 5:45], image):
+            px = rewards.clip_preprocess(crop[None], 32, 32)
+            feat = F.normalize(model.get_image_features(pixel_values=px).pooler_output, dim=-1)
+            expected.append(geneval.COLORS[int((feat @ classifier.T).argmax())])
+    assert got == expected
+
+
+def test_geneval_rewards_end_to_end(geneval_dirs, scorer):
+    opts = {"geneval": geneval_dirs, "geneval_strict": geneval_dirs}
+    model = RewardModel("geneval,geneval_strict", DEVICE, **opts)
+    shared = [k for k in rewards._GENEVAL_SCORERS if ("detector", geneval_dirs["detector"]) in k[1]]
+    assert len(shared) == 1  # geneval and geneval_strict share one loaded Scorer
+    images = rand_images(4, 48, 48, seed=7)
+    meta = [{"tag": "single_object", "include": [{"class": "dog", "count": 1}], "prompt": "a photo of a dog"},
+            {"tag": "single_object", "include": [{"class": "cat", "count": 1}], "prompt": "a photo of a cat"},
+            {"tag": "colors", "include": [{"class": "dog", "count": 1, "color": "red"}], "prompt": "a red dog"},
+            None]
+    with pytest.warns(UserWarning, match="without GenEval metadata"):
+        out = model(images, [m["prompt"] if m else "a dog" for m in meta], meta)
+    strict, score = out.components["geneval_strict"], out.components["geneval"]
+    assert strict[0] == 1 and strict[1] == 0 and score[1] == 0
+    # the dog detections of image 0 are the real thing, so the verdict must equal the rules on them
+    objects = geneval.select_objects(scorer.detect(images[:1], 0.3)[0], "single_object")
+    assert score[0] == pytest.approx(geneval.evaluate(objects, meta[0]).score)
+    colour_ok = scorer.colours(images[2], geneval.select_objects(scorer.detect(images[2:3], 0.3)[0], "colors")["dog"][
+        :1], "dog") == ["red"]
+    assert strict[2] == float(colour_ok)
+    assert out.valid.tolist() == [True, True, True, False] and math.isnan(score[3])
+
+
+# -- missing weights ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name, options, hint", [
+    ("pickscore", {"model": "flow-cps-tests/no-such-model"}, "hf download yuvalkirstain/PickScore_v1"),
+    ("pickscore", {"model": "/no/such/PickScore_v1"}, "no such directory"),
+    ("hpsv2", {"model": "/no/such/HPS_v2.1_compressed.pt"}, "hf download xswu/HPSv2 HPS_v2.1_compressed.pt"),
+    ("geneval", {"detector": "/no/such/mask2former"}, "facebook/mask2former-swin-small-coco-instance"),
+])
+def test_missing_weights_fail_at_start_up_with_instructions(name, options, hint):
+    with pytest.raises(FileNotFoundError) as err:
+        RewardModel(name, "cpu", **{name: options})
+    msg = str(err.value)
+    assert hint in msg and "--reward_options" in msg and f'"{name}": {{"' in msg
+    assert next(iter(options.values())) in msg  # the path or hub id that was tried
+
+
+def test_pickscore_rejects_unknown_scale(pickscore_dirs):
+    with pytest.raises(ValueError, match="flow_grpo"):
+        REGISTRY["pickscore"](**pickscore_dirs, scale="normalised")
+
+
+# -- built-in rewards --------------------------------------------------------------------------------------------
+def test_digit_judge_on_clean_test_digits():
+    import digits
+
+    images, labels = digits.load("test")
+    fn = REGISTRY["digit_judge"]()
+    right = fn(images, [f"a handwritten digit {int(d)}" for d in labels])
+    wrong = fn(images, [f"a handwritten digit {(int(d) + 1) % 10}" for d in labels])
+    assert right.mean() >= 0.9 and wrong.mean() < 0.1
+    acc = REGISTRY["digit_judge_accuracy"]()(images, [f"the number {digits.WORDS[int(d)]}" for d in labels])
+    assert acc.mean() >= 0.9
+
+
+def test_clean_background_ranks_clean_above_noisy():
+    import digits
+
+    images, _ = digits.load("test")
+    noisy = (images + 0.05 * torch.randn(images.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    fn = REGISTRY["clean_background"]()
+    clean_r, noisy_r = fn(images, []), fn(noisy, [])
+    assert clean_r.mean() > noisy_r.mean() + 0.05 and (clean_r > noisy_r).float().mean() > 0.9
+
+
+# -- combination, normalisation, failure isolation ---------------------------------------------------------------
+def _const(values):
+    return lambda device="cpu", **_: (lambda images, prompts, metadata=None: torch.tensor(values[:len(prompts)]))
+
+
+def test_combination_normalises_each_component(monkeypatch):
+    monkeypatch.setitem(REGISTRY, "t_a", _const([1.0, 2.0, 3.0]))
+    monkeypatch.setitem(REGISTRY, "t_b", _const([10.0, 30.0, 20.0]))
+    monkeypatch.setitem(NORMALISERS, "t_a", Normaliser(2.0, 0.5))
+    monkeypatch.setitem(NORMALISERS, "t_b", Normaliser(20.0, 10.0))
+    out = RewardModel("t_a:2,t_b:0.5")(torch.zeros(3, 3, 8, 8), ["x"] * 3)
+    expected = 2 * (torch.tensor([1.0, 2, 3]) - 2) / 0.5 + 0.5 * (torch.tensor([10.0, 30, 20]) - 20) / 10
+    assert torch.allclose(out.total, expected) and out.valid.all()
+    assert out.components["t_a"].tolist() == [1, 2, 3] and out.components["t_b"].tolist() == [10, 30, 20]  # raw
+    single = RewardModel("t_b:0.5")(torch.zeros(3, 3, 8, 8), ["x"] * 3)
+    assert single.total.tolist() == [5, 15, 10]  # one reward trains on its own scale
+
+
+def test_a_failing_sample_only_invalidates_itself(monkeypatch):
+    def fragile(device="cpu", **_):
+        def fn(images, prompts, metadata=None):
+            if "bad" in prompts:
+                raise RuntimeError("cannot score this one")
+            return images.flatten(1).mean(1)
+        return fn
+
+    monkeypatch.setitem(REGISTRY, "t_fragile", fragile)
+    monkeypatch.setitem(REGISTRY, "t_const", _const([1.0, 1.0, 1.0]))
+    images = torch.stack([torch.full((1, 4, 4), v) for v in (0.2, 0.5, 0.8)])
+    out = RewardModel("t_fragile,t_const")(images, ["ok", "bad", "fine"])
+    assert out.valid.tolist() == [True, False, True] and math.isnan(out.total[1])
+    assert out.components["t_fragile"][[0, 2]].tolist() == pytest.approx([0.2, 0.8])
+    assert out.components["t_const"].tolist() == [1, 1, 1]  # the other reward is untouched
+    assert rewards.nan_mean(out.total) == pytest.approx(float(out.total[[0, 2]].mean()))
+
+
+def test_score_files_cli(tmp_path, capsys):
+    path = tmp_path / "sign.png"
+    pil(render("OPEN LATE"))[0].save(path)
+    rewards.main(["ocr,clean_background:0", str(path), "--prompt", 'A sign that says "OPEN LATE"'])
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(str(path)) and "ocr 1.0000" in line and "total 1.6667" in line  # (1 - 0.5) / 0.3
