@@ -45,7 +45,7 @@ def budget(quick: bool) -> dict:
         return dict(repeats=3, seeds=[0], iterations=4, eval_every=2, eval_per_prompt=4, etas={"cps": [0.7],
                     "flow_sde": [0.7], "dance_sde": [0.7]}, ablation=False, factors=["baseline", "matched_noise"],
                     scaling_iters=3, split_iters=3, noise_samples=40)
-    return dict(repeats=7, seeds=[0, 1, 2], iterations=60, eval_every=10, eval_per_prompt=20,
+    return dict(repeats=7, seeds=[0, 1, 2], iterations=40, eval_every=10, eval_per_prompt=20,
                 etas={"cps": [0.3, 0.5, 0.7, 0.9], "flow_sde": [0.3, 0.5, 0.7, 0.9], "dance_sde": [0.3, 0.7]},
                 ablation=True, factors=["baseline", "noise_reward", "matched_noise", "shift3", "image16"],
                 scaling_iters=8, split_iters=10, noise_samples=200)
@@ -129,7 +129,9 @@ def run_training(job: dict) -> dict:
     torch.set_num_threads(1)
     cache = Path(job["cache"])
     if cache.exists():
-        return json.loads(cache.read_text())
+        cached = json.loads(cache.read_text())
+        if cached["argv"] == job["argv"]:  # a changed budget or setting retrains
+            return cached
     import train
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -193,7 +195,7 @@ def _jobs_factors(b: dict, out: Path) -> list[dict]:
     common = [*RUN_ARGS, "--iterations", str(b["iterations"]), "--eval_every", str(b["eval_every"]),
               "--eval_per_prompt", str(b["eval_per_prompt"])]
     variants = {"baseline": ([], {}), "noise_reward": (["--reward", "digit_judge:1,clean_background:1"], {}),
-                "shift3": (["--model", "digits:shift3"], {}), "image16": (["--model", "digits:16"], {}),
+                "shift3": (["--shift", "3"], {}), "image16": (["--resolution", "16"], {}),
                 "matched_noise": ([], {"flow_sde": matched_flow_sde_eta(0.7)})}
     jobs = []
     for factor in b["factors"]:

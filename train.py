@@ -3,6 +3,8 @@
     torchrun --standalone --nproc_per_node=2 train.py          # the built-in tiny FLUX on digits, CPU, ~3 min
     python train.py --sampler flow_sde --eta 0.7               # the paper's baseline sampler, one flag
     python train.py --help                                     # every option, with its meaning
+    python train.py --preset flux-dev-pickscore --dry_run true # batch arithmetic + per-GPU memory, loads nothing
+    torchrun --nproc_per_node=8 train.py --preset sd3.5-geneval                # the paper's settings (PRESETS)
 
 One loop for every model (PAPER.md §4): rollout with the chosen sampler -> decode -> rewards -> group advantages ->
 per-(sample, trained step) recomputed log-probs -> clipped surrogate (+ KL to the adapter-off reference) ->
@@ -26,6 +28,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,8 +55,16 @@ class Config:
     resume: bool = F(False, "continue from output_dir/checkpoints/latest exactly")
     device: str = F("auto", "'auto' (cuda:LOCAL_RANK if available, else cpu), 'cpu' or 'cuda'")
     # model and prompts
-    model: str = F("digits", "'digits' (built-in tiny FLUX) or a hub id / local diffusers folder")
-    prompts: str = F("digits", "prompt set: 'digits', 'geneval', 'ocr', or a .txt/.jsonl file")
+    model: str = F("digits", "'digits' (built-in tiny FLUX) or a hub id / local diffusers folder (FLUX.1, SD3.5)")
+    prompts: str = F("digits", "prompt set: 'digits', 'geneval', 'ocr', a .txt/.jsonl file, or a folder with "
+                     "train.txt/test.txt (Flow-GRPO's dataset/pickscore)")
+    resolution: int = F(0, "image height = width in pixels; 0 = the model's default (digits 8, pipelines 1024)")
+    guidance: float = F(-1.0, "FLUX.1-dev guidance embedding / SD3.5 CFG scale (<= 1: no CFG) for rollouts and "
+                        "training; -1 = the paper's value (3.5 / 4.5; none for FLUX.1-schnell and digits)")
+    eval_guidance: float = F(-1.0, "guidance of the evaluation rollouts; -1 = the same as --guidance")
+    max_sequence_length: int = F(0, "T5 tokens per prompt; 0 = the pipeline's default (FLUX 512, SD3 256)")
+    shift: float = F(0.0, "timestep shift override: 0 = the model's schedule (SD3.5 static 3, FLUX.1-dev "
+                     "resolution-dependent, schnell none); s > 0 = static shift s (DanceGRPO: 3)")
     # sampling
     sampler: str = F("cps", "rollout sampler: " + ", ".join(sampling.SAMPLERS))
     eta: float = F(0.7, "noise level; its meaning differs per sampler (PAPER.md §8 trap 13)")
@@ -82,10 +93,22 @@ class Config:
     lr: float = F(1e-3, "AdamW learning rate")
     weight_decay: float = F(1e-4, "AdamW weight decay")
     max_grad_norm: float = F(1.0, "gradient-norm clip")
-    lora_rank: int = F(8, "LoRA rank")
+    lora_rank: int = F(8, "LoRA rank; 0 = full fine-tuning of the transformer (needs beta = 0)")
     lora_alpha: float = F(16.0, "LoRA alpha (scale alpha / rank)")
     lora_targets: str = F(",".join(__import__("models").ATTENTION_TARGETS), "comma-separated LoRA target modules")
     ema_decay: float = F(0.9, "EMA decay of the trained weights used for evaluation (0 = no EMA)")
+    # scale
+    parallel: str = F("ddp", "multi-GPU engine: 'ddp' (a replica per GPU) or 'fsdp' (FSDP2: weights, grads and "
+                      "optimizer state sharded per transformer block)")
+    gradient_checkpointing: bool = F(False, "recompute each transformer block in backward: less activation memory, "
+                                     "~1/3 more training compute")
+    precision: str = F("auto", "'auto': bf16 frozen weights + bf16 autocast on CUDA, fp32 on CPU; 'fp32': fp32 "
+                       "everywhere (trained weights and sampler math are always fp32)")
+    offload: bool = F(False, "keep text encoders and VAE on the CPU; they visit the GPU only to encode new prompts "
+                      "and to decode")
+    dry_run: bool = F(False, "resolve and validate the config, print the batch arithmetic and a per-GPU memory "
+                      "estimate, load no weights, exit")
+    dry_run_gpus: int = F(0, "--dry_run: the world size to plan for; 0 = $WORLD_SIZE, else the preset's GPU count")
     # rewards and evaluation
     reward: str = F("digit_judge", "training reward, or a weighted sum 'name:w,name:w'")
     reward_options: str = F("{}", "JSON: per-reward factory options, e.g. '{\"pickscore\": {\"model\": \"/path\"}}'")
@@ -99,11 +122,56 @@ class Config:
     kill_at: int = F(-1, "testing: SIGKILL this process right after the checkpoint of this iteration")
 
 
+# The paper's settings (PAPER.md §5.2: Flow-GRPO's released configs, which the FlowCPS commit left unchanged; §5.3:
+# DanceGRPO's scripts). Global batch = prompts_per_iter x group_size, fixed; micro_batch = the configs' images per GPU
+# per forward; the number of micro-batches per update adapts to the world size (validate() checks divisibility).
+_FLOW_GRPO = dict(
+    resolution=512, max_sequence_length=128,  # Flow-GRPO encodes prompts (and the negative "") with 128 T5 tokens
+    sampler="cps", group_size=24, prompts_per_iter=48, updates_per_iter=2, advantage="flow_grpo", global_std=True,
+    adv_clip=5.0, timesteps="ordered", timestep_fraction=0.99, clip_range=1e-4, kl_form="mse", lr=3e-4,
+    weight_decay=1e-4, max_grad_norm=1.0, ema_decay=0.9, eval_per_prompt=1, iterations=1000, checkpoint_every=30)
+_SD35 = dict(_FLOW_GRPO, model="stabilityai/stable-diffusion-3.5-medium", num_steps=10, eval_steps=40, guidance=4.5,
+             eval_guidance=4.5, micro_batch=9, eta=0.7, lora_rank=32, lora_alpha=64.0,
+             lora_targets=",".join(__import__("models").ATTENTION_TARGETS), parallel="ddp", eval_every=60)
+_FLUX = dict(_FLOW_GRPO, guidance=3.5, eval_guidance=3.5, micro_batch=3, eta=0.9, beta=0.0, lora_rank=64,
+             lora_alpha=128.0, lora_targets=",".join(__import__("models").FLUX_TARGETS), parallel="fsdp",
+             reward="pickscore", eval_metrics="pickscore", prompts="flow_grpo/dataset/pickscore", eval_every=30)
 PRESETS: dict[str, dict] = {
     "tiny": {},  # the defaults: built-in digits model, CPS eta 0.7, ~3 min on 2 CPU cores
+    "sd3.5-geneval": dict(_SD35, prompts="geneval", reward="geneval", eval_metrics="geneval_strict,geneval",
+                          beta=0.04, output_dir="runs/sd3.5-geneval"),
+    "sd3.5-ocr": dict(_SD35, prompts="ocr", reward="ocr", eval_metrics="ocr", beta=0.04, output_dir="runs/sd3.5-ocr"),
+    "sd3.5-pickscore": dict(_SD35, prompts="flow_grpo/dataset/pickscore", reward="pickscore", eval_metrics="pickscore",
+                            beta=0.01, output_dir="runs/sd3.5-pickscore"),
+    "flux-dev-pickscore": dict(_FLUX, model="black-forest-labs/FLUX.1-dev", num_steps=6, eval_steps=28,
+                               output_dir="runs/flux-dev-pickscore"),
+    # No FLUX.1-schnell config was released; the paper's table has it (4 steps, S-ZH). No guidance embedding.
+    "flux-schnell-pickscore": dict(_FLUX, model="black-forest-labs/FLUX.1-schnell", num_steps=4, eval_steps=4,
+                                   guidance=-1.0, eval_guidance=-1.0, output_dir="runs/flux-schnell-pickscore"),
+    # DanceGRPO's FLUX.1-dev HPSv2.1 recipe (16-GPU script): full fine-tuning, shift-3 uniform 16-step grid, groups of
+    # 12 with one initial noise, a random 60% of the steps, group-std advantages, 3 updates per iteration, no KL.
+    # Sampler: CPS at eta 0.7 (the paper's CPS-on-Dance run); the Dance-GRPO baseline is --sampler dance_sde --eta 0.3.
+    "flux-dev-hpsv2": dict(
+        model="black-forest-labs/FLUX.1-dev", resolution=720, max_sequence_length=512, num_steps=16, eval_steps=16,
+        shift=3.0, guidance=3.5, eval_guidance=3.5, sampler="cps", eta=0.7, reward_image="x0_hat",
+        same_noise_in_group=True, group_size=12, prompts_per_iter=16, updates_per_iter=3, micro_batch=1,
+        advantage="dance", adv_clip=5.0, drop_zero_adv=False, timesteps="random", timestep_fraction=0.6,
+        clip_range=1e-4, beta=0.0, lr=1e-5, weight_decay=1e-4, max_grad_norm=1.0, lora_rank=0, ema_decay=0.995,
+        parallel="fsdp", gradient_checkpointing=True, reward="hpsv2", eval_metrics="hpsv2",
+        prompts="DanceGRPO/assets/prompts.txt", eval_per_prompt=1, eval_every=50, iterations=300,
+        checkpoint_every=50, output_dir="runs/flux-dev-hpsv2"),
 }
+# GPUs each preset's numbers assume (the dry run's default world size). The paper's configs used 32 GPUs, but 48
+# prompts do not split over 32 ranks with every group on one rank; 8 GPUs is Flow-GRPO's `*_8gpu` layout.
+PRESET_GPUS = {"tiny": 2, "sd3.5-geneval": 8, "sd3.5-ocr": 8, "sd3.5-pickscore": 8, "flux-dev-pickscore": 8,
+               "flux-schnell-pickscore": 8, "flux-dev-hpsv2": 16}
+# Where the prompt sets without a generator in prompts.py come from.
+PROMPT_SOURCES = {"flow_grpo/dataset/pickscore": "git clone https://github.com/yifan123/flow_grpo (its "
+                  "dataset/pickscore holds train.txt and test.txt)",
+                  "DanceGRPO/assets/prompts.txt": "git clone https://github.com/XueZeyue/DanceGRPO (assets/prompts.txt "
+                  "holds the HPDv2 prompts)"}
 RESUMABLE_CHANGES = {"iterations", "resume", "kill_at", "eval_every", "checkpoint_every", "keep_checkpoints",
-                     "tensorboard", "device"}
+                     "tensorboard", "device", "output_dir", "dry_run", "dry_run_gpus"}
 
 
 # -- configuration -----------------------------------------------------------------------------------------------
@@ -166,6 +234,19 @@ def validate(cfg: Config, world: int) -> None:
     need((per_rank // cfg.updates_per_iter) % cfg.micro_batch == 0, f"samples per rank and update "
          f"({per_rank // cfg.updates_per_iter}) must be divisible by micro_batch ({cfg.micro_batch})")
     need(0 <= cfg.sde_window <= cfg.num_steps - 1, f"sde_window must be in [0, num_steps - 1] ({cfg.sde_window})")
+    need(cfg.parallel in ("ddp", "fsdp"), f"parallel must be 'ddp' or 'fsdp' (got {cfg.parallel!r})")
+    need(cfg.precision in ("auto", "fp32"), f"precision must be 'auto' or 'fp32' (got {cfg.precision!r})")
+    need(cfg.lora_rank >= 0 and (cfg.lora_rank == 0 or cfg.lora_alpha > 0), "lora_rank must be >= 0 (0 = full "
+         "fine-tuning) and lora_alpha > 0")
+    need(cfg.lora_rank > 0 or cfg.beta == 0, "full fine-tuning (lora_rank 0) has no adapter-off reference for the KL "
+         "term; use beta 0 or a LoRA")
+    need(cfg.resolution >= 0 and cfg.max_sequence_length >= 0 and cfg.shift >= 0,
+         "resolution, max_sequence_length and shift must be >= 0 (0 = the model's default)")
+    need(cfg.guidance == -1 or cfg.guidance >= 0, f"guidance must be >= 0, or -1 for the model's default "
+         f"(got {cfg.guidance})")
+    need(cfg.eval_guidance == -1 or cfg.eval_guidance >= 0, f"eval_guidance must be >= 0, or -1 for --guidance "
+         f"(got {cfg.eval_guidance})")
+    need(cfg.dry_run_gpus >= 0, "dry_run_gpus must be >= 0")
     try:
         parse_spec(cfg.reward)
         parse_spec(cfg.eval_metrics)
@@ -186,8 +267,21 @@ def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
     device = torch.device(f"cuda:{local}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        # cuDNN's fused attention backward crashed (illegal memory access) on FLUX.1-dev's shapes in bf16 on an H200
+        # with torch 2.11; the flash and memory-efficient kernels ran them fine, so SDPA uses those.
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    if not dist.is_initialized() and (world > 1 or cfg.parallel == "fsdp"):
+        # NCCL for CUDA tensors, gloo for the small CPU tensors the loop also reduces (kept-sample counts, metrics)
+        backend = "cpu:gloo,cuda:nccl" if use_cuda else "gloo"
+        if world > 1 or "MASTER_ADDR" in os.environ:
+            dist.init_process_group(backend)
+        else:  # `python train.py --parallel fsdp` without torchrun: FSDP2 needs a process group, here one of one
+            import socket
+
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     return rank, world, device
 
 
@@ -247,37 +341,94 @@ def load_prompts(name: str, split: str, seed: int) -> tuple[list[str], list]:
 
 
 # -- the policy --------------------------------------------------------------------------------------------------
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP2 DTensor (element-wise EMA maths needs no communication); plain tensors as is."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 class Policy:
-    """The backbone + its LoRA, the (DDP-wrapped) module to call for gradients, the optimizer and the EMA."""
+    """The backbone + what trains (a LoRA, or every transformer weight), the module to call for gradients (the
+    transformer itself, its DDP wrapper, or the transformer sharded in place by FSDP2), the optimizer and the EMA."""
 
     def __init__(self, cfg: Config, backbone, device: torch.device, world: int):
         import models
 
         self.backbone, self.cfg = backbone, cfg
+        self.fsdp = cfg.parallel == "fsdp"
         tr = backbone.transformer
         torch.manual_seed(cfg.seed)  # identical LoRA init on every rank (DDP also broadcasts it)
-        self.params = models.add_lora(tr, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets.split(","))
+        if cfg.lora_rank > 0:
+            self.params = models.add_lora(tr, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets.split(","))
+        else:  # full fine-tuning (DanceGRPO): every transformer weight trains
+            tr.requires_grad_(True)
+            self.params = list(tr.parameters())
+        if cfg.gradient_checkpointing:
+            tr.enable_gradient_checkpointing()  # diffusers recomputes each block (non-reentrant checkpoint)
         tr.to(device)
         self.names = [n for n, p in tr.named_parameters() if p.requires_grad]
         self.module = tr
-        if world > 1:
-            from torch.nn.parallel import DistributedDataParallel
+        if self.fsdp:  # fp32 masters are made block by block inside, so 12B weights are never all fp32 at once
+            self._shard(tr, device, world)
+            self.params = [p for p in tr.parameters() if p.requires_grad]  # now DTensors holding this rank's shard
+        else:
+            self._fp32_masters(self.params)
+            if world > 1:
+                from torch.nn.parallel import DistributedDataParallel
 
-            self.module = DistributedDataParallel(tr, device_ids=[device.index] if device.type == "cuda" else None)
+                self.module = DistributedDataParallel(tr, device_ids=[device.index] if device.type == "cuda" else
+                                                      None)
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay,
                                      eps=1e-8)
         self.ema = [p.detach().clone() for p in self.params] if cfg.ema_decay > 0 else None
 
+    @staticmethod
+    def _fp32_masters(params) -> None:
+        """Trained weights are fp32 (base weights may be bf16 on CUDA): AdamW's small updates vanish in bf16."""
+        for p in params:
+            if p.dtype != torch.float32:
+                p.data = p.data.float()
+
+    def _shard(self, tr, device: torch.device, world: int) -> None:
+        """FSDP2: fully_shard each transformer block (FLUX: transformer_blocks + single_transformer_blocks; SD3:
+        transformer_blocks), then the root for the remaining embedders and output layers. On CUDA the all-gathers
+        run in bf16 and gradients are reduced in fp32; on CPU (tests) everything stays fp32."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        import models
+
+        # diffusers' blocks return views of a split tensor and FSDP2 warns that an in-place op on them would skip
+        # its hooks; none follows (tests/test_scale.py checks FSDP2 against DDP and a single process).
+        warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
+        mesh = init_device_mesh(device.type, (world,))
+        bf16 = device.type == "cuda" and self.cfg.precision == "auto"
+        # cast_forward_inputs=False: bf16 autocast decides the compute dtype, as under DDP. FSDP2's own input cast
+        # is not re-applied when activation checkpointing recomputes a block (FLUX's fp32 rotary embeddings came
+        # back fp32, and torch.utils.checkpoint refused the mismatch; seen on an H200 with torch 2.11).
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
+                                  reduce_dtype=torch.float32 if bf16 else None, cast_forward_inputs=False)
+        for block in models.transformer_blocks(tr):
+            self._fp32_masters([p for p in block.parameters() if p.requires_grad])
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+        self._fp32_masters([p for p in tr.parameters() if p.requires_grad])
+        fully_shard(tr, mesh=mesh, mp_policy=mp)
+
+    def backbone_guidance(self, scale: float):
+        """Evaluation's guidance (eval_guidance; -1 keeps the training guidance)."""
+        return self.backbone.guidance_scale(scale) if hasattr(self.backbone, "guidance_scale") else nullcontext()
+
     def update_ema(self) -> None:
         if self.ema is not None:
             with torch.no_grad():
-                torch._foreach_lerp_(self.ema, [p.detach() for p in self.params], 1 - self.cfg.ema_decay)
+                torch._foreach_lerp_([_local(e) for e in self.ema], [_local(p.detach()) for p in self.params],
+                                     1 - self.cfg.ema_decay)
 
     def swap_ema(self) -> None:
         """Exchange live and EMA weights in place (call twice to restore)."""
         if self.ema is not None:
             with torch.no_grad():
                 for p, e in zip(self.params, self.ema):
+                    p, e = _local(p), _local(e)
                     tmp = p.detach().clone()
                     p.copy_(e)
                     e.copy_(tmp)
@@ -295,6 +446,32 @@ class Policy:
                 for n, e in zip(self.names, self.ema):
                     e.copy_(st["ema"][n])
         self.opt.load_state_dict(st["optimizer"])
+
+    # FSDP2: torch.distributed.checkpoint writes each rank's shards of the trained weights, AdamW state and EMA; no
+    # rank ever holds the whole model (frozen base weights are not saved: they are the pretrained ones).
+    def _sharded_state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.module, [self.opt],
+                                            options=StateDictOptions(ignore_frozen_params=True))
+        state = {"model": model_sd, "optim": optim_sd}
+        if self.ema is not None:
+            state["ema"] = dict(zip(self.names, self.ema))
+        return state
+
+    def save_sharded(self, path: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(self._sharded_state(), checkpoint_id=str(path))  # collective; every rank writes its own file
+
+    def load_sharded(self, path: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        state = self._sharded_state()
+        dcp.load(state, checkpoint_id=str(path))  # in place, into this rank's shards (the EMA included)
+        set_state_dict(self.module, [self.opt], model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=StateDictOptions(ignore_frozen_params=True, strict=False))
 
 
 def velocity_fn(backbone, cond: dict, model=None, autocast=nullcontext):
@@ -332,7 +509,8 @@ def step_terms(policy: Policy, cfg: Config, traj, cond: dict, rows: torch.Tensor
     weights are those of the rollout, so logp_new == logp_old bitwise: ratio exactly 1 (tests check it)."""
     bb = policy.backbone
     x, x_next = traj.latents[rows, steps], traj.latents[rows, steps + 1]
-    t, t_next = traj.sigmas[steps].to(x.device), traj.sigmas[steps + 1].to(x.device)
+    grid = traj.sigmas.to(x.device)  # the grid lives on the CPU, the step indices with the samples
+    t, t_next = grid[steps], grid[steps + 1]
     c = {k: (v[rows] if k != "txt_ids" else v) for k, v in cond.items()}
     with autocast():
         v = bb.velocity(x, t, c, policy.module)
@@ -350,33 +528,64 @@ def step_terms(policy: Policy, cfg: Config, traj, cond: dict, rows: torch.Tensor
 
 
 # -- checkpoints -------------------------------------------------------------------------------------------------
-def save_checkpoint(out: Path, iteration: int, policy: Policy, history: list[dict], cfg: Config) -> Path:
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_checkpoint(out: Path, iteration: int, policy: Policy, history: list[dict], cfg: Config,
+                    is_main: bool = True) -> Path:
     """Atomic: everything is written into a temporary folder that is renamed into place, then `latest` is
-    replaced atomically. A run killed at any moment leaves the previous checkpoint intact."""
+    replaced atomically. A run killed at any moment leaves the previous checkpoint intact.
+
+    Contents: lora/ and lora_ema/ (diffusers' pytorch_lora_weights.safetensors, for `pipe.load_lora_weights`), or
+    transformer/ and transformer_ema/ for full fine-tuning without FSDP; training_state.pt (iteration, history,
+    RNG, config; without FSDP also the trained weights, EMA and AdamW state). Under FSDP2 (call on every rank) the
+    weights, EMA and AdamW state go to dcp/, one file per rank (torch.distributed.checkpoint); the LoRA export
+    gathers only the LoRA tensors; full fine-tuning exports nothing consolidated (see the README)."""
     import models
 
     root = out / "checkpoints"
     final = root / f"iter_{iteration:06d}"
     tmp = root / f".tmp-iter_{iteration:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    if policy.fsdp:
+        _barrier()  # the folder exists before any rank writes into it (a shared filesystem across nodes)
     kind = policy.backbone.kind
-    models.save_lora(policy.backbone.transformer, tmp / "lora", pipeline=kind)
-    if policy.ema is not None:
-        live = models.lora_state_dict(policy.backbone.transformer)
-        policy.swap_ema()
-        models.save_lora(policy.backbone.transformer, tmp / "lora_ema", pipeline=kind)
-        policy.swap_ema()
-        assert all(torch.equal(v, models.lora_state_dict(policy.backbone.transformer)[k]) for k, v in live.items())
-    torch.save(dict(iteration=iteration, history=history, config=dataclasses.asdict(cfg),
-                    torch_rng=torch.get_rng_state(), **policy.state()), tmp / "training_state.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    latest_tmp = root / ".latest.tmp"
-    latest_tmp.write_text(final.name)
-    os.replace(latest_tmp, root / "latest")
-    for old in sorted(root.glob("iter_*"))[:-cfg.keep_checkpoints]:
-        shutil.rmtree(old, ignore_errors=True)
+    tr = policy.backbone.transformer
+    if cfg.lora_rank > 0:
+        live = models.lora_state_dict(tr)  # under FSDP: a collective gather of the LoRA tensors only
+        if is_main:
+            models.save_lora(tr, tmp / "lora", state_dict=live, pipeline=kind)
+        if policy.ema is not None:
+            policy.swap_ema()
+            ema = models.lora_state_dict(tr)
+            policy.swap_ema()
+            if is_main:
+                models.save_lora(tr, tmp / "lora_ema", state_dict=ema, pipeline=kind)
+            if not policy.fsdp:
+                assert all(torch.equal(v, models.lora_state_dict(tr)[k]) for k, v in live.items())
+    elif not policy.fsdp and is_main:
+        tr.save_pretrained(tmp / "transformer")
+        if policy.ema is not None:
+            policy.swap_ema()
+            tr.save_pretrained(tmp / "transformer_ema")
+            policy.swap_ema()
+    if policy.fsdp:
+        policy.save_sharded(tmp / "dcp")
+    if is_main:
+        torch.save(dict(iteration=iteration, history=history, config=dataclasses.asdict(cfg),
+                        torch_rng=torch.get_rng_state(), **({} if policy.fsdp else policy.state())),
+                   tmp / "training_state.pt")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        latest_tmp = root / ".latest.tmp"
+        latest_tmp.write_text(final.name)
+        os.replace(latest_tmp, root / "latest")
+        for old in sorted(root.glob("iter_*"))[:-cfg.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -395,27 +604,189 @@ def evaluate(policy: Policy, cfg: Config, metrics, eval_prompts: list[str], eval
     order = [(k, p) for k in range(cfg.eval_per_prompt) for p in range(n)]  # interleaved: rank 0 sees all prompts
     per = math.ceil(len(order) / world)
     mine = order[rank * per:(rank + 1) * per]
+    n_mine = len(mine)
+    if policy.fsdp and n_mine < per:  # FSDP2 forwards are collectives: every rank runs as many (padding, dropped)
+        mine = mine + [order[-1]] * (per - n_mine)
     prompts = [eval_prompts[p] for _, p in mine]
     policy.swap_ema()
     try:
-        traj, _ = sample(policy.backbone, prompts, generators([(10_007, p, k) for k, p in mine]), cfg.eval_steps, "ode",
-                         0.0, max(cfg.micro_batch, 1) * 4, device, autocast=autocast)
-        images = policy.backbone.decode(traj.final)
+        with policy.backbone_guidance(cfg.eval_guidance):
+            traj, _ = sample(policy.backbone, prompts, generators([(10_007, p, k) for k, p in mine]), cfg.eval_steps,
+                             "ode", 0.0, max(cfg.micro_batch, 1) * 4, device, autocast=autocast)
+        images = policy.backbone.decode(traj.final)[:n_mine]
     finally:
         policy.swap_ema()
+    mine, prompts = mine[:n_mine], prompts[:n_mine]
     out = metrics(images, prompts, [eval_meta[p] for _, p in mine])
     sums = torch.stack([torch.nansum(v) for v in out.components.values()] +
                        [torch.isfinite(v).sum() for v in out.components.values()]).double()
     sums = all_reduce(sums)
     m = len(out.components)
     result = {f"eval/{k}": float(sums[i] / sums[m + i].clamp(min=1)) for i, k in enumerate(out.components)}
-    return result, images
+    # the image grid: up to 10 fixed noises (rows) x 10 prompts (columns) of this rank's share
+    keep = [i for i, (k, p) in enumerate(mine) if k < 10 and p < 10]
+    return result, images[keep]
+
+
+# -- planning: batch arithmetic, schedule and memory, before any weight is loaded ----------------------------------
+def world_sizes(cfg: Config, upto: int = 64) -> list[int]:
+    """World sizes the batch arithmetic divides into: whole groups per rank, whole micro-batches per update."""
+    ok = []
+    for w in range(1, upto + 1):
+        per_rank = cfg.prompts_per_iter // w * cfg.group_size
+        if cfg.prompts_per_iter % w == 0 and per_rank % cfg.updates_per_iter == 0 and \
+                (per_rank // cfg.updates_per_iter) % cfg.micro_batch == 0:
+            ok.append(w)
+    return ok
+
+
+def describe(cfg: Config, world: int, check_files: bool = True) -> tuple[list[str], dict]:
+    """Human-readable plan of a run on `world` GPUs: model, schedules, trained steps, batch arithmetic, per-GPU memory
+    estimate and (check_files) whether the weights and prompts are there. Loads no weights."""
+    import models
+
+    per_rank_prompts = cfg.prompts_per_iter // world
+    n_local = per_rank_prompts * cfg.group_size
+    chunk = n_local // cfg.updates_per_iter
+    plan: dict = dict(world=world, images_per_iteration=cfg.prompts_per_iter * cfg.group_size,
+                      prompts_per_gpu=per_rank_prompts, images_per_gpu=n_local, updates=cfg.updates_per_iter,
+                      images_per_update_per_gpu=chunk, micro_batches_per_update=chunk // cfg.micro_batch,
+                      world_sizes=world_sizes(cfg))
+    lines = [f"preset {cfg.preset}: model {cfg.model}, sampler {cfg.sampler} eta {cfg.eta}, reward {cfg.reward}, "
+             f"prompts {cfg.prompts}"]
+    if cfg.model == "digits":
+        kind, image_tokens, grid_fn = "flux", 16, lambda n: models.model_sigmas("flux", {}, 16, n, cfg.shift)
+        info = None
+    else:
+        info = models.model_info(cfg.model)
+        kind = info.kind
+        res = cfg.resolution or info.default_resolution
+        image_tokens = (res // (info.vae_scale_factor * 2)) ** 2  # FLUX 2x2 packing / SD3 patch 2: 16 px per token
+        grid_fn = lambda n: models.model_sigmas(kind, info.scheduler, image_tokens, n, cfg.shift)  # noqa: E731
+        guidance = cfg.guidance if cfg.guidance >= 0 else (models.DEFAULT_GUIDANCE[kind] if kind == "sd3" or
+                                                           info.transformer.get("guidance_embeds") else None)
+        if res % (info.vae_scale_factor * 2):
+            raise SystemExit(f"config error: resolution {res} must be a multiple of {info.vae_scale_factor * 2} for "
+                             f"{cfg.model} (VAE scale {info.vae_scale_factor} x 2x2 patches)")
+        plan.update(kind=kind, resolution=res, guidance=guidance)
+        lines.append(f"  {kind}: {res}x{res} px = {image_tokens} image tokens; guidance {guidance}"
+                     f"{' (CFG: 2 forwards per sample)' if kind == 'sd3' and guidance and guidance > 1 else ''}"
+                     f"{'; eval guidance ' + str(cfg.eval_guidance) if cfg.eval_guidance >= 0 else ''}")
+    grid, eval_grid = grid_fn(cfg.num_steps), grid_fn(cfg.eval_steps)
+    # which steps train: the sampler's own std decides which steps are stochastic (CPS: not the last)
+    x = torch.zeros(1, 4)
+    stochastic = torch.tensor([bool((sampling.get_sampler(cfg.sampler)(x, x, float(grid[k]), float(grid[k + 1]),
+                                                                        cfg.eta)[1] > 0).any())
+                               for k in range(cfg.num_steps)])
+    if cfg.sde_window:
+        stochastic[cfg.sde_window:] = False  # the window's size; its position is drawn per iteration
+    k_trained = (len(grpo.ordered_timesteps(stochastic, cfg.timestep_fraction)) if cfg.timesteps == "ordered" else
+                 max(1, int(cfg.timestep_fraction * int(stochastic[:-1].sum()))))
+    plan.update(sigmas=[round(float(t), 4) for t in grid], eval_sigmas=[round(float(t), 4) for t in eval_grid],
+                trained_steps=k_trained)
+    lines.append(f"  schedule ({cfg.num_steps} steps): {' '.join(f'{float(t):.4f}' for t in grid)}")
+    lines.append(f"  eval: ODE, {cfg.eval_steps} steps, {cfg.eval_per_prompt} image(s) per held-out prompt, EMA "
+                 f"weights, every {cfg.eval_every} iterations")
+    lines.append(f"  trained steps per sample: {k_trained} of {cfg.num_steps} ({cfg.timesteps})")
+    lines.append(f"  batch on {world} GPU(s): {cfg.prompts_per_iter} prompts x {cfg.group_size} = "
+                 f"{plan['images_per_iteration']} images per iteration; per GPU {per_rank_prompts} prompts = "
+                 f"{n_local} images; {cfg.updates_per_iter} updates of {chunk} images per GPU = "
+                 f"{chunk // cfg.micro_batch} micro-batches of {cfg.micro_batch} x {k_trained} steps")
+    lines.append(f"  world sizes this batch arithmetic supports (up to 64): {plan['world_sizes']}")
+    if info is not None:
+        rewards = [*parse_reward_names(cfg.reward), *parse_reward_names(cfg.eval_metrics)]
+        est = models.memory_estimate(
+            info, resolution=plan["resolution"], max_sequence_length=cfg.max_sequence_length or
+            (512 if kind == "flux" else 256), micro_batch=cfg.micro_batch,
+            cfg_forward=kind == "sd3" and bool(plan["guidance"]) and plan["guidance"] > 1, world=world,
+            parallel=cfg.parallel, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+            lora_targets=cfg.lora_targets.split(","), ema=cfg.ema_decay > 0, offload=cfg.offload, rewards=rewards,
+            bf16=cfg.precision == "auto")
+        g = est["gb"]
+        plan["memory"] = est
+        what = (f"LoRA r{cfg.lora_rank} = {est['trainable_params'] / 1e6:,.1f} M" if cfg.lora_rank else
+                f"full fine-tuning = {est['trainable_params'] / 1e6:,.1f} M")
+        shard = f", 1/{world}" if cfg.parallel == "fsdp" and world > 1 else ""
+        ck = cfg.gradient_checkpointing
+        names = ", ".join(f"{n} x{rewards.count(n)}" if rewards.count(n) > 1 else n for n in dict.fromkeys(rewards))
+        rows = [(f"transformer weights, {'bf16' if cfg.precision == 'auto' else 'fp32'}"
+                 f"{shard + ' + 2 gathered blocks' if shard else ''}", g["weights"]),
+                (f"trained weights + grads + AdamW m, v{' + EMA' if cfg.ema_decay > 0 else ''}, fp32{shard}",
+                 g["trainable"]),
+                (f"activations, batch {est['forward_batch']} x ({est['image_tokens']}+{est['text_tokens']} tokens)"
+                 f"{' <-' if not ck else ''}", g["activations"]),
+                (f"activations with block checkpointing{' <-' if ck else ''}", g["activations_checkpointing"]),
+                ("text encoders, bf16" + (" (offloaded: transient)" if cfg.offload else ""), g["text_encoders"]),
+                ("VAE weights, bf16", g["vae"]), ("VAE decode of 8 images (transient)", g["vae_decode"]),
+                (f"reward models ({names}), fp32", g["rewards"]),
+                (f"peak, checkpointing {'on' if ck else 'off'}", g["peak_checkpointing"] if ck else g["peak"]),
+                (f"peak, checkpointing {'off' if ck else 'on'}", g["peak"] if ck else g["peak_checkpointing"])]
+        lines.append(f"  per-GPU memory estimate in GiB ({cfg.parallel.upper()} on {world} GPU(s); transformer "
+                     f"{est['params'] / 1e6:,.1f} M params; {what} trained; activations +-50%):")
+        lines += [f"    {label:<64}{value:8.2f}" for label, value in rows]
+        if check_files:
+            lines.append("  weights: " + info.weights)
+    if check_files:
+        try:
+            n_train, n_test = (len(load_prompts(cfg.prompts, s, cfg.seed)[0]) for s in ("train", "test"))
+            lines.append(f"  prompts: {n_train} train / {n_test} held-out")
+        except (ValueError, OSError) as e:
+            lines.append("  prompts: " + prompt_error(cfg, e))
+    return lines, plan
+
+
+def parse_reward_names(spec: str) -> list[str]:
+    from rewards import parse_spec
+
+    return list(parse_spec(spec))
+
+
+def prompt_error(cfg: Config, e: BaseException) -> str:
+    hint = PROMPT_SOURCES.get(cfg.prompts)
+    return f"{e}" + (f"\n  the prompts of preset {cfg.preset} come from {hint}; or pass --prompts your_file.txt"
+                     if hint else "")
+
+
+def dry_run(cfg: Config) -> dict:
+    """--dry_run: validate for the planned world size and print the plan; nothing is loaded or launched."""
+    world = cfg.dry_run_gpus or int(os.environ.get("WORLD_SIZE", 0)) or PRESET_GPUS.get(cfg.preset, 1)
+    try:
+        validate(cfg, world)
+    except SystemExit as e:
+        raise SystemExit(f"{e}\n(world sizes this batch arithmetic supports: {world_sizes(cfg)})") from None
+    try:
+        lines, plan = describe(cfg, world)
+    except ValueError as e:
+        raise SystemExit(f"model error: {e}") from None
+    print("\n".join(lines))
+    return dict(summary={}, history=[], policy=None, plan=plan)
+
+
+def check_model(cfg: Config, is_main: bool) -> None:
+    """Fail before any work when the weights are missing: rank 0 resolves (and, online, downloads) the model and
+    tells every rank its verdict, so no rank waits at a barrier for a rank that has exited."""
+    import models
+
+    if cfg.model == "digits":
+        return
+    verdict = [None]
+    if is_main:
+        try:
+            models.resolve_model(cfg.model)
+        except ValueError as e:
+            verdict = [str(e)]
+    if dist.is_initialized():
+        dist.broadcast_object_list(verdict, src=0)
+    if verdict[0]:
+        raise SystemExit(f"model error: {verdict[0]}")
 
 
 # -- the loop ----------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> dict:
     """Run GRPO; returns {'summary': base vs trained metrics (rank 0), 'history': per-iteration logs, 'policy'}."""
     cfg = parse_config(argv)
+    if cfg.dry_run:
+        return dry_run(cfg)
     world = int(os.environ.get("WORLD_SIZE", 1))
     validate(cfg, world)
     rank, world, device = setup_distributed(cfg)
@@ -427,8 +798,9 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"--resume: no checkpoint in {out / 'checkpoints'}; run without --resume to start fresh")
     if ckpt is not None:
         saved = json.loads((out / "config.json").read_text())
-        diff = {k: (saved[k], v) for k, v in dataclasses.asdict(cfg).items()
-                if k not in RESUMABLE_CHANGES and saved.get(k) != v}
+        defaults = dataclasses.asdict(Config())  # fields added after the run started count as their defaults
+        diff = {k: (saved.get(k, defaults[k]), v) for k, v in dataclasses.asdict(cfg).items()
+                if k not in RESUMABLE_CHANGES and saved.get(k, defaults[k]) != v}
         if diff:
             raise SystemExit(f"--resume with a different config: {diff} (saved, given). Resume with the saved "
                              f"values, or start a new output_dir.")
@@ -438,14 +810,27 @@ def main(argv: list[str] | None = None) -> dict:
     import models
     from rewards import RewardModel, nan_mean
 
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
-    train_prompts, train_meta = load_prompts(cfg.prompts, "train", cfg.seed)
-    eval_prompts, eval_meta = load_prompts(cfg.prompts, "test", cfg.seed)
+    bf16 = device.type == "cuda" and cfg.precision == "auto"
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else nullcontext
+    try:  # every rank reads the prompts (cheap), so a missing file stops all of them alike
+        train_prompts, train_meta = load_prompts(cfg.prompts, "train", cfg.seed)
+        eval_prompts, eval_meta = load_prompts(cfg.prompts, "test", cfg.seed)
+    except (ValueError, OSError) as e:
+        raise SystemExit("prompt error: " + prompt_error(cfg, e)) from None
+    check_model(cfg, is_main)
+    print0("\n".join(describe(cfg, world, check_files=False)[0]))  # the plan and memory estimate, checked above
     reward_opts = json.loads(cfg.reward_options)
-    with rank_zero_first():
-        reward_fn = RewardModel(cfg.reward, device=device, **reward_opts)  # fails now if weights are missing
-        metrics = RewardModel(cfg.eval_metrics, device=device, **reward_opts)
-        backbone = models.load_backbone(cfg.model, device=device)
+    load_options = dict(resolution=cfg.resolution, guidance=cfg.guidance, max_sequence_length=cfg.max_sequence_length,
+                        shift=cfg.shift)
+    if cfg.model != "digits":
+        load_options.update(offload=cfg.offload, dtype=torch.bfloat16 if bf16 else torch.float32)
+    try:
+        with rank_zero_first():
+            reward_fn = RewardModel(cfg.reward, device=device, **reward_opts)  # fails now if weights are missing
+            metrics = RewardModel(cfg.eval_metrics, device=device, **reward_opts)
+            backbone = models.load_backbone(cfg.model, device=device, **load_options)
+    except ValueError as e:  # e.g. guidance for FLUX.1-schnell, a resolution the VAE/patching cannot split
+        raise SystemExit(f"config error: {e}") from None
     policy = Policy(cfg, backbone, device, world)
     per_rank_prompts = cfg.prompts_per_iter // world
     n_local = per_rank_prompts * cfg.group_size
@@ -457,13 +842,17 @@ def main(argv: list[str] | None = None) -> dict:
     print0(f"world {world} on {device}; per iteration {cfg.prompts_per_iter} prompts x {cfg.group_size} = "
            f"{cfg.prompts_per_iter * cfg.group_size} samples ({n_local} per rank); {cfg.updates_per_iter} updates "
            f"of {chunk} samples per rank in micro-batches of {cfg.micro_batch}; "
-           f"{sum(p.numel() for p in policy.params):,} trainable LoRA parameters")
+           f"{sum(p.numel() for p in policy.params) * (world if policy.fsdp else 1):,} trainable "
+           f"{'LoRA ' if cfg.lora_rank else ''}parameters ({cfg.parallel if world > 1 else 'one process'})")
 
     history: list[dict] = []
     start = 1
     if ckpt is not None:
         st = torch.load(ckpt / "training_state.pt", weights_only=False)
-        policy.load_state(st)
+        if policy.fsdp:
+            policy.load_sharded(ckpt / "dcp")
+        else:
+            policy.load_state(st)
         history, start = st["history"], st["iteration"] + 1
         torch.set_rng_state(st["torch_rng"])
         print0(f"resumed from {ckpt} at iteration {st['iteration']}")
@@ -479,8 +868,7 @@ def main(argv: list[str] | None = None) -> dict:
         if is_main:
             import logs
 
-            logs.image_grid(images[:min(len(images), 10 * len(eval_prompts))], min(10, cfg.eval_per_prompt),
-                            out / "images" / f"eval_{it:05d}.png")
+            logs.image_grid(images, min(10, cfg.eval_per_prompt), out / "images" / f"eval_{it:05d}.png")
         return res
 
     if start == 1:
@@ -504,7 +892,9 @@ def main(argv: list[str] | None = None) -> dict:
         slots = [(cfg.seed, it, q, m) for q in range(rank * per_rank_prompts, (rank + 1) * per_rank_prompts)
                  for m in range(cfg.group_size)]
         gens = generators(slots)
-        same = generators([(cfg.seed, it, s[2], -1) for s in slots]) if cfg.same_noise_in_group else None
+        # one initial noise per group (DanceGRPO): seeded by member index group_size, which no sample's own noise
+        # uses (SeedSequence takes only non-negative parts)
+        same = generators([(cfg.seed, it, s[2], cfg.group_size) for s in slots]) if cfg.same_noise_in_group else None
         if cfg.sde_window:
             window = grpo.draw_sde_window(cfg.num_steps, cfg.sde_window, lo, hi,
                                           torch.Generator().manual_seed(seed_of(cfg.seed, it, 1)))
@@ -573,7 +963,8 @@ def main(argv: list[str] | None = None) -> dict:
                             agg.setdefault("first_ratio_max_dev", []).append(max(abs(st["ratio_max"] - 1),
                                                                                  abs(st["ratio_min"] - 1)))
             t_opt = time.perf_counter()
-            agg["grad_norm"].append(float(torch.nn.utils.clip_grad_norm_(policy.params, cfg.max_grad_norm)))
+            norm = torch.nn.utils.clip_grad_norm_(policy.params, cfg.max_grad_norm)
+            agg["grad_norm"].append(float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm))
             policy.opt.step()
             policy.opt.zero_grad(set_to_none=True)
             policy.update_ema()
@@ -601,8 +992,8 @@ def main(argv: list[str] | None = None) -> dict:
             if is_main:
                 import logs
 
-                logs.image_grid(images[:8 * cfg.group_size], min(8, per_rank_prompts),
-                                out / "images" / f"train_{it:05d}.png")
+                shown = [i for i in range(min(n_local, 8 * cfg.group_size)) if i % cfg.group_size < 8]
+                logs.image_grid(images[shown], min(8, per_rank_prompts), out / "images" / f"train_{it:05d}.png")
         tm["eval"] = time.perf_counter() - t1
         t1 = time.perf_counter()
         row.update({f"time/{k}": v for k, v in tm.items()})
@@ -615,8 +1006,8 @@ def main(argv: list[str] | None = None) -> dict:
                       f"{tm['rollout']:.2f}s reward {tm['reward']:.2f}s train {tm['train']:.2f}s" +
                       (f" | eval: {evs}" if evs else ""))
         if it % cfg.checkpoint_every == 0 or it == cfg.iterations:
-            if is_main:
-                save_checkpoint(out, it, policy, history, cfg)
+            if is_main or policy.fsdp:  # FSDP2: every rank writes its shards
+                save_checkpoint(out, it, policy, history, cfg, is_main)
             if dist.is_initialized():
                 dist.barrier()
             if it == cfg.kill_at:

@@ -1,0 +1,276 @@
+"""models.py on tiny random-weight FLUX.1-dev, FLUX.1-schnell and SD3.5 pipelines, saved with save_pretrained and
+loaded through the same `load_backbone("/path")` a user's `--model /path` takes (tests/tiny_pipelines.py):
+
+  * the project's ODE rollout through the adapter equals diffusers' own pipeline for the same initial latents,
+    prompts, steps and guidance (|diff| <= 1e-5; measured: FLUX bitwise, SD3 ~1e-6 from batching the empty prompt);
+  * the LoRA a GRPO run exports loads with `pipe.load_lora_weights` and reproduces the policy's images (live and EMA);
+    the adapter-off reference is exactly the base model;
+  * missing weights stop train.py before any work, with the files and the download command;
+  * every preset resolves, validates and plans on CPU (--dry_run) for the world sizes its batch arithmetic allows,
+    and the documented parameter counts are those of the released configs.
+"""
+import json
+import shutil
+
+import pytest
+import tiny_pipelines  # tests/ is on sys.path (pytest's rootdir-relative import)
+import torch
+
+import models
+import sampling
+import train
+
+RES, MSL, STEPS = 32, 16, 6  # 32 px: 8x8 latents (VAE scale 4) = 16 tokens for FLUX (2x2 packing) and SD3 (patch 2)
+TOL = dict(atol=1e-5, rtol=1e-5)
+PROMPTS = ["a red cat", "two dogs on a sofa", "a sign that says OPEN"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread is as fast, and much faster when the two cores are shared with other jobs."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_pipelines.cached()
+
+
+def _load(tiny, kind: str, guidance: float = -1.0):
+    bb = models.load_backbone(str(tiny[kind]), "cpu", resolution=RES, guidance=guidance, max_sequence_length=MSL)
+    bb.pipeline.set_progress_bar_config(disable=True)
+    return bb
+
+
+@torch.no_grad()
+def _ode(bb, x1: torch.Tensor, steps: int = STEPS):
+    cond = bb.encode(PROMPTS)
+    traj = sampling.rollout(lambda x, t: bb.velocity(x, t, cond), x1, bb.sigmas(steps), "ode", 0.0)
+    return traj.final, bb.decode(traj.final)
+
+
+@torch.no_grad()
+def _pipe(pipe, x1: torch.Tensor, guidance: float | None, output_type: str, steps: int = STEPS):
+    kw = {} if guidance is None else dict(guidance_scale=guidance)
+    return pipe(prompt=PROMPTS, latents=x1.clone(), num_inference_steps=steps, height=RES, width=RES,
+                max_sequence_length=MSL, output_type=output_type, **kw).images
+
+
+def _noise(bb, seed: int = 0) -> torch.Tensor:
+    return torch.randn(len(PROMPTS), *bb.latent_shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("kind,guidance,override", [
+    ("flux-dev", 3.5, None),      # guidance embedding + resolution-dependent shift
+    ("flux-dev", 3.5, 2.0),       # evaluation's guidance override (eval_guidance)
+    ("flux-schnell", None, None),  # no guidance embedding, no shift
+    ("sd3.5", 4.5, None),         # true CFG in one batch of 2B, static shift 3, timestep 1000 t
+    ("sd3.5", 4.5, 1.0),          # CFG off (w <= 1: one forward of B), as the pipeline's guidance_scale=1
+])
+def test_ode_rollout_equals_the_diffusers_pipeline(tiny, kind, guidance, override):
+    bb = _load(tiny, kind, -1.0 if guidance is None else guidance)
+    x1 = _noise(bb)
+    with bb.guidance_scale(override):
+        lat, img = _ode(bb, x1)
+    w = override if override is not None else guidance
+    lat_pipe = _pipe(bb.pipeline, x1, w, "latent")
+    img_pipe = _pipe(bb.pipeline, x1, w, "pt")
+    assert torch.equal(bb.pipeline.scheduler.sigmas, bb.sigmas(STEPS))  # the same schedule, bit for bit
+    torch.testing.assert_close(lat, lat_pipe, **TOL)
+    torch.testing.assert_close(img, img_pipe, **TOL)
+    assert img.shape == (len(PROMPTS), 3, RES, RES) and float(img.std()) > 1e-3
+    if override is not None:  # the override changed something, and was undone
+        assert bb.guidance == guidance
+        assert (lat - _ode(bb, x1)[0]).abs().max() > 1e-3
+
+
+def test_prompt_embeddings_are_cached_per_unique_prompt(tiny):
+    bb = _load(tiny, "sd3.5")
+    calls = []
+    encode = bb.encode_prompt
+    bb.encode_prompt = lambda ps: calls.append(list(ps)) or encode(ps)
+    a = bb.encode(["x", "y", "x"])
+    b = bb.encode(["y", "x"])
+    assert calls == [["x", "y"], [""]]  # two unique prompts, then the negative prompt once; the second call is cached
+    assert torch.equal(a["prompt_embeds"][0], a["prompt_embeds"][2])
+    assert torch.equal(b["prompt_embeds"][1], a["prompt_embeds"][0])
+    assert a["neg_prompt_embeds"].shape[0] == 3  # one (view) row per sample, so train.py can slice by sample
+    bb.cache_limit = 1
+    bb.encode(["z"])
+    assert list(bb._cache) == ["z"]  # least recently used embeddings are dropped beyond the limit
+
+
+LORA_RUN = ["--resolution", str(RES), "--max_sequence_length", str(MSL), "--reward", "clean_background",
+            "--eval_metrics", "clean_background", "--iterations", "2", "--eval_every", "2", "--checkpoint_every", "2",
+            "--eval_per_prompt", "1", "--prompts_per_iter", "2", "--group_size", "4", "--micro_batch", "4",
+            "--num_steps", "4", "--eval_steps", "4", "--lora_rank", "4", "--lora_alpha", "12", "--lr", "0.05",
+            "--tensorboard", "false"]
+
+
+@pytest.mark.parametrize("kind", ["flux-dev", "sd3.5"])
+def test_exported_lora_reproduces_the_trained_policy_in_diffusers(tiny, tmp_path, kind):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    # lora_alpha 12 != rank 4: the export must carry alpha, or load_lora_weights rescales the update
+    res = train.main([*LORA_RUN, "--model", str(tiny[kind]), "--prompts", str(prompts),
+                      "--output_dir", str(tmp_path / "run")])
+    policy, ckpt = res["policy"], tmp_path / "run" / "checkpoints" / "iter_000002"
+    bb = policy.backbone
+    x1 = _noise(bb, seed=1)
+    lat_live, img_live = _ode(bb, x1)
+    with models.adapter_disabled(bb.transformer):
+        lat_ref, img_ref = _ode(bb, x1)
+    policy.swap_ema()
+    _, img_ema = _ode(bb, x1)
+    policy.swap_ema()
+    fresh = _load(tiny, kind)  # the base pipeline, fresh from disk
+    lat_base, img_base = _ode(fresh, x1)
+    assert torch.equal(lat_ref, lat_base)  # the KL reference is exactly the base model
+    torch.testing.assert_close(img_ref, _pipe(fresh.pipeline, x1, fresh.guidance, "pt"), **TOL)
+    fresh.pipeline.load_lora_weights(str(ckpt / "lora"), adapter_name="grpo")
+    torch.testing.assert_close(_pipe(fresh.pipeline, x1, fresh.guidance, "pt"), img_live, **TOL)
+    fresh.pipeline.load_lora_weights(str(ckpt / "lora_ema"), adapter_name="grpo_ema")
+    fresh.pipeline.set_adapters("grpo_ema")
+    torch.testing.assert_close(_pipe(fresh.pipeline, x1, fresh.guidance, "pt"), img_ema, **TOL)
+    assert (img_live - img_base).abs().max() > 1e-3 and (img_live - img_ema).abs().max() > 1e-4  # it trained
+    meta = json.loads(_metadata(ckpt / "lora" / "pytorch_lora_weights.safetensors"))
+    assert meta["transformer.lora_alpha"] == 12 and meta["transformer.r"] == 4
+
+
+def _metadata(path) -> str:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()["lora_adapter_metadata"]
+
+
+def test_full_fine_tuning_exports_a_diffusers_transformer(tiny, tmp_path):
+    """lora_rank 0 (DanceGRPO's full fine-tuning): every weight trains; the checkpoint holds a loadable transformer."""
+    from diffusers import SD3Transformer2DModel
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    res = train.main([*LORA_RUN, "--model", str(tiny["sd3.5"]), "--prompts", str(prompts), "--lora_rank", "0",
+                      "--lr", "1e-3", "--iterations", "1", "--output_dir", str(tmp_path / "run")])
+    policy = res["policy"]
+    assert len(policy.params) == len(list(policy.backbone.transformer.parameters()))
+    ckpt = tmp_path / "run" / "checkpoints" / "iter_000001"
+    loaded = SD3Transformer2DModel.from_pretrained(ckpt / "transformer").eval()
+    live = dict(policy.backbone.transformer.named_parameters())
+    assert all(torch.equal(p, live[n]) for n, p in loaded.named_parameters())
+    base = SD3Transformer2DModel.from_pretrained(tiny["sd3.5"] / "transformer")
+    assert any(not torch.equal(p, dict(base.named_parameters())[n]) for n, p in loaded.named_parameters())
+
+
+def test_missing_weights_stop_before_any_work(tiny, tmp_path):
+    out = tmp_path / "out"
+    # a hub id that is not in the cache (the tests run with HF_HUB_OFFLINE=1)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--model", "black-forest-labs/FLUX.1-dev", "--output_dir", str(out)])
+    msg = str(e.value)
+    assert msg.startswith("model error:") and "not in the Hugging Face cache" in msg
+    assert "hf download black-forest-labs/FLUX.1-dev --local-dir" in msg and "--model /data/FLUX.1-dev" in msg
+    assert "gated" in msg and "text_encoder_3" not in msg  # FLUX has two text encoders
+    # an incomplete local folder names the missing file
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny["flux-dev"], broken)
+    (broken / "transformer" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(SystemExit, match=r"missing: transformer/ \(weights"):
+        train.main(["--model", str(broken), "--output_dir", str(out)])
+    with pytest.raises(SystemExit, match="no such folder"):
+        train.main(["--model", str(tmp_path / "nowhere"), "--output_dir", str(out)])
+    assert not out.exists()  # nothing was written
+    # a guidance scale for a model without guidance embeddings is refused, not ignored
+    with pytest.raises(ValueError, match="no guidance embedding"):
+        models.load_backbone(str(tiny["flux-schnell"]), resolution=RES, guidance=3.5)
+
+
+# -- planning without weights ---------------------------------------------------------------------------------------
+# world sizes each preset's batch arithmetic allows (whole groups per GPU, whole micro-batches per update)
+WORLD_SIZES = {"sd3.5-geneval": [1, 2, 4, 8, 16], "sd3.5-ocr": [1, 2, 4, 8, 16], "sd3.5-pickscore": [1, 2, 4, 8, 16],
+               "flux-dev-pickscore": [1, 2, 3, 4, 6, 8, 12, 16, 24, 48],
+               "flux-schnell-pickscore": [1, 2, 3, 4, 6, 8, 12, 16, 24, 48],
+               "flux-dev-hpsv2": [1, 2, 4, 8, 16]}
+# PAPER.md §1.3: the training schedules at 512 px (SD3.5 10 steps, FLUX.1-dev 6), schnell's 4, DanceGRPO's 16
+SIGMAS = {"sd3.5": [1, .9601, .9133, .8577, .7904, .7073, .6022, .4649, .2780, .0089, 0],
+          "flux-dev": [1, .9037, .7897, .6525, .4842, .2730, 0], "flux-schnell": [1, .75, .5, .25, 0],
+          "dance": [1, .9783, .9545, .9286, .9, .8684, .8333, .7941, .75, .7, .6429, .5769, .5, .4091, .3, .1667, 0]}
+
+
+@pytest.mark.parametrize("preset", sorted(WORLD_SIZES))
+def test_every_preset_plans_on_cpu_without_weights(preset, capsys):
+    cfg = train.parse_config(["--preset", preset])
+    assert train.world_sizes(cfg) == WORLD_SIZES[preset]
+    for world in WORLD_SIZES[preset]:
+        plan = train.main(["--preset", preset, "--dry_run", "true", "--dry_run_gpus", str(world)])["plan"]
+        assert plan["images_per_iteration"] == cfg.prompts_per_iter * cfg.group_size
+        assert plan["images_per_gpu"] * world == plan["images_per_iteration"]
+        mem = plan["memory"]["gb"]
+        assert 0 < mem["peak_checkpointing"] < mem["peak"]
+    out = capsys.readouterr().out
+    assert "per-GPU memory estimate" in out and "weights: model" in out  # and that they are not downloaded
+    key = ("dance" if preset == "flux-dev-hpsv2" else "sd3.5" if preset.startswith("sd3.5") else
+           "flux-schnell" if "schnell" in preset else "flux-dev")
+    assert plan["sigmas"] == pytest.approx(SIGMAS[key], abs=1e-4)
+    assert plan["trained_steps"] == {"dance": 9, "sd3.5": 9, "flux-dev": 5, "flux-schnell": 3}[key]
+    bad = 32 if 32 not in WORLD_SIZES[preset] else 5
+    with pytest.raises(SystemExit, match=r"world sizes this batch arithmetic supports: \[1, 2"):
+        train.main(["--preset", preset, "--dry_run", "true", "--dry_run_gpus", str(bad)])
+
+
+def test_memory_estimates_scale_as_documented():
+    plan = lambda *a: train.main(["--dry_run", "true", *a])["plan"]["memory"]  # noqa: E731
+    flux8 = plan("--preset", "flux-dev-pickscore", "--dry_run_gpus", "8")
+    flux1 = plan("--preset", "flux-dev-pickscore", "--dry_run_gpus", "1")
+    assert flux8["params"] == 11_901_408_320 and flux8["trainable_params"] == 179_306_496  # r64, attn + ff + ff_context
+    assert flux1["gb"]["weights"] > 5 * flux8["gb"]["weights"]  # FSDP2 shards the frozen bf16 weights (+2 blocks)
+    assert flux8["gb"]["peak"] < 80  # the paper's 8-GPU layout fits an 80 GB card
+    sd3 = plan("--preset", "sd3.5-geneval")
+    assert sd3["params"] == 2_243_171_520 and sd3["buffers"] == 384 * 384 * 1536  # + the positional-embedding table
+    assert sd3["forward_batch"] == 18 and sd3["text_tokens"] == 77 + 128  # CFG doubles the micro-batch of 9
+    off = plan("--preset", "sd3.5-geneval", "--offload", "true")
+    # the text encoders (T5-XXL: 9 GiB) then visit the GPU only between rollouts and training
+    assert off["gb"]["peak"] < sd3["gb"]["peak"] - 9 and off["gb"]["text_encoders"] == sd3["gb"]["text_encoders"]
+    dance = plan("--preset", "flux-dev-hpsv2")
+    assert dance["trainable_params"] == dance["params"] and dance["gb"]["trainable"] > 10  # full fine-tuning
+
+
+def test_documented_parameter_counts_match_the_released_configs():
+    """KNOWN_MODELS' component sizes (used by --dry_run without weights) from the released configs, on meta."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    with torch.device("meta"):
+        t5 = T5EncoderModel(T5Config(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, vocab_size=32128,
+                                     feed_forward_proj="gated-gelu", relative_attention_num_buckets=32))
+        clip_l = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                      vocab_size=49408, max_position_embeddings=77, projection_dim=768)
+        clip_g = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
+                      vocab_size=49408, max_position_embeddings=77, projection_dim=1280)
+        vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16,
+                            use_quant_conv=False, use_post_quant_conv=False)
+        n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+        counts = {"T5-XXL": n(t5), "CLIP-L": n(CLIPTextModel(CLIPTextConfig(**clip_l))),
+                  "CLIP-L+proj": n(CLIPTextModelWithProjection(CLIPTextConfig(**clip_l))),
+                  "CLIP-G": n(CLIPTextModelWithProjection(CLIPTextConfig(**clip_g))), "VAE": n(vae)}
+    flux, sd3 = (models.KNOWN_MODELS[k] for k in ("black-forest-labs/FLUX.1-dev",
+                                                  "stabilityai/stable-diffusion-3.5-medium"))
+    assert flux["encoders"] == {"text_encoder (CLIP-L)": counts["CLIP-L"], "text_encoder_2 (T5-XXL)": counts["T5-XXL"]}
+    assert sd3["encoders"] == {"text_encoder (CLIP-L)": counts["CLIP-L+proj"], "text_encoder_2 (CLIP-G)":
+                               counts["CLIP-G"], "text_encoder_3 (T5-XXL)": counts["T5-XXL"]}
+    assert flux["vae"] == sd3["vae"] == counts["VAE"]
+
+
+def test_dry_run_reads_a_local_folder_like_the_loader(tiny, capsys):
+    plan = train.main(["--dry_run", "true", "--model", str(tiny["flux-dev"]), "--resolution", str(RES),
+                       "--num_steps", str(STEPS)])["plan"]
+    bb = _load(tiny, "flux-dev")
+    assert plan["kind"] == "flux" and plan["guidance"] == 3.5
+    assert plan["sigmas"] == pytest.approx(bb.sigmas(STEPS).tolist(), abs=1e-4)
+    assert "weights: available" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="must be a multiple of 8"):
+        train.main(["--dry_run", "true", "--model", str(tiny["flux-dev"]), "--resolution", "36"])

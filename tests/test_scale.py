@@ -1,0 +1,169 @@
+"""Two-process `torchrun` GRPO runs (gloo, CPU) on the tiny pipelines, through the same `--model /path` a user gives:
+
+  * FLUX.1-dev-style under FSDP2 (sharded per transformer block, activation checkpointing, KL to the adapter-off
+    reference): both ranks gather the same LoRA, it equals the exported checkpoint and a one-process run of the same
+    config (to 1e-5; FSDP2 and DDP agree bitwise), and a resume from a sharded (torch.distributed.checkpoint)
+    checkpoint continues bit for bit;
+  * SD3.5-style under DDP with true CFG: the ranks stay identical and on-policy at the first update;
+  * DanceGRPO-style full fine-tuning under FSDP2 in one process: its sharded checkpoint consolidates with torch's
+    `dcp_to_torch` into the diffusers transformer, matches the unsharded run and resumes bit for bit.
+Each launch costs ~10 s, mostly imports.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tiny_pipelines
+import torch
+from safetensors.torch import load_file
+
+import train
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPTS = ["a red cat", "a blue dog", "two birds", "a green apple"]
+# updates_per_iter 1: one update per iteration sees the same samples whatever the world size, so the two-rank run
+# can be compared with a one-process run (with 2 updates, each rank shuffles its own half into the updates).
+RUN = ["--resolution", "32", "--max_sequence_length", "16", "--reward", "clean_background", "--eval_metrics",
+       "clean_background", "--iterations", "2", "--eval_every", "2", "--checkpoint_every", "1",
+       "--keep_checkpoints", "3", "--eval_per_prompt", "1", "--prompts_per_iter", "2", "--group_size", "4",
+       "--micro_batch", "2", "--updates_per_iter", "1", "--num_steps", "4", "--eval_steps", "4", "--lora_rank", "4",
+       "--lora_alpha", "8", "--tensorboard", "false"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_pipelines.cached()
+
+
+@pytest.fixture
+def prompts(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(PROMPTS) + "\n")
+    return str(path)
+
+
+def _torchrun(*args):
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "tests/scale_check.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if p.returncode != 0:
+        raise AssertionError(f"torchrun failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def _lora(run: Path, it: int, which: str = "lora") -> dict:
+    return load_file(run / "checkpoints" / f"iter_{it:06d}" / which / "pytorch_lora_weights.safetensors")
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_fsdp2_flux_matches_one_process_and_resumes_exactly(tiny, prompts, tmp_path):
+    n = torch.get_num_threads()
+    args = [*RUN, "--model", str(tiny["flux-dev"]), "--prompts", prompts, "--beta", "0.01"]
+    run = tmp_path / "fsdp"
+    _torchrun(*args, "--parallel", "fsdp", "--gradient_checkpointing", "true", "--output_dir", run)
+    # the ranks agree, and the export (gathered LoRA tensors only) is what they hold
+    r0, r1 = load_file(run / "rank0.safetensors"), load_file(run / "rank1.safetensors")
+    exported = _lora(run, 2)
+    assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)
+    assert all(torch.equal(r0[k], exported["transformer." + k]) for k in r0)
+    assert any(v.abs().max() > 0 for k, v in r0.items() if "lora_B" in k)  # it trained
+    ckpt = run / "checkpoints" / "iter_000002"
+    assert len(list((ckpt / "dcp").glob("*.distcp"))) == 2  # one shard file per rank, nothing gathered
+    assert "params" not in torch.load(ckpt / "training_state.pt", weights_only=False)
+    assert all(r["first_ratio_max_dev"] == 0.0 for r in _rows(run)[1:])  # on-policy at every first update
+    # the same config in one process (no sharding, no checkpointing): the same training up to float rounding
+    torch.set_num_threads(1)
+    try:
+        train.main([*args, "--output_dir", str(tmp_path / "single")])
+    finally:
+        torch.set_num_threads(n)
+    single = _lora(tmp_path / "single", 2)
+    assert max(float((exported[k] - single[k]).abs().max()) for k in single) < 1e-5
+    assert [r["reward"] for r in _rows(run)[1:]] == pytest.approx([r["reward"] for r in
+                                                                   _rows(tmp_path / "single")[1:]], abs=1e-5)
+    # resume: rewind to the iteration-1 checkpoint and continue from its shards
+    before = {w: _lora(run, 2, w) for w in ("lora", "lora_ema")}
+    rows = _rows(run)
+    shutil.rmtree(ckpt)
+    (run / "checkpoints" / "latest").write_text("iter_000001")
+    _torchrun(*args, "--parallel", "fsdp", "--gradient_checkpointing", "true", "--output_dir", run, "--resume", "true")
+    for w, tensors in before.items():
+        after = _lora(run, 2, w)
+        assert all(torch.equal(tensors[k], after[k]) for k in tensors), w
+    assert [(r["iteration"], r.get("reward"), r.get("grad_norm")) for r in _rows(run)] == \
+        [(r["iteration"], r.get("reward"), r.get("grad_norm")) for r in rows]
+
+
+def test_ddp_sd3_two_ranks_stay_identical(tiny, prompts, tmp_path):
+    run = tmp_path / "ddp"
+    _torchrun(*RUN, "--model", tiny["sd3.5"], "--prompts", prompts, "--updates_per_iter", "2", "--parallel", "ddp",
+              "--output_dir", run)
+    r0, r1 = load_file(run / "rank0.safetensors"), load_file(run / "rank1.safetensors")
+    assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)
+    assert any(v.abs().max() > 0 for k, v in r0.items() if "lora_B" in k)
+    rows = _rows(run)
+    assert all(r["first_ratio_max_dev"] == 0.0 for r in rows[1:])  # CFG recomputed exactly as sampled
+    assert (run / "images" / "eval_00002.png").exists()
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["parallel"] == "ddp" and cfg["guidance"] == -1.0  # the model's default: CFG 4.5
+
+
+DANCE = ["--lora_rank", "0", "--lr", "1e-4", "--ema_decay", "0.995", "--timesteps", "random", "--timestep_fraction",
+         "0.6", "--advantage", "dance", "--same_noise_in_group", "true", "--reward_image", "x0_hat", "--shift", "3",
+         "--micro_batch", "4", "--iterations", "2", "--eval_every", "2"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_fsdp2_full_fine_tuning_consolidates_and_resumes(tiny, prompts, tmp_path, monkeypatch):
+    """World 1 keeps it in-process (a gloo group of one): the sharding maths is the two-rank test's; this one covers
+    full fine-tuning's sharded checkpoint (weights, AdamW state, EMA) and its consolidation."""
+    from diffusers import FluxTransformer2DModel
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    args = [*RUN, *DANCE, "--model", str(tiny["flux-dev"]), "--prompts", prompts]
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+
+    def fsdp_run(out, *extra):
+        monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+        return train.main([*args, "--parallel", "fsdp", "--output_dir", str(out), *extra])
+
+    def consolidated(out, it):
+        dcp_to_torch_save(out / "checkpoints" / f"iter_{it:06d}" / "dcp", tmp_path / "full.pt")
+        return torch.load(tmp_path / "full.pt", weights_only=False)
+
+    try:
+        fsdp_run(tmp_path / "fsdp")
+        train.main([*args, "--output_dir", str(tmp_path / "plain")])  # no sharding: writes transformer/
+        full = consolidated(tmp_path / "fsdp", 2)
+        plain = dict(FluxTransformer2DModel.from_pretrained(
+            tmp_path / "plain" / "checkpoints" / "iter_000002" / "transformer").named_parameters())
+        assert full["model"].keys() == plain.keys()  # diffusers' names: load_state_dict into the transformer
+        assert max(float((full["model"][k] - plain[k]).abs().max()) for k in plain) < 1e-6
+        base = dict(FluxTransformer2DModel.from_pretrained(tiny["flux-dev"] / "transformer").named_parameters())
+        assert max(float((full["model"][k] - base[k]).abs().max()) for k in base) > 1e-5  # every weight trains
+        shutil.rmtree(tmp_path / "fsdp" / "checkpoints" / "iter_000002")
+        (tmp_path / "fsdp" / "checkpoints" / "latest").write_text("iter_000001")
+        fsdp_run(tmp_path / "fsdp", "--resume", "true")
+        again = consolidated(tmp_path / "fsdp", 2)
+        for part in ("model", "ema"):
+            assert all(torch.equal(full[part][k], again[part][k]) for k in full[part]), part
+    finally:
+        torch.set_num_threads(n)
