@@ -473,8 +473,10 @@ def fmt(x, nd=3) -> str:
 
 def write_report(res: dict, out: Path, quick: bool, machine: str) -> Path:
     L = [f"# Flow-CPS benchmark report{' (quick mode: smoke-test budgets, not results)' if quick else ''}", "",
-         f"Machine: {machine}. Command: `python bench.py{' --quick' if quick else ''}`. Wall time "
-         f"{res['wall'] / 60:.1f} min.", ""]
+         f"Machine: {machine}. Command: `python bench.py{' --quick' if quick else ''}`. Wall time of this "
+         f"invocation {res['wall'] / 60:.1f} min" + (f"; the {res['runs']['count']} training runs took "
+         f"{res['runs']['seconds'] / 60:.0f} process-minutes on {res['runs']['workers']} workers (cached in runs/ "
+         "and reused by later invocations)" if "runs" in res else "") + ".", ""]
     if "cost" in res:
         c = res["cost"]
         L += ["## 1. Sampler cost", "", f"Rollout of {c['batch']} samples × {c['steps']} steps on the built-in model; "
@@ -592,6 +594,8 @@ def main(argv: list[str] | None = None) -> Path:
     if jobs:
         print(f"[bench] 4/6. {len({j['name'] for j in jobs})} training runs on {args.workers} workers", flush=True)
         results = run_jobs(jobs, args.workers)
+        res["runs"] = dict(count=len(results), seconds=sum(r["wall"] for r in results.values()),
+                           workers=args.workers)
         res["analysis"] = analyse(results, b)
         if "convergence" in sections:
             plot_convergence(results, res["analysis"], out)

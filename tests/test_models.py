@@ -16,6 +16,7 @@ import pytest
 import tiny_pipelines  # tests/ is on sys.path (pytest's rootdir-relative import)
 import torch
 
+import config
 import models
 import sampling
 import train
@@ -202,8 +203,8 @@ SIGMAS = {"sd3.5": [1, .9601, .9133, .8577, .7904, .7073, .6022, .4649, .2780, .
 
 @pytest.mark.parametrize("preset", sorted(WORLD_SIZES))
 def test_every_preset_plans_on_cpu_without_weights(preset, capsys):
-    cfg = train.parse_config(["--preset", preset])
-    assert train.world_sizes(cfg) == WORLD_SIZES[preset]
+    cfg = config.parse_config(["--preset", preset])
+    assert config.world_sizes(cfg) == WORLD_SIZES[preset]
     for world in WORLD_SIZES[preset]:
         plan = train.main(["--preset", preset, "--dry_run", "true", "--dry_run_gpus", str(world)])["plan"]
         assert plan["images_per_iteration"] == cfg.prompts_per_iter * cfg.group_size

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import config
 import digits
 import models
 import rewards
@@ -34,8 +35,8 @@ def backbone(pretrained):
 
 
 def _policy(backbone, *argv):
-    cfg = train.parse_config(list(argv))
-    train.validate(cfg, 1)
+    cfg = config.parse_config(list(argv))
+    config.validate(cfg, 1)
     return cfg, train.Policy(cfg, backbone, torch.device("cpu"), 1)
 
 
@@ -186,28 +187,28 @@ def test_multi_reward_with_invalid_samples_trains(backbone, tmp_path):
     (["--reward_options", "{bad json"], "config error"),
 ])
 def test_config_errors_name_the_problem(argv, message):
-    cfg = train.parse_config(argv)
+    cfg = config.parse_config(argv)
     world = 2 if "--prompts_per_iter" in argv else 1
     with pytest.raises(SystemExit, match=message.replace("[", r"\[").replace("]", r"\]")):
-        train.validate(cfg, world)
+        config.validate(cfg, world)
 
 
 def test_unknown_flag_suggests_the_right_one(capsys):
     with pytest.raises(SystemExit):
-        train.parse_config(["--learning_rate", "1e-3"])
+        config.parse_config(["--learning_rate", "1e-3"])
     with pytest.raises(SystemExit):
-        train.parse_config(["--group-size", "4"])
+        config.parse_config(["--group-size", "4"])
     err = capsys.readouterr().err
     assert "unknown arguments" in err and "--group_size" in err
     with pytest.raises(SystemExit):
-        train.parse_config(["--preset", "sdxl"])
+        config.parse_config(["--preset", "sdxl"])
     assert "unknown preset" in capsys.readouterr().err
 
 
 def test_bool_flags_and_presets_resolve():
-    cfg = train.parse_config(["--drop_zero_adv", "false", "--eta", "0.3"])
+    cfg = config.parse_config(["--drop_zero_adv", "false", "--eta", "0.3"])
     assert cfg.drop_zero_adv is False and cfg.eta == 0.3 and cfg.preset == "tiny"
-    assert train.parse_config([]) == train.Config()
+    assert config.parse_config([]) == config.Config()
 
 
 def test_seeds_are_a_function_of_their_parts():
