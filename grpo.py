@@ -119,9 +119,9 @@ def random_timesteps(stochastic: Tensor, batch: int, fraction: float = 0.6,
     Returns (batch, K) step indices, each row in random order as Dance's permutation."""
     candidates = torch.arange(len(stochastic) - 1)
     candidates = candidates[stochastic[candidates]]
-    k = max(1, int(fraction * len(candidates)))
     if len(candidates) == 0:
         raise ValueError("no stochastic step to train: widen the SDE window or use a stochastic sampler")
+    k = max(1, int(fraction * len(candidates)))
     order = torch.stack([torch.randperm(len(candidates), generator=generator)[:k] for _ in range(batch)])
     return candidates[order]
 

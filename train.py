@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 import grpo
+import logs
 import sampling
 from config import RESUMABLE_CHANGES, Config, describe, dry_run, load_prompts, parse_config, prompt_error, validate
 
@@ -492,7 +493,7 @@ def main(argv: list[str] | None = None) -> dict:
         history, start = st["history"], st["iteration"] + 1
         torch.set_rng_state(st["torch_rng"])
         print0(f"resumed from {ckpt} at iteration {st['iteration']}")
-    logger = __import__("logs").Logger(out, is_main, cfg.tensorboard)
+    logger = logs.Logger(out, is_main, cfg.tensorboard)
     if ckpt is not None:
         logger.rewrite(history)
     window = None
@@ -502,8 +503,6 @@ def main(argv: list[str] | None = None) -> dict:
     def run_eval(it: int) -> dict:
         res, images = evaluate(policy, cfg, metrics, eval_prompts, eval_meta, rank, world, device, autocast)
         if is_main:
-            import logs
-
             logs.image_grid(images, min(10, cfg.eval_per_prompt), out / "images" / f"eval_{it:05d}.png")
         return res
 
@@ -616,18 +615,13 @@ def main(argv: list[str] | None = None) -> dict:
                 row[f"reward/{k}"] = nan_mean(all_gather_cat(v.to(device)).cpu())
         if train_metrics is not None:
             row.update({f"train/{k}": nan_mean(v) for k, v in train_metrics.components.items()})
-        for k, v in agg.items():
-            if k in ("ratio_min", "first_ratio_max_dev"):
-                row[k] = min(v) if k == "ratio_min" and v else (max(v) if v else float("nan"))
-            elif k == "ratio_max":
-                row[k] = max(v) if v else float("nan")
-            else:
-                row[k] = float(np.nanmean(v)) if v and not all(map(math.isnan, v)) else float("nan")
+        for k, v in agg.items():  # extremes for the ratio bounds, means for the rest; NaN when nothing trained
+            finite = [x for x in v if not math.isnan(x)]
+            reduce = {"ratio_min": min, "ratio_max": max, "first_ratio_max_dev": max}.get(k, np.mean)
+            row[k] = float(reduce(finite)) if finite else float("nan")
         if it % cfg.eval_every == 0 or it == cfg.iterations:
             row.update(run_eval(it))
             if is_main:
-                import logs
-
                 shown = [i for i in range(min(n_local, 8 * cfg.group_size)) if i % cfg.group_size < 8]
                 logs.image_grid(images[shown], min(8, per_rank_prompts), out / "images" / f"train_{it:05d}.png")
         tm["eval"] = time.perf_counter() - t1
@@ -652,8 +646,6 @@ def main(argv: list[str] | None = None) -> dict:
     logger.close()
     summary = {}
     if is_main:
-        import logs
-
         base = next(h for h in history if h["iteration"] == 0)
         last = [h for h in history if any(k.startswith("eval/") for k in h)][-1]
         curve = logs.reward_curves(history, out / "reward_curve.png",

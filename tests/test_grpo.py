@@ -115,6 +115,11 @@ def test_random_timesteps_dance():
     assert len({tuple(row.tolist()) for row in steps}) > 1  # per-sample subsets differ
 
 
+def test_random_timesteps_without_stochastic_steps_names_the_fix():
+    with pytest.raises(ValueError, match="no stochastic step to train: widen the SDE window"):
+        grpo.random_timesteps(torch.zeros(10, dtype=torch.bool), batch=4)
+
+
 def test_draw_sde_window():
     g = torch.Generator().manual_seed(0)
     starts = {grpo.draw_sde_window(10, 3, generator=g)[0] for _ in range(200)}

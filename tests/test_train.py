@@ -193,6 +193,11 @@ def test_config_errors_name_the_problem(argv, message):
         config.validate(cfg, world)
 
 
+def test_resume_without_a_checkpoint_says_how_to_start(tmp_path):
+    with pytest.raises(SystemExit, match="no checkpoint in .*run without --resume"):
+        train.main(["--resume", "true", "--output_dir", str(tmp_path / "empty")])
+
+
 def test_unknown_flag_suggests_the_right_one(capsys):
     with pytest.raises(SystemExit):
         config.parse_config(["--learning_rate", "1e-3"])
