@@ -3,8 +3,9 @@
 Everything a newcomer needs to see GRPO work on a laptop, with no download: the data (1,797 bundled images), the
 prompts ("a handwritten digit 7"), a learned one-token prompt encoder standing in for CLIP+T5, the flow-matching
 pre-training of a real diffusers `FluxTransformer2DModel` (deliberately stopped early so RL has headroom), and the
-judge classifier behind the `digit_judge` reward. Both models are trained on first use and cached on disk
-(atomically) under `cache_dir()`; later runs load them with the same `from_pretrained` code that loads FLUX.1.
+judge classifier behind the `digit_judge` reward. Both are trained on first use and cached on disk (atomically) under
+`cache_dir()`; later runs load the model with the same `from_pretrained` code that loads FLUX.1. The pre-training
+drives the transformer through the adapter it is given (models.digits_adapter), the same one GRPO uses.
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from sampling import rollout
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 # Training prompts use several phrasings; evaluation uses a phrasing never seen in training (held-out prompts).
@@ -127,25 +130,20 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FLOW_CPS_CACHE") or Path.home() / ".cache" / "flow_cps")
 
 
-def _key(size: int) -> str:
-    spec = json.dumps([TRANSFORMER_CONFIG, PRETRAIN, PRETRAIN_STEPS[size], EMBED_DIM, size, torch.__version__],
-                      sort_keys=True)
-    return hashlib.sha256(spec.encode()).hexdigest()[:10]
+def _key(*spec) -> str:
+    return hashlib.sha256(json.dumps([*spec, torch.__version__], sort_keys=True).encode()).hexdigest()[:10]
 
 
-def model_dir(progress: bool = True, size: int = SIZE) -> Path:
-    """The cached digits model folder (transformer/, prompt_encoder.safetensors, judge.safetensors, info.json),
-    built on first use. The build writes a temporary folder and renames it, so a killed build leaves nothing."""
-    if size not in PRETRAIN_STEPS:
-        raise ValueError(f"digits models exist at sizes {sorted(PRETRAIN_STEPS)}, not {size}")
-    path = cache_dir() / (f"digits-{_key(size)}" if size == SIZE else f"digits{size}-{_key(size)}")
+def _cached(path: Path, build, what: str) -> Path:
+    """`path` if it holds a finished build (info.json), else build(tmp) into a temporary folder renamed into place:
+    a killed build leaves nothing, and concurrent builders (ranks, bench workers) agree on one result."""
     if (path / "info.json").exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    print(f"[digits] first use: pre-training the tiny FLUX model and the judge into {path} (about 20 s)")
+    print(f"[digits] first use: {what} into {path}")
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-digits-", dir=path.parent))
     try:
-        info = _build(tmp, progress, size)
+        build(tmp)
         if path.exists():  # another process won the race; theirs is identical
             shutil.rmtree(tmp)
         else:
@@ -153,24 +151,38 @@ def model_dir(progress: bool = True, size: int = SIZE) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    print(f"[digits] judge held-out accuracy {info['judge_accuracy']:.4f}; base model ODE judge accuracy "
-          f"{info['base_accuracy']:.3f}; pre-training took {info['pretrain_seconds']:.1f} s")
     return path
 
 
-def _build(out: Path, progress: bool, size: int = SIZE) -> dict:
+def judge_dir() -> Path:
+    """The cached judge (judge.safetensors, info.json), trained on first use (~1 s)."""
+    def build(out: Path) -> None:
+        judge, acc = train_judge()
+        save_file(judge.state_dict(), out / "judge.safetensors")
+        (out / "info.json").write_text(json.dumps(dict(judge_accuracy=acc), indent=1))
+        print(f"[digits] judge held-out accuracy {acc:.4f}")
+    return _cached(cache_dir() / f"judge-{_key('judge', 300, 0)}", build, "training the digit judge")
+
+
+def model_dir(make_adapter, progress: bool = True, size: int = SIZE) -> Path:
+    """The cached digits model folder (transformer/, prompt_encoder.safetensors, info.json), pre-trained on first use
+    through `make_adapter(transformer, prompt_encoder, size)` (models.digits_adapter)."""
+    if size not in PRETRAIN_STEPS:
+        raise ValueError(f"digits models exist at sizes {sorted(PRETRAIN_STEPS)}, not {size}")
+    key = _key(TRANSFORMER_CONFIG, PRETRAIN, PRETRAIN_STEPS[size], EMBED_DIM, size)
+    path = cache_dir() / (f"digits-{key}" if size == SIZE else f"digits{size}-{key}")
+    return _cached(path, lambda out: _build(out, make_adapter, progress, size),
+                   f"pre-training the tiny FLUX model ({PRETRAIN_STEPS[size]} steps, about 20 s)")
+
+
+def _build(out: Path, make_adapter, progress: bool, size: int = SIZE) -> dict:
     from diffusers import FluxTransformer2DModel
     from tqdm.auto import tqdm
 
-    import models
-    from sampling import rollout
-
-    judge, judge_acc = train_judge()
-    save_file(judge.state_dict(), out / "judge.safetensors")
-
+    judge = load_judge()
     torch.manual_seed(PRETRAIN["seed"])
     transformer, encoder = FluxTransformer2DModel(**TRANSFORMER_CONFIG), PromptEncoder()
-    backbone = models.FluxAdapter(transformer, encoder, vae=None, height=size, width=size)
+    backbone = make_adapter(transformer, encoder, size)
     images, labels = load("train", size)
     x0_all = backbone.encode_images(images)
     text = [TRAIN_TEMPLATES[0].format(d=int(d), w="") for d in labels]
@@ -198,15 +210,15 @@ def _build(out: Path, progress: bool, size: int = SIZE) -> dict:
         traj = rollout(lambda x, t: backbone.velocity(x, t, cond), x1, backbone.sigmas(10), "ode", 0.0)
         pred = judge(backbone.decode(traj.final)).argmax(1)
     base_acc = float((pred == torch.tensor([parse_digit(p) for p in test])).float().mean())
-    info = dict(judge_accuracy=judge_acc, base_accuracy=base_acc, pretrain_seconds=seconds, size=size,
-                steps=PRETRAIN_STEPS[size], **PRETRAIN)
+    info = dict(base_accuracy=base_acc, pretrain_seconds=seconds, size=size, steps=PRETRAIN_STEPS[size], **PRETRAIN)
     (out / "info.json").write_text(json.dumps(info, indent=1))
+    print(f"[digits] base model ODE judge accuracy {base_acc:.3f}; pre-training took {seconds:.1f} s")
     return info
 
 
 def load_judge(path: Path | None = None) -> Judge:
     judge = Judge()
-    judge.load_state_dict(load_file((path or model_dir()) / "judge.safetensors"))
+    judge.load_state_dict(load_file((path or judge_dir()) / "judge.safetensors"))
     return judge.eval().requires_grad_(False)
 
 

@@ -6,6 +6,8 @@ function gives the same advantages on every rank.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -62,7 +64,11 @@ def dance_grpo_advantages(rewards: Tensor, groups: Tensor, valid: Tensor | None 
     return adv.clamp(-clip, clip).to(rewards.dtype)
 
 
-ADVANTAGES = {"flow_grpo": flow_grpo_advantages, "dance": dance_grpo_advantages}
+# One signature, fn(rewards, groups, valid=None, *, clip) -> (B,): Flow-GRPO's PerPromptStatTracker with the batch std
+# (its global_std=True default) or the group's population std, and DanceGRPO's group mean and unbiased std.
+ADVANTAGES = {"flow_grpo": flow_grpo_advantages,
+              "flow_grpo_group_std": functools.partial(flow_grpo_advantages, global_std=False),
+              "dance": dance_grpo_advantages}
 
 
 # -- the policy loss ---------------------------------------------------------------------------------------------
@@ -83,25 +89,42 @@ def clipped_surrogate(logp_new: Tensor, logp_old: Tensor, adv: Tensor, clip_rang
     return loss, stats
 
 
-def kl_penalty(mean: Tensor, mean_ref: Tensor, std: Tensor | float, dt: Tensor | float, form: str = "mse") -> Tensor:
-    """KL(policy step || reference step) per sample (B,), in the form each codebase uses; both steps share `std`.
+# KL(policy step || reference step) per sample (B,), in the form each codebase uses. Both steps are Gaussians with the
+# same std (the sampler's), so only the means differ: mu from the policy, mu_ref from the adapter-off reference.
+# One signature: (mean, mean_ref, std, dt) -> (B,); std is the step's fresh-noise std, dt = t - t' > 0.
+def _sq_diff(mean: Tensor, mean_ref: Tensor) -> Tensor:
+    return (mean.float() - mean_ref.float()).pow(2).flatten(1).mean(1)
 
-    "mse"       mean_dims (mu - mu_ref)^2                     FlowCPS (commit 814c359 dropped the divisor)
-    "flow_grpo" mean_dims (mu - mu_ref)^2 / (2 sigma_t^2)     Flow-GRPO, sigma_t = std / sqrt(dt) the diffusion
-                                                              coefficient: |dt| times the exact KL
-    "gaussian"  mean_dims (mu - mu_ref)^2 / (2 std^2)         the exact KL between the two Gaussians (per element)
-    """
-    sq = (mean.float() - mean_ref.float()).pow(2).flatten(1).mean(1)
-    if form == "mse":
-        return sq
-    std = torch.as_tensor(std, dtype=torch.float32, device=mean.device)
-    if std.ndim:
-        std = std.reshape(std.shape[0], -1)[:, 0]  # std is constant over a sample's elements
-    if form == "gaussian":
-        return sq / (2 * std ** 2)
-    if form == "flow_grpo":
-        return sq / (2 * std ** 2 / torch.as_tensor(dt, dtype=torch.float32, device=mean.device))
-    raise ValueError(f"unknown KL form {form!r}; use 'mse', 'flow_grpo' or 'gaussian'.")
+
+def _per_sample(x: Tensor | float, like: Tensor) -> Tensor:
+    """A std or dt as (B,) (or a scalar): std is constant over a sample's elements."""
+    x = torch.as_tensor(x, dtype=torch.float32, device=like.device)
+    return x.reshape(x.shape[0], -1)[:, 0] if x.ndim else x
+
+
+def kl_mse(mean: Tensor, mean_ref: Tensor, std: Tensor | float, dt: Tensor | float) -> Tensor:
+    """mean_dims (mu - mu_ref)^2: FlowCPS (commit 814c359 dropped Flow-GRPO's divisor)."""
+    return _sq_diff(mean, mean_ref)
+
+
+def kl_flow_grpo(mean: Tensor, mean_ref: Tensor, std: Tensor | float, dt: Tensor | float) -> Tensor:
+    """mean_dims (mu - mu_ref)^2 / (2 sigma_t^2): Flow-GRPO's train_sd3.py, with sigma_t = std / sqrt(dt) the
+    diffusion coefficient (without sqrt(dt)); this is dt times the exact KL."""
+    sigma_t_sq = _per_sample(std, mean) ** 2 / _per_sample(dt, mean)
+    return _sq_diff(mean, mean_ref) / (2 * sigma_t_sq)
+
+
+def kl_gaussian(mean: Tensor, mean_ref: Tensor, std: Tensor | float, dt: Tensor | float) -> Tensor:
+    """mean_dims (mu - mu_ref)^2 / (2 std^2): the exact KL between the two Gaussian steps (per element)."""
+    return _sq_diff(mean, mean_ref) / (2 * _per_sample(std, mean) ** 2)
+
+
+KL_FORMS = {"mse": kl_mse, "flow_grpo": kl_flow_grpo, "gaussian": kl_gaussian}
+# The KL form that goes with each sampler when --kl_form is not given, so that `--sampler flow_sde` on a Flow-GRPO
+# preset is Flow-GRPO and the CPS run is FlowCPS: Flow-GRPO's divisor for the Wiener-noise SDEs (Flow-SDE, Dance-SDE
+# (DanceGRPO itself trains without KL), CPWS), FlowCPS's plain mean square for the coefficients-preserving samplers.
+DEFAULT_KL_FORM = {"flow_sde": "flow_grpo", "dance_sde": "flow_grpo", "cpws": "flow_grpo", "cps": "mse",
+                   "dpm_sde": "mse", "ode": "mse"}
 
 
 # -- which steps are trained -------------------------------------------------------------------------------------

@@ -31,26 +31,34 @@ def image_grid(images: Tensor, rows: int, path: str | Path, min_side: int = 64) 
     return path
 
 
-class Logger:
-    """Appends one JSON object per iteration to metrics.jsonl and mirrors scalars to TensorBoard."""
+def strict(row: dict) -> dict:
+    """NaN and infinities as null: metrics.jsonl is strict JSON (a NaN literal breaks most parsers)."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
 
-    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool = True):
+
+class Logger:
+    """metrics.jsonl (one strict-JSON object per iteration) and TensorBoard scalars, on rank 0.
+
+    The logs are the run: a fresh run starts them empty; a resumed run rewrites metrics.jsonl to the checkpoint's
+    history and has TensorBoard drop every event after the checkpoint (purge_step), so iterations that a killed run
+    logged past its last checkpoint are not shown twice."""
+
+    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool = True, history: list[dict] = ()):
         self.enabled, self.path, self.tb = enabled, out_dir / "metrics.jsonl", None
-        if enabled and tensorboard:
+        if not enabled:
+            return
+        self.path.write_text("".join(json.dumps(strict(h), allow_nan=False) + "\n" for h in history))
+        if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(out_dir / "tensorboard"))
-
-    def rewrite(self, history: list[dict]) -> None:
-        """After a resume: the log holds exactly the checkpoint's history (iterations past it are dropped)."""
-        if self.enabled:
-            self.path.write_text("".join(json.dumps(h) + "\n" for h in history))
+            self.tb = SummaryWriter(str(out_dir / "tensorboard"),
+                                    purge_step=history[-1]["iteration"] + 1 if history else None)
 
     def log(self, row: dict) -> None:
         if not self.enabled:
             return
         with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(strict(row), allow_nan=False) + "\n")
         if self.tb is not None:
             for k, v in row.items():
                 if isinstance(v, (int, float)) and k != "iteration" and math.isfinite(v):

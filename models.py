@@ -1,9 +1,11 @@
 """Model adapters: one small interface between GRPO and a diffusers flow-matching transformer.
 
     cond = backbone.encode(prompts)             # prompt embeddings, computed once per unique prompt and cached
+    c    = backbone.select(cond, rows)          # the conditioning of some samples (rows: indices into the batch)
     v    = backbone.velocity(x, t, cond, model) # v_theta(x_t, t, c) (after CFG if any), t in [0, 1] of shape (B,), fp32
     imgs = backbone.decode(x0)                  # images (B, C, H, W) in [0, 1]
     grid = backbone.sigmas(num_steps)           # the model's own schedule (shift / dynamic shift)
+    backbone.check_prompts(prompts)             # ValueError naming a prompt the model cannot condition on
 
 `model` is the module to call (the transformer itself, or its DDP/FSDP wrapper); the LoRA lives inside the
 transformer via peft, and `adapter_disabled` gives the reference policy for the KL term. Three backbones:
@@ -13,25 +15,19 @@ transformer via peft, and `adapter_disabled` gives the reference policy for the 
     default CPU run exercises the exact code path FLUX.1 uses;
   * SD3Adapter, kind "sd3": SD3 / SD3.5 (three text encoders, true classifier-free guidance, static shift 3).
 
-`load_backbone(model, device, **options)` takes "digits", a hub id or a local diffusers folder, and detects FLUX vs SD3
-from model_index.json. `resolve_model` fails before any work, naming the missing files and how to get them.
-`model_info` + `memory_estimate` size a run without loading weights (`train.py --dry_run true`).
+`load_backbone(model, device, **options)` takes "digits", a hub id or a local diffusers folder (found by hub.py), and
+detects FLUX vs SD3 from model_index.json. plan.py sizes a run without loading weights (`train.py --dry_run true`).
 """
 from __future__ import annotations
 
 import contextlib
-import json
-import math
-import os
-import re
 from collections import OrderedDict
-from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+import digits
+import hub
 import sampling
 
 # Flow-GRPO's LoRA targets for FLUX/SD3 attention (PAPER.md §5.2). SD3.5's second (MMDiT-X) attention is named
@@ -41,7 +37,6 @@ ATTENTION_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
 # Flow-GRPO's FLUX.1 targets: attention plus both feed-forward networks of the double-stream blocks.
 FLUX_TARGETS = ATTENTION_TARGETS + ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
 
-PIPELINES = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3"}  # model_index.json _class_name -> kind
 DEFAULT_GUIDANCE = {"flux": 3.5, "sd3": 4.5}  # the paper's values (PAPER.md §1.4); diffusers' SD3 default is 7.0
 # Scheduler options the adapters' closed-form schedules (sampling.sigmas) do not reproduce: refuse, never guess.
 _UNSUPPORTED_SCHEDULER = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "shift_terminal",
@@ -133,6 +128,21 @@ class _Adapter:
     def _expand_shared(self, cond: dict, batch: int) -> dict:
         return cond
 
+    shared_keys: tuple[str, ...] = ()  # conditioning tensors without a batch dim (FLUX's txt_ids)
+
+    def select(self, cond: dict, rows: Tensor) -> dict:
+        """The conditioning of the samples `rows` (indices into cond's batch); shared tensors pass as they are."""
+        return {k: v if k in self.shared_keys else v[rows] for k, v in cond.items()}
+
+    def check_prompts(self, prompts: list[str]) -> None:
+        """Raise ValueError naming a prompt this model cannot condition on (before any work); real text encoders
+        take any text, the digits model's one-token encoder needs a digit (digits.parse_digit)."""
+        if self.prompt_check is not None:
+            for p in dict.fromkeys(prompts):
+                self.prompt_check(p)
+
+    prompt_check = None
+
     @contextlib.contextmanager
     def guidance_scale(self, scale: float | None):
         """Temporarily sample with another guidance (evaluation's eval_guidance); None or < 0 keeps the current."""
@@ -185,13 +195,13 @@ class FluxAdapter(_Adapter):
     """
 
     kind = "flux"
+    shared_keys = ("txt_ids",)
 
     def __init__(self, transformer: nn.Module, encode_prompt, vae: nn.Module | None = None, *, height: int, width: int,
                  guidance: float | None = None, scheduler_config: dict | None = None, shift: float = 0.0,
                  device=None, offload: bool = False, text_encoders=(), cache_limit: int = 8192,
-                 decode_batch: int = 8):
-        from diffusers import FluxPipeline
-
+                 decode_batch: int = 8, prompt_check=None):
+        self.prompt_check = prompt_check
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
         step = 2 * self.vae_scale_factor
         if height % step or width % step:
@@ -210,7 +220,7 @@ class FluxAdapter(_Adapter):
         self.channels = transformer.config.in_channels  # 4 x latent channels after packing
         h, w = height // step, width // step
         self.latent_shape = (h * w, self.channels)
-        self.img_ids = FluxPipeline._prepare_latent_image_ids(1, h, w, "cpu", torch.float32)
+        self.img_ids = latent_image_ids(h, w)
 
     def _encode_batch(self, prompts):
         emb, pooled, txt_ids = self.encode_prompt(prompts)
@@ -235,18 +245,14 @@ class FluxAdapter(_Adapter):
         return model_sigmas("flux", self.scheduler_config, self.latent_shape[0], num_steps, self.shift)
 
     def _latents_for_vae(self, x: Tensor) -> Tensor:
-        from diffusers import FluxPipeline
-
-        return FluxPipeline._unpack_latents(x, self.height, self.width, self.vae_scale_factor)
+        step = 2 * self.vae_scale_factor
+        return unpack_latents(x, self.height // step, self.width // step)
 
     def encode_images(self, images: Tensor) -> Tensor:
         """Images in [0, 1] -> packed latents (the inverse of decode; used to pre-train the digits model)."""
-        from diffusers import FluxPipeline
-
         if self.vae is not None:
             raise NotImplementedError("encode_images is only needed for the VAE-free digits model")
-        b, c, h, w = images.shape
-        return FluxPipeline._pack_latents(images * 2 - 1, b, c, h, w)
+        return pack_latents(images * 2 - 1)
 
 
 class SD3Adapter(_Adapter):
@@ -325,6 +331,28 @@ class SD3Adapter(_Adapter):
         return x
 
 
+# -- FLUX's 2x2 latent packing (FluxPipeline's layout; tests/test_models.py checks it against its static methods) ----
+def pack_latents(latents: Tensor) -> Tensor:
+    """(B, C, H, W) -> (B, H/2 * W/2, 4C): each 2x2 patch becomes one token, channels ordered (c, dy, dx)."""
+    b, c, h, w = latents.shape
+    patches = latents.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)  # (B, h, w, C, 2, 2)
+    return patches.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: Tensor, h: int, w: int) -> Tensor:
+    """The inverse of pack_latents for an (h, w) grid of tokens: (B, h*w, 4C) -> (B, C, 2h, 2w)."""
+    b, _, d = tokens.shape
+    patches = tokens.reshape(b, h, w, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)  # (B, C, h, 2, w, 2)
+    return patches.reshape(b, d // 4, 2 * h, 2 * w)
+
+
+def latent_image_ids(h: int, w: int) -> Tensor:
+    """FLUX's rotary position ids of an (h, w) token grid: (h*w, 3) rows (0, row, column), fp32."""
+    rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32),
+                                indexing="ij")
+    return torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(h * w, 3)
+
+
 def model_sigmas(kind: str, scheduler_config: dict, image_seq_len: int, num_steps: int, shift: float = 0.0) -> Tensor:
     """The grid t_0 = 1 > ... > t_N = 0 each pipeline samples on, from its scheduler config (PAPER.md §1.3):
 
@@ -344,53 +372,6 @@ def model_sigmas(kind: str, scheduler_config: dict, image_seq_len: int, num_step
     return sampling.sigmas(num_steps, shift=float(cfg.get("shift", 1.0)), grid="uniform")
 
 
-# -- LoRA through peft -------------------------------------------------------------------------------------------
-def add_lora(transformer: nn.Module, rank: int, alpha: float, targets: list[str]) -> list[nn.Parameter]:
-    """Freeze the transformer and inject a LoRA adapter named 'default'; B = 0 so the policy starts at the base."""
-    from peft import LoraConfig
-
-    transformer.requires_grad_(False)
-    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
-                                       target_modules=targets))
-    return [p for p in transformer.parameters() if p.requires_grad]
-
-
-def _full(v: Tensor) -> Tensor:
-    """A plain tensor from a DTensor (FSDP2 shard): all-gathers, so every rank must call it in the same order."""
-    return v.full_tensor() if hasattr(v, "full_tensor") else v
-
-
-def lora_state_dict(transformer: nn.Module) -> dict[str, Tensor]:
-    """A copy of the LoRA tensors under diffusers' names, on the CPU (a copy: on the CPU `.cpu()` would alias the live
-    parameters, which swap_ema then overwrites). Under FSDP2 this gathers only the LoRA tensors (collective: call
-    it on every rank)."""
-    from peft import get_peft_model_state_dict
-
-    return {k: _full(v.detach()).to("cpu", copy=True).contiguous()
-            for k, v in get_peft_model_state_dict(transformer).items()}
-
-
-def save_lora(transformer: nn.Module, out_dir: str | Path, state_dict: dict[str, Tensor] | None = None,
-              pipeline: str = "flux") -> None:
-    """Write diffusers' `pytorch_lora_weights.safetensors` with the alpha metadata (without it, `load_lora_weights`
-    silently uses alpha = r and rescales the update). `state_dict` overrides the weights (the EMA copy)."""
-    from diffusers import FluxPipeline, StableDiffusion3Pipeline
-
-    cls = {"flux": FluxPipeline, "sd3": StableDiffusion3Pipeline}[pipeline]
-    cls.save_lora_weights(str(out_dir), transformer_lora_layers=state_dict or lora_state_dict(transformer),
-                          transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict())
-
-
-@contextlib.contextmanager
-def adapter_disabled(transformer: nn.Module):
-    """The reference policy of the KL term: the same transformer with its LoRA switched off."""
-    transformer.disable_adapters()
-    try:
-        yield
-    finally:
-        transformer.enable_adapters()
-
-
 def transformer_blocks(transformer: nn.Module) -> list[nn.Module]:
     """The repeated blocks, the unit of FSDP2 sharding and of activation checkpointing: transformer_blocks (FLUX
     double-stream, SD3 joint) and single_transformer_blocks (FLUX single-stream)."""
@@ -401,123 +382,25 @@ def transformer_blocks(transformer: nn.Module) -> list[nn.Module]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Finding and loading models
+# Loading models
+
+
+def digits_adapter(transformer: nn.Module, encoder: nn.Module, size: int = digits.SIZE) -> FluxAdapter:
+    """The digits model behind the FLUX adapter: pixels are the latents (no VAE), 2x2-packed as FLUX packs latents;
+    prompts must name a digit."""
+    return FluxAdapter(transformer, encoder, vae=None, height=size, width=size, prompt_check=digits.parse_digit)
 
 
 def load_digits_backbone(device: str | torch.device = "cpu", size: int | None = None) -> FluxAdapter:
-    """The built-in default: pre-trained on first use (see digits.py), loaded like any diffusers transformer."""
+    """The built-in default: pre-trained on first use (digits.py, through this adapter), loaded like any diffusers
+    transformer. Always fp32 (0.46 M parameters)."""
     from diffusers import FluxTransformer2DModel
 
-    import digits
-
     size = size or digits.SIZE
-    path = digits.model_dir() if size == digits.SIZE else digits.model_dir(size=size)
+    path = digits.model_dir(digits_adapter, size=size)
     transformer = FluxTransformer2DModel.from_pretrained(path, subfolder="transformer").to(device).eval()
     encoder = digits.load_prompt_encoder(path).to(device)
-    return FluxAdapter(transformer, encoder, vae=None, height=size, width=size)
-
-
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-# What a training run needs from a hub repo: the diffusers folders only (FLUX.1-dev's repo also holds a 23.8 GB
-# single-file checkpoint and SD3.5's a ComfyUI `text_encoders/` folder, which we never read).
-DOWNLOAD_PATTERNS = ["model_index.json", "scheduler/*", "transformer/*", "vae/*", "text_encoder/*", "text_encoder_2/*",
-                     "text_encoder_3/*", "tokenizer/*", "tokenizer_2/*", "tokenizer_3/*"]
-
-
-def missing_files(folder: str | Path) -> list[str]:
-    """Files a diffusers pipeline folder lacks for loading: model_index.json, then per component its config and
-    its weights (every shard an index lists). Empty when the folder is complete."""
-    folder = Path(folder)
-    index = folder / "model_index.json"
-    if not index.is_file():
-        return ["model_index.json"]
-    missing = []
-    for name, value in json.loads(index.read_text()).items():
-        if name.startswith("_") or not isinstance(value, list) or None in value:
-            continue  # metadata, or an optional component the pipeline does not use (FLUX's image_encoder)
-        sub = folder / name
-        if name.startswith("tokenizer"):
-            if not sub.is_dir() or not any(f.is_file() for f in sub.iterdir()):
-                missing.append(f"{name}/ (tokenizer files)")
-            continue
-        if name == "scheduler":
-            if not (sub / "scheduler_config.json").is_file():
-                missing.append("scheduler/scheduler_config.json")
-            continue
-        if not (sub / "config.json").is_file():
-            missing.append(f"{name}/config.json")
-        indexes = sorted(sub.glob("*.safetensors.index.json")) + sorted(sub.glob("*.bin.index.json"))
-        if indexes:
-            shards = sorted(set(json.loads(indexes[0].read_text()).get("weight_map", {}).values()))
-            missing += [f"{name}/{s}" for s in shards if not (sub / s).is_file()]
-        elif not any(f.is_file() for pat in ("*.safetensors", "*.bin") for f in sub.glob(pat)):
-            missing.append(f"{name}/ (weights: *.safetensors)")
-    return missing
-
-
-def _how_to_get(model: str, local_dir: str) -> str:
-    gated = KNOWN_MODELS.get(model, {}).get("gated", False)
-    flux = KNOWN_MODELS.get(model, {}).get("kind") == "flux"  # FLUX has no third text encoder
-    include = " ".join(f'"{p}"' for p in DOWNLOAD_PATTERNS if not (flux and "_3" in p))
-    return ((f"{model} is gated: accept its licence on https://huggingface.co/{model} and run `hf auth login` "
-             "first. " if gated else "") +
-            f"Download the diffusers folders once:\n    hf download {model} --local-dir {local_dir} --include "
-            f"{include}\n(older huggingface_hub: `huggingface-cli download` with the same arguments), then pass "
-            f"--model {local_dir}.")
-
-
-def resolve_model(model: str, download: bool = True) -> tuple[Path, str]:
-    """'owner/name' (hub id, looked up in the Hugging Face cache, downloaded if online and `download`) or a local
-    diffusers folder -> (folder, kind). Raises ValueError naming the missing files and how to provide them."""
-    path = Path(model).expanduser()
-    if path.exists() or not _HUB_ID.match(model):
-        if not path.is_dir():
-            raise ValueError(f"--model {model}: no such folder. Give 'digits', a Hugging Face hub id such as "
-                             "black-forest-labs/FLUX.1-dev, or a local diffusers folder (with model_index.json).")
-        missing = missing_files(path)
-        if missing:
-            raise ValueError(f"--model {model} is not a complete diffusers pipeline folder; missing: "
-                             f"{', '.join(missing)}. A folder written by `hf download <id> --local-dir {model}` "
-                             "or by `pipeline.save_pretrained` has them all.")
-        return path, pipeline_kind(path)
-    from huggingface_hub import snapshot_download
-
-    local_dir = f"/data/{model.split('/')[1]}"
-    folder, missing, error = None, ["model_index.json"], None
-    try:
-        folder = Path(snapshot_download(model, local_files_only=True, allow_patterns=DOWNLOAD_PATTERNS))
-        missing = missing_files(folder)
-    except Exception as e:  # not in the cache at all
-        error = e
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
-    if missing and download and not offline:
-        try:  # online: fetch (only) what is missing, like from_pretrained would
-            folder = Path(snapshot_download(model, allow_patterns=DOWNLOAD_PATTERNS))
-            missing = missing_files(folder)
-        except Exception as e:
-            error = e
-    if missing:
-        where = (f"the Hugging Face cache has an incomplete copy at {folder} (missing: {', '.join(missing[:6])}"
-                 f"{', ...' if len(missing) > 6 else ''})" if folder is not None else
-                 "it is not in the Hugging Face cache" + (" and HF_HUB_OFFLINE=1 forbids downloading" if offline
-                                                          else "" if not download else
-                                                          f" and downloading failed ({_first_line(error)})"))
-        raise ValueError(f"model {model!r}: the weights are not available: {where}. {_how_to_get(model, local_dir)}"
-                         f"\n(If {model} was meant as a local folder: there is no such folder.)")
-    return folder, pipeline_kind(folder)
-
-
-def _first_line(e: BaseException | None) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0] if e is not None else ""
-
-
-def pipeline_kind(folder: str | Path) -> str:
-    """'flux' or 'sd3' from model_index.json's _class_name."""
-    name = json.loads((Path(folder) / "model_index.json").read_text()).get("_class_name")
-    if name not in PIPELINES:
-        raise ValueError(f"{folder}: pipeline class {name!r} is not supported; supported: "
-                         + ", ".join(f"{k} ({v})" for k, v in PIPELINES.items()))
-    return PIPELINES[name]
+    return digits_adapter(transformer, encoder, size)
 
 
 def load_backbone(model: str, device: str | torch.device = "cpu", *, resolution: int = 0, guidance: float = -1.0,
@@ -528,14 +411,15 @@ def load_backbone(model: str, device: str | torch.device = "cpu", *, resolution:
 
     resolution 0 = the pipeline's default (default_sample_size x vae_scale_factor); guidance -1 = the paper's value
     for the model (FLUX.1-dev 3.5, SD3.5 4.5; none for schnell and digits); max_sequence_length 0 = the pipeline's
-    default (FLUX 512, SD3 256); shift 0 = the scheduler's own schedule."""
+    default (FLUX 512, SD3 256); shift 0 = the scheduler's own schedule. The digits model ignores the options that
+    have no meaning for it (text length, offloading, dtype)."""
     if model == "digits":
         if guidance >= 0:
             raise ValueError("the digits model has no guidance embedding; leave --guidance at -1")
         backbone = load_digits_backbone(device, size=resolution or None)
         backbone.shift = float(shift)
         return backbone
-    folder, kind = resolve_model(model)
+    folder, kind = hub.resolve_model(model)
     from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
     cls = {"flux": FluxPipeline, "sd3": StableDiffusion3Pipeline}[kind]
@@ -549,9 +433,9 @@ def adapter_from_pipeline(pipe, device: str | torch.device = "cpu", *, resolutio
                           max_sequence_length: int = 0, shift: float = 0.0, offload: bool = False,
                           decode_batch: int = 8) -> _Adapter:
     """Wrap a loaded FluxPipeline / StableDiffusion3Pipeline (the same object `pipe(...)` samples with)."""
-    kind = PIPELINES.get(type(pipe).__name__)
+    kind = hub.PIPELINES.get(type(pipe).__name__)
     if kind is None:
-        raise ValueError(f"unsupported pipeline {type(pipe).__name__}; supported: {', '.join(PIPELINES)}")
+        raise ValueError(f"unsupported pipeline {type(pipe).__name__}; supported: {', '.join(hub.PIPELINES)}")
     device = torch.device(device)
     encoders = [getattr(pipe, n, None) for n in ("text_encoder", "text_encoder_2", "text_encoder_3")]
     for m in [*encoders, pipe.vae, pipe.transformer]:
@@ -586,200 +470,3 @@ def adapter_from_pipeline(pipe, device: str | torch.device = "cpu", *, resolutio
                              guidance=guidance if guidance >= 0 else DEFAULT_GUIDANCE["sd3"], **common)
     adapter.pipeline, adapter.max_sequence_length = pipe, msl
     return adapter
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Sizing a run without weights: parameter counts and a per-GPU memory estimate (train.py --dry_run)
-
-_FLUX_CONFIG = dict(attention_head_dim=128, in_channels=64, joint_attention_dim=4096, num_attention_heads=24,
-                    num_layers=19, num_single_layers=38, patch_size=1, pooled_projection_dim=768,
-                    axes_dims_rope=[16, 56, 56])
-_FLUX_DEV_SCHEDULER = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                           base_image_seq_len=256, max_image_seq_len=4096, num_train_timesteps=1000)
-# The released configs of the three paper models (transformer/config.json, scheduler/scheduler_config.json) and the
-# parameter counts of their other components, counted from the same configs on the meta device (tests check them):
-# CLIP-L text 123.1 M (SD3's with projection 123.7 M), OpenCLIP bigG text 694.7 M, T5-XXL encoder 4,762.3 M,
-# VAE 83.8 M (decoder 49.5 M).
-KNOWN_MODELS: dict[str, dict] = {
-    "black-forest-labs/FLUX.1-dev": dict(
-        kind="flux", gated=True, vae_scale_factor=8, default_resolution=1024,
-        transformer=dict(_FLUX_CONFIG, guidance_embeds=True), scheduler=_FLUX_DEV_SCHEDULER,
-        encoders={"text_encoder (CLIP-L)": 123_060_480, "text_encoder_2 (T5-XXL)": 4_762_310_656},
-        vae=83_819_683),
-    "black-forest-labs/FLUX.1-schnell": dict(
-        kind="flux", gated=False, vae_scale_factor=8, default_resolution=1024,
-        transformer=dict(_FLUX_CONFIG, guidance_embeds=False),
-        scheduler=dict(shift=1.0, use_dynamic_shifting=False, num_train_timesteps=1000),
-        encoders={"text_encoder (CLIP-L)": 123_060_480, "text_encoder_2 (T5-XXL)": 4_762_310_656},
-        vae=83_819_683),
-    "stabilityai/stable-diffusion-3.5-medium": dict(
-        kind="sd3", gated=True, vae_scale_factor=8, default_resolution=1024,
-        transformer=dict(attention_head_dim=64, caption_projection_dim=1536, dual_attention_layers=list(range(13)),
-                         in_channels=16, joint_attention_dim=4096, num_attention_heads=24, num_layers=24,
-                         out_channels=16, patch_size=2, pooled_projection_dim=2048, pos_embed_max_size=384,
-                         qk_norm="rms_norm", sample_size=128),
-        scheduler=dict(shift=3.0, num_train_timesteps=1000),
-        encoders={"text_encoder (CLIP-L)": 123_650_304, "text_encoder_2 (CLIP-G)": 694_659_840,
-                  "text_encoder_3 (T5-XXL)": 4_762_310_656},
-        vae=83_819_683),
-}
-# Reward models' parameters on the GPU (approximate; from the model cards / configs): PickScore_v1 and HPSv2.1 are
-# OpenCLIP ViT-H/14 (986 M); GenEval = Mask2Former Swin-S (69 M) + CLIP ViT-L/14 (428 M); OCR runs rapidocr's ONNX
-# models on the CPU; the built-in rewards have no weights on the GPU.
-REWARD_PARAMS = {"pickscore": 986_000_000, "hpsv2": 986_000_000, "geneval": 497_000_000,
-                 "geneval_strict": 497_000_000}
-
-
-@dataclass
-class ModelInfo:
-    """What sizing a run needs, read from a local folder's configs or from KNOWN_MODELS (no weights loaded)."""
-    name: str
-    kind: str
-    transformer: dict
-    scheduler: dict
-    vae_scale_factor: int
-    default_resolution: int
-    encoders: dict[str, int]
-    vae: int
-    gated: bool = False
-    weights: str = "not checked"  # "available", or why not
-
-
-def _safetensors_numel(folder: Path) -> int:
-    from safetensors import safe_open
-
-    total = 0
-    for f in folder.glob("*.safetensors"):
-        with safe_open(str(f), "pt") as st:
-            total += sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys())
-    return total
-
-
-def model_info(model: str) -> ModelInfo:
-    """Configs and component sizes of a hub id (KNOWN_MODELS, or a cached copy) or a local folder."""
-    folder = None
-    path = Path(model).expanduser()
-    if path.is_dir():
-        folder = path
-    elif model not in KNOWN_MODELS and _HUB_ID.match(model):
-        try:
-            from huggingface_hub import snapshot_download
-
-            folder = Path(snapshot_download(model, local_files_only=True, allow_patterns=["*.json"]))
-        except Exception:
-            folder = None
-    if folder is not None and (folder / "model_index.json").is_file():
-        kind = pipeline_kind(folder)
-        index = json.loads((folder / "model_index.json").read_text())
-        read = lambda p: {k: v for k, v in json.loads((folder / p).read_text()).items() if not k.startswith("_")}  # noqa: E731
-        vae_cfg = read("vae/config.json")
-        encoders = {f"{n} ({index[n][1]})": _safetensors_numel(folder / n) for n in
-                    ("text_encoder", "text_encoder_2", "text_encoder_3") if isinstance(index.get(n), list)
-                    and None not in index[n]}
-        vae_params = _safetensors_numel(folder / "vae")
-        tr = read("transformer/config.json")
-        sample = tr.get("sample_size", 128) if kind == "sd3" else 128
-        info = ModelInfo(name=model, kind=kind, transformer=tr, scheduler=read("scheduler/scheduler_config.json"),
-                         vae_scale_factor=2 ** (len(vae_cfg["block_out_channels"]) - 1),
-                         default_resolution=sample * 2 ** (len(vae_cfg["block_out_channels"]) - 1),
-                         encoders=encoders, vae=vae_params)
-    elif model in KNOWN_MODELS:
-        info = ModelInfo(name=model, **KNOWN_MODELS[model])
-    else:
-        raise ValueError(f"--model {model}: unknown without its files; known hub ids: {', '.join(KNOWN_MODELS)}, "
-                         "or give a local diffusers folder")
-    try:
-        resolve_model(model, download=False)
-        info.weights = "available"
-    except ValueError as e:
-        info.weights = str(e)
-    return info
-
-
-@lru_cache(maxsize=16)
-def _counts(kind: str, config_json: str, lora_rank: int, lora_alpha: float, targets: tuple[str, ...]) -> dict:
-    """Exact parameter counts of a transformer config, built on the meta device (no memory): params, buffers,
-    trainable (LoRA with these targets, or everything when lora_rank == 0), and the largest block's size."""
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
-
-    cls = {"flux": FluxTransformer2DModel, "sd3": SD3Transformer2DModel}[kind]
-    with torch.device("meta"):
-        tr = cls.from_config(json.loads(config_json))
-        params = sum(p.numel() for p in tr.parameters())
-        trainable = add_lora(tr, lora_rank, lora_alpha, list(targets)) if lora_rank > 0 else list(tr.parameters())
-    blocks = transformer_blocks(tr)
-    return dict(params=params, buffers=sum(b.numel() for b in tr.buffers()),
-                trainable=sum(p.numel() for p in trainable),
-                block_max=max(sum(p.numel() for p in b.parameters()) for b in blocks), blocks=len(blocks))
-
-
-GB = 1024 ** 3
-# Activation bytes per token per block per hidden unit, fitted to torch.cuda.max_memory_allocated of one LoRA forward +
-# backward under bf16 autocast with random weights (H200, torch 2.11, flash/mem-efficient attention), minus the LoRA
-# gradients: FLUX.1-dev r64 at 512 px, batch 3, 128 text tokens: 20.0 GiB (1.2 with checkpointing); at 720 px, batch 1,
-# 512 text tokens: 14.7 GiB (0.75); SD3.5-M r32 at 512 px, batch 18 (9 x CFG), 205 text tokens: 40.5 GiB (3.4).
-ACT_PER_TOKEN, ACT_DUAL_PER_IMAGE_TOKEN = 36, 40
-
-
-def memory_estimate(info: ModelInfo, *, resolution: int, max_sequence_length: int, micro_batch: int,
-                    cfg_forward: bool, world: int, parallel: str, lora_rank: int, lora_alpha: float,
-                    lora_targets: list[str], ema: bool, offload: bool, rewards: list[str], decode_batch: int = 8,
-                    bf16: bool = True) -> dict:
-    """A per-GPU memory estimate in GiB for one training process (documented in the README; +-50% for activations).
-
-    weights          frozen transformer weights in bf16 (2 B/param, buffers too); FSDP: 1/world + two gathered blocks
-    trainable        fp32 master weights + grads + AdamW m and v + EMA = 20 B/param (DDP: +4 B/param gradient
-                     buckets); FSDP: 1/world
-    activations      stored for backward: ACT_PER_TOKEN = 36 bytes per token per block per hidden unit d (the form
-                     of Korthikanti et al. 2022's 34 s b h per layer with flash attention), SD3.5's dual-attention
-                     layers + ACT_DUAL_PER_IMAGE_TOKEN = 40 d bytes per image token; the batch is the micro-batch,
-                     doubled by CFG. Checkpointing stores each block's input (2 d bytes per token) plus one block's
-                     activations during its recompute. Constants fitted to peaks measured on an H200 (below)
-    text encoders    bf16; offloaded: 0 while training, transient while encoding new prompts
-    VAE              bf16 weights + the decoder's transient activations for decode_batch images (~6 bf16 copies of a
-                     128-channel full-resolution feature map per image)
-    rewards          model weights in fp32 (each RewardModel instance loads its own copy; GenEval's are shared)
-    The peak is static (weights, trainable, encoders unless offloaded, VAE, rewards) + the largest transient
-    (training activations, VAE decode, or offloaded text encoders).
-    """
-    tr = info.transformer
-    d = tr["num_attention_heads"] * tr["attention_head_dim"]
-    counts = _counts(info.kind, json.dumps(tr, sort_keys=True), lora_rank, float(lora_alpha), tuple(lora_targets))
-    wbytes = 2 if bf16 else 4
-    patch = 2 if info.kind == "flux" else tr.get("patch_size", 2)  # FLUX packs 2x2 latents into one token
-    img_tokens = (resolution // (info.vae_scale_factor * patch)) ** 2
-    clip_tokens = 77 if info.kind == "sd3" else 0  # SD3 prepends CLIP-L+G tokens (padded to 77) to T5's
-    txt_tokens = max_sequence_length + clip_tokens
-    tokens = img_tokens + txt_tokens
-    batch = micro_batch * (2 if cfg_forward else 1)
-    blocks = counts["blocks"]
-    dual = len(tr.get("dual_attention_layers", ()) or ())
-    fsdp = parallel == "fsdp" and world > 1
-    frozen = counts["params"] + counts["buffers"] - (counts["trainable"] if lora_rank == 0 else 0)
-    weights = frozen * wbytes / (world if fsdp else 1)
-    if fsdp:
-        weights += 2 * counts["block_max"] * wbytes  # the all-gathered block in use + the prefetched next one
-    per_trainable = 16 + (4 if ema else 0)
-    trainable = counts["trainable"] * per_trainable / (world if fsdp else 1)
-    if not fsdp and world > 1:
-        trainable += counts["trainable"] * 4  # DDP's gradient buckets
-    if lora_rank == 0 and fsdp:
-        trainable += 2 * counts["block_max"] * 4  # an unsharded fp32 gradient block before reduce-scatter
-    act_block = ACT_PER_TOKEN * d * tokens * batch  # bytes one block keeps for backward
-    act_dual = ACT_DUAL_PER_IMAGE_TOKEN * d * img_tokens * batch  # + SD3.5's second attention, image tokens only
-    act_full = act_block * blocks + act_dual * dual
-    act_ckpt = 2 * d * tokens * batch * blocks + act_block + (act_dual if dual else 0)
-    encoders = sum(info.encoders.values()) * wbytes
-    vae_weights = info.vae * wbytes
-    decode = 6 * 128 * resolution * resolution * wbytes * decode_batch
-    reward = sum(REWARD_PARAMS.get(r, 0) * 4 for r in rewards if not r.startswith("geneval"))
-    reward += REWARD_PARAMS["geneval"] * 4 if any(r.startswith("geneval") for r in rewards) else 0
-    static = weights + trainable + (0 if offload else encoders) + vae_weights + reward
-    peak = {ck: static + max(act, decode, encoders if offload else 0)
-            for ck, act in (("no_checkpointing", act_full), ("checkpointing", act_ckpt))}
-    return dict(params=counts["params"], buffers=counts["buffers"], trainable_params=counts["trainable"],
-                image_tokens=img_tokens, text_tokens=txt_tokens, forward_batch=batch,
-                gb=dict(weights=weights / GB, trainable=trainable / GB, activations=act_full / GB,
-                        activations_checkpointing=act_ckpt / GB, text_encoders=encoders / GB,
-                        vae=vae_weights / GB, vae_decode=decode / GB, rewards=reward / GB,
-                        peak=peak["no_checkpointing"] / GB, peak_checkpointing=peak["checkpointing"] / GB))

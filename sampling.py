@@ -238,7 +238,10 @@ SAMPLERS: dict[str, Callable] = {
 }
 
 
-def get_sampler(name: str) -> Callable:
+def get_sampler(name: str | Callable) -> Callable:
+    """A step function by name (SAMPLERS); a step function passes through, so callers can resolve names once."""
+    if callable(name):
+        return name
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}.")
     return SAMPLERS[name]
@@ -258,7 +261,7 @@ def gaussian_log_prob(x_next: Tensor, mean: Tensor, std: Tensor | float) -> Tens
 
     Returns (B,) fp32 (fp64 for fp64 input). std must be > 0: the ODE and CPS's last step (t' = 0) have no density.
     """
-    dtype = torch.float64 if x_next.dtype == torch.float64 else torch.float32
+    dtype = _compute_dtype(x_next)
     x_next, mean = x_next.to(dtype), mean.to(dtype)
     std = torch.as_tensor(std, dtype=dtype, device=x_next.device)
     if bool((std <= 0).any()):
@@ -277,7 +280,7 @@ def cps_log_prob(x_next: Tensor, mean: Tensor, std: Tensor | float | None = None
     Ratios exp(lp_new - lp_old) are then on a different scale, which is why CPS configs use tiny clip ranges.
     `std` is accepted and ignored so both log-probs share a signature.
     """
-    dtype = torch.float64 if x_next.dtype == torch.float64 else torch.float32
+    dtype = _compute_dtype(x_next)
     return -_mean_over_non_batch((x_next.to(dtype) - mean.to(dtype)) ** 2)
 
 
@@ -290,7 +293,10 @@ DEFAULT_LOG_PROB = {"ode": "gaussian", "flow_sde": "gaussian", "dance_sde": "gau
                     "cps": "cps", "dpm_sde": "cps"}
 
 
-def get_log_prob(name: str) -> Callable:
+def get_log_prob(name: str | Callable) -> Callable:
+    """A log-prob by name (LOG_PROBS); a log-prob function passes through."""
+    if callable(name):
+        return name
     if name not in LOG_PROBS:
         raise ValueError(f"unknown log-prob {name!r}; choose one of {sorted(LOG_PROBS)} "
                          "('gaussian' = Eq. 13, 'cps' = Eq. 14).")
@@ -346,18 +352,19 @@ def check_window(window: tuple[int, int] | None, num_steps: int) -> tuple[int, i
 
 
 @torch.no_grad()
-def rollout(velocity: Velocity, x1: Tensor, sigma_grid: Tensor, sampler: str = "cps", eta: float = 0.7,
+def rollout(velocity: Velocity, x1: Tensor, sigma_grid: Tensor, sampler: str | Callable = "cps", eta: float = 0.7,
             generator: torch.Generator | Sequence[torch.Generator] | None = None, *,
-            window: tuple[int, int] | None = None, log_prob: str | None = None,
+            window: tuple[int, int] | None = None, log_prob: str | Callable | None = None,
             keep_means: bool = False) -> Trajectory:
     """Sample a batch of trajectories from initial noise x1 over `sigma_grid` with one sampler.
 
     velocity(x, t) -> v is the (CFG-combined) model prediction; close over the conditioning. Steps k in
     window = (start, end) use `sampler`, all others the ODE (Flow-GRPO-Fast / MixGRPO); None = every step.
     Returns the whole trajectory with per-step log-probs under `log_prob` (default: DEFAULT_LOG_PROB[sampler]).
+    `sampler` and `log_prob` are names or the functions themselves (train.py resolves the names once).
     """
     step = get_sampler(sampler)
-    lp_fn = get_log_prob(log_prob or DEFAULT_LOG_PROB[sampler])
+    lp_fn = get_log_prob(log_prob or DEFAULT_LOG_PROB[step.__name__])
     n = len(sigma_grid) - 1
     if n < 1:
         raise ValueError("sigma_grid needs at least 2 entries (one step); build it with sigmas(num_steps).")
@@ -369,7 +376,7 @@ def rollout(velocity: Velocity, x1: Tensor, sigma_grid: Tensor, sampler: str = "
     for k in range(n):
         t, t_next = float(sigma_grid[k]), float(sigma_grid[k + 1])
         v = velocity(x, torch.full((B,), t, device=x.device))
-        noisy = sampler != "ode" and lo <= k < hi
+        noisy = step is not ode and lo <= k < hi
         mean, std = (step if noisy else ode)(x, v, t, t_next, eta)
         if noisy and bool((std > 0).any()):
             stochastic[k] = True
@@ -387,15 +394,17 @@ def rollout(velocity: Velocity, x1: Tensor, sigma_grid: Tensor, sampler: str = "
 
 
 def step_log_prob(v: Tensor, x: Tensor, x_next: Tensor, t: Tensor | float, t_next: Tensor | float,
-                  sampler: str, eta: float, log_prob: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                  sampler: str | Callable, eta: float, log_prob: str | Callable | None = None
+                  ) -> tuple[Tensor, Tensor, Tensor]:
     """Recompute one transition's log-prob *with gradients* (the training side of the importance ratio).
 
     v = velocity(x, t) from the current policy (with grad); x, x_next, t, t_next come from the stored trajectory.
     Returns (log_prob (B,), mean, std); the mean feeds the KL term. Uses the same step function and the same
     fp32 math as `rollout`, so at the first inner step the ratio is exactly 1 (tests/test_train.py checks it).
     """
-    mean, std = get_sampler(sampler)(x, v, t, t_next, eta)
-    return get_log_prob(log_prob or DEFAULT_LOG_PROB[sampler])(x_next, mean, std), mean, std
+    step = get_sampler(sampler)
+    mean, std = step(x, v, t, t_next, eta)
+    return get_log_prob(log_prob or DEFAULT_LOG_PROB[step.__name__])(x_next, mean, std), mean, std
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -6,10 +6,10 @@ import sys
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import models  # noqa: E402
+import lora  # noqa: E402
 import train  # noqa: E402
 
 result = train.main(sys.argv[1:])
 out = sys.argv[sys.argv.index("--output_dir") + 1]
-save_file(models.lora_state_dict(result["policy"].backbone.transformer),
+save_file(lora.lora_state_dict(result["policy"].backbone.transformer),
           os.path.join(out, f"rank{os.environ['RANK']}.safetensors"))

@@ -8,13 +8,13 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import models  # noqa: E402
+import lora  # noqa: E402
 import train  # noqa: E402
 
 destroy = dist.destroy_process_group
 dist.destroy_process_group = lambda *a, **k: None  # keep the group alive for the gather below
 result = train.main(sys.argv[1:])
 out = sys.argv[sys.argv.index("--output_dir") + 1]
-state = models.lora_state_dict(result["policy"].backbone.transformer)  # collective under FSDP2
+state = lora.lora_state_dict(result["policy"].backbone.transformer)  # collective under FSDP2
 save_file(state, os.path.join(out, f"rank{os.environ['RANK']}.safetensors"))
 destroy()

@@ -16,15 +16,15 @@ def test_flow_grpo_advantages_hand_case():
     std = np.std([1, 2, 3, 4])  # population std over the batch, as Flow-GRPO's numpy call
     expected = torch.tensor([-0.5, 0.5, -0.5, 0.5]) / (std + 1e-4)
     torch.testing.assert_close(grpo.flow_grpo_advantages(r, g), expected)
-    per_group = grpo.flow_grpo_advantages(r, g, global_std=False)
+    per_group = grpo.ADVANTAGES["flow_grpo_group_std"](r, g)
     torch.testing.assert_close(per_group, torch.tensor([-0.5, 0.5, -0.5, 0.5]) / (0.5 + 1e-4))
+    torch.testing.assert_close(per_group, grpo.flow_grpo_advantages(r, g, global_std=False))
 
 
 def test_all_equal_groups_give_exact_zero_not_nan():
     r = torch.tensor([0.7, 0.7, 0.7, 1.0, 2.0, 3.0])
     g = torch.tensor([0, 0, 0, 1, 1, 1])
-    for adv in (grpo.flow_grpo_advantages(r, g), grpo.flow_grpo_advantages(r, g, global_std=False),
-                grpo.dance_grpo_advantages(r, g)):
+    for adv in [fn(r, g) for fn in grpo.ADVANTAGES.values()]:
         assert torch.equal(adv[:3], torch.zeros(3))
         assert torch.isfinite(adv).all() and (adv[3:] != 0).any()
     everything_equal = torch.full((8,), 0.3)
@@ -89,12 +89,22 @@ def test_kl_forms_against_torch_distributions():
     std, dt = torch.full((4, 1, 1), 0.3), torch.full((4,), 0.1)
     exact = torch.distributions.kl_divergence(torch.distributions.Normal(mu, std),
                                               torch.distributions.Normal(mu_ref, std)).flatten(1).mean(1)
-    torch.testing.assert_close(grpo.kl_penalty(mu, mu_ref, std, dt, "gaussian"), exact)
-    torch.testing.assert_close(grpo.kl_penalty(mu, mu_ref, std, dt, "flow_grpo"), exact * dt)
-    torch.testing.assert_close(grpo.kl_penalty(mu, mu_ref, std, dt, "mse"), (mu - mu_ref).pow(2).flatten(1).mean(1))
-    assert torch.equal(grpo.kl_penalty(mu, mu, std, dt, "gaussian"), torch.zeros(4))
-    with pytest.raises(ValueError, match="unknown KL form"):
-        grpo.kl_penalty(mu, mu_ref, std, dt, "reverse")
+    torch.testing.assert_close(grpo.KL_FORMS["gaussian"](mu, mu_ref, std, dt), exact)
+    torch.testing.assert_close(grpo.KL_FORMS["flow_grpo"](mu, mu_ref, std, dt), exact * dt)
+    torch.testing.assert_close(grpo.KL_FORMS["mse"](mu, mu_ref, std, dt), (mu - mu_ref).pow(2).flatten(1).mean(1))
+    assert torch.equal(grpo.KL_FORMS["gaussian"](mu, mu, std, dt), torch.zeros(4))
+    # a scalar std and dt (one step for the whole batch) give the same values
+    torch.testing.assert_close(grpo.KL_FORMS["flow_grpo"](mu, mu_ref, 0.3, 0.1), exact * 0.1)
+
+
+def test_kl_form_follows_the_sampler_as_the_official_codes():
+    """Flow-GRPO's train_sd3.py divides the mean difference by 2 sigma_t^2 (sigma_t = std / sqrt(dt)); FlowCPS uses the
+    plain mean square. Hand-computed: mu - mu_ref = 0.2 everywhere, std 0.3, dt 0.04 -> sigma_t^2 = 2.25."""
+    mu, mu_ref = torch.full((2, 8), 0.5), torch.full((2, 8), 0.3)
+    flow = grpo.KL_FORMS[grpo.DEFAULT_KL_FORM["flow_sde"]](mu, mu_ref, torch.tensor([0.3, 0.3]), torch.tensor(0.04))
+    torch.testing.assert_close(flow, torch.full((2,), 0.04 / (2 * 2.25)))
+    cps = grpo.KL_FORMS[grpo.DEFAULT_KL_FORM["cps"]](mu, mu_ref, torch.tensor([0.3, 0.3]), torch.tensor(0.04))
+    torch.testing.assert_close(cps, torch.full((2,), 0.04))
 
 
 def test_ordered_timesteps_skip_the_last_and_deterministic_steps():

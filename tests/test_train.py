@@ -1,4 +1,5 @@
-"""train.py end to end on the built-in digits model: on-policy ratio, DDP, exact resume, LoRA export, KL, config errors.
+"""train.py on the built-in digits model: the on-policy ratio, the flattened (sample, step) objective against a
+per-step reference, the KL, the LoRA export, streamed evaluation, 2-rank DDP and an exact resume after SIGKILL.
 
 The subprocess tests run the real command lines (`python train.py`, `torchrun ... train.py`) with few iterations.
 """
@@ -12,11 +13,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoints
 import config
 import digits
+import engine
+import grpo
+import lora
 import models
+import plan
 import rewards
 import sampling
+import session
 import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,7 +33,7 @@ FAST = ["--iterations", "4", "--eval_every", "2", "--checkpoint_every", "2", "--
 
 @pytest.fixture(scope="module")
 def pretrained():
-    return digits.model_dir(progress=False)  # pre-train once into the test cache (conftest sets FLOW_CPS_CACHE)
+    return models.load_digits_backbone()  # pre-train once into the test cache (conftest sets FLOW_CPS_CACHE)
 
 
 @pytest.fixture
@@ -34,49 +41,119 @@ def backbone(pretrained):
     return models.load_digits_backbone()  # fresh per test: each test adds its own LoRA
 
 
-def _policy(backbone, *argv):
-    cfg = config.parse_config(list(argv))
-    config.validate(cfg, 1)
-    return cfg, train.Policy(cfg, backbone, torch.device("cpu"), 1)
+def _policy(backbone, lora_rank=8, lora_alpha=16.0, randomise=True):
+    policy = engine.Policy(backbone, torch.device("cpu"), 1, lora=(lora_rank, lora_alpha, config.ATTENTION_TARGETS),
+                           ema=engine.EMA(0.9))
+    if randomise:  # a non-zero LoRA, so the policy differs from the base model
+        with torch.no_grad():
+            for p in policy.params:
+                p.normal_(0, 0.05)
+    return policy
 
 
-def _rollout(policy, cfg, n=8, seed=0):
-    prompts = digits.prompts("train")[:n]
-    gens = train.generators([(seed, 1, i, 0) for i in range(n)])
-    window = (0, 5) if cfg.sampler == "cpws" else None  # CPWS is undefined on the last steps (sampling.cpws)
-    return train.sample(policy.backbone, prompts, gens, cfg.num_steps, cfg.sampler, cfg.eta, cfg.micro_batch, "cpu",
-                        window=window, log_prob=cfg.log_prob or None)
+def _rollout(policy, sampler="cps", eta=0.5, log_prob="", n=16, micro_batch=16):
+    step = sampling.SAMPLERS[sampler]
+    lp = sampling.LOG_PROBS[log_prob or sampling.DEFAULT_LOG_PROB[sampler]]
+    gens = train.generators([(0, 1, i, 0) for i in range(n)])
+    window = (0, 5) if sampler == "cpws" else None  # CPWS is undefined on the last steps (sampling.cpws)
+    traj, cond = train.rollout(policy.backbone, (digits.prompts("train") * 2)[:n], gens, gens,
+                               grid=policy.backbone.sigmas(10), step=step, log_prob=lp, eta=eta, window=window,
+                               micro_batch=micro_batch, device="cpu")
+    return traj, cond, step, lp
+
+
+def _pairs(traj, n):
+    steps = grpo.ordered_timesteps(traj.stochastic, 0.99)
+    return torch.arange(n).repeat_interleave(len(steps)), steps.repeat(n), len(steps)
 
 
 @pytest.mark.parametrize("sampler,log_prob", [("cps", ""), ("cps", "gaussian"), ("flow_sde", ""), ("flow_sde", "cps"),
                                               ("dance_sde", ""), ("dpm_sde", ""), ("cpws", "")])
-def test_first_inner_step_is_exactly_on_policy(backbone, sampler, log_prob):
-    """The recomputed log-prob equals the rollout's bitwise (ratio exactly 1) at every trained step."""
-    cfg, policy = _policy(backbone, "--sampler", sampler, "--eta", "0.5", "--log_prob", log_prob, "--micro_batch", "8")
-    with torch.no_grad():  # a non-zero LoRA, so the policy differs from the base model
+def test_first_update_is_exactly_on_policy(backbone, sampler, log_prob):
+    """The recomputed log-prob equals the rollout's bitwise (ratio exactly 1) for every (sample, step) term, when the
+    training forwards hold >= 16 terms, whatever steps they mix (rollout: 16 samples at one step per forward). On the
+    CPU a row's output then does not depend on its batch; in forwards of fewer rows it can differ in the last bits,
+    so forwards of 5 terms are checked to 1e-6."""
+    policy = _policy(backbone)
+    traj, cond, step, lp = _rollout(policy, sampler, log_prob=log_prob)
+    rows, ks, _ = _pairs(traj, 16)
+    adv = torch.randn(16)
+    terms = dict(step=step, log_prob=lp, kl_form=grpo.kl_mse, eta=0.5, beta=0.0)
+    for chunk, exact in ((16, True), (48, True), (len(rows), True), (5, False)):
+        for i in range(0, len(rows), chunk):
+            logp, logp_old, a, _ = train.terms(policy, traj, cond, rows[i:i + chunk], ks[i:i + chunk], adv, **terms)
+            if exact:
+                assert torch.equal(logp, logp_old), (sampler, chunk, i)
+                loss, st = grpo.clipped_surrogate(logp, logp_old, a, 1e-4)
+                assert st["ratio_min"] == st["ratio_max"] == 1.0
+                torch.testing.assert_close(loss, -a, rtol=0, atol=0)
+            else:
+                torch.testing.assert_close(logp, logp_old, rtol=0, atol=1e-6)
+
+
+def test_flattened_objective_equals_the_per_step_loss(backbone):
+    """`update` runs an update's (sample, step) terms in forwards of micro_batch terms, mixing steps. Its gradient
+    equals an independent per-step computation of Flow-GRPO's loss, mean over steps of the mean over samples of the
+    clipped surrogate + beta KL, to fp32 rounding, whatever the micro-batch; and the logged loss is that J."""
+    policy = _policy(backbone)
+    traj, cond, step, lp = _rollout(policy, "flow_sde", eta=0.7, n=16)
+    K = int(traj.stochastic[:-1].sum())
+    steps = grpo.ordered_timesteps(traj.stochastic, 0.99).expand(16, -1)
+    adv, keep = torch.randn(16), torch.ones(16, dtype=torch.bool)
+    keep[3] = False  # an excluded sample (invalid reward)
+    with torch.no_grad():  # move the policy away from the rollout's, so ratios differ from 1 and clipping happens
         for p in policy.params:
-            p.normal_(0, 0.05)
-    traj, cond = _rollout(policy, cfg)
-    steps = train.grpo.ordered_timesteps(traj.stochastic, cfg.timestep_fraction)
-    assert len(steps) > 0
-    rows = torch.arange(8)
-    adv = torch.randn(8)
-    for j in steps.tolist():
-        loss, _, st = train.step_terms(policy, cfg, traj, cond, rows, torch.full((8,), j), adv)
-        assert st["ratio_min"] == 1.0 and st["ratio_max"] == 1.0, (sampler, j, st)
-        torch.testing.assert_close(loss, -adv, rtol=0, atol=0)
+            p.add_(torch.randn_like(p) * 0.01)
+    beta, eps = 0.3, 1e-3
+    kept = torch.arange(16)[keep]
+    loss_ref = 0.0
+    for j in range(K):  # the reference: one forward per trained step, as Flow-GRPO's loop
+        x, x_next = traj.latents[kept, j], traj.latents[kept, j + 1]
+        c = backbone.select(cond, kept)
+        v = backbone.velocity(x, torch.full((len(kept),), float(traj.sigmas[j])), c, policy.module)
+        logp, mean, std = sampling.step_log_prob(v, x, x_next, float(traj.sigmas[j]), float(traj.sigmas[j + 1]),
+                                                 "flow_sde", 0.7)
+        with torch.no_grad(), lora.adapter_disabled(backbone.transformer):
+            v_ref = backbone.velocity(x, torch.full((len(kept),), float(traj.sigmas[j])), c)
+        mean_ref = sampling.flow_sde(x, v_ref, float(traj.sigmas[j]), float(traj.sigmas[j + 1]), 0.7)[0]
+        surrogate, _ = grpo.clipped_surrogate(logp, traj.log_probs[kept, j], adv[kept], eps)
+        kl = grpo.kl_flow_grpo(mean, mean_ref, std, traj.sigmas[j] - traj.sigmas[j + 1])
+        loss_ref = loss_ref + (surrogate + beta * kl).mean() / K
+    loss_ref.backward()
+    grad_ref = [p.grad.clone() for p in policy.params]
+    policy.opt.zero_grad(set_to_none=True)
+    for micro_batch in (7, 16, 1000):
+        grads = []
+
+        def capture(max_norm, grads=grads):  # instead of the optimizer step: the accumulated gradient
+            grads.append([p.grad.clone() for p in policy.params])
+            policy.opt.zero_grad(set_to_none=True)
+            return 0.0
+        policy.step = capture
+        b = plan.Batch(world=1, prompts=2, group_size=8, updates=1, micro_batch=micro_batch)
+        tally = train.update(policy, traj, cond, adv, keep, steps, b=b, perm=torch.arange(16), world=1,
+                             max_grad_norm=1.0, terms_of=lambda *a: train.terms(*a, step=step, log_prob=lp,
+                                                                                kl_form=grpo.kl_flow_grpo, eta=0.7,
+                                                                                beta=beta),
+                             loss_of=lambda *a, **k: train.objective(*a, clip_range=eps, beta=beta, **k))
+        stats = tally.reduce()
+        assert stats["kept"] == 15 and stats["loss"] == pytest.approx(float(loss_ref.detach()), rel=1e-5)
+        assert stats["clipfrac"] > 0  # the clip is exercised
+        for g, r in zip(grads[0], grad_ref):
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-7)
 
 
 def test_kl_is_zero_at_init_and_positive_after(backbone):
-    cfg, policy = _policy(backbone, "--beta", "0.04", "--kl_form", "flow_grpo", "--micro_batch", "8")
-    traj, cond = _rollout(policy, cfg)
-    rows, steps = torch.arange(8), torch.full((8,), 3)
-    _, kl, _ = train.step_terms(policy, cfg, traj, cond, rows, steps, torch.zeros(8))
+    policy = _policy(backbone, randomise=False)
+    traj, cond, step, lp = _rollout(policy, n=8, micro_batch=8)
+    rows, ks = torch.arange(8), torch.full((8,), 3)
+    terms = dict(step=step, log_prob=lp, kl_form=grpo.kl_flow_grpo, eta=0.5, beta=0.04)
+    kl = train.terms(policy, traj, cond, rows, ks, torch.zeros(8), **terms)[3]
     assert torch.equal(kl.detach(), torch.zeros(8))  # LoRA B = 0: policy == reference exactly
     with torch.no_grad():
         for p in policy.params:
             p.normal_(0, 0.05)
-    _, kl, _ = train.step_terms(policy, cfg, traj, cond, rows, steps, torch.zeros(8))
+    kl = train.terms(policy, traj, cond, rows, ks, torch.zeros(8), **terms)[3]
     assert (kl > 0).all()
     kl.sum().backward()  # the penalty reaches the LoRA parameters
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.params)
@@ -85,26 +162,54 @@ def test_kl_is_zero_at_init_and_positive_after(backbone):
 def test_lora_export_loads_with_diffusers_and_reproduces_velocity(backbone, tmp_path):
     from diffusers import FluxTransformer2DModel
 
-    cfg, policy = _policy(backbone, "--lora_rank", "4", "--lora_alpha", "12")  # alpha != r: metadata matters
-    with torch.no_grad():
-        for p in policy.params:
-            p.normal_(0, 0.05)
-    models.save_lora(backbone.transformer, tmp_path, pipeline="flux")
+    policy = _policy(backbone, lora_rank=4, lora_alpha=12)  # alpha != r: metadata matters
+    lora.save_lora(backbone.transformer, tmp_path, pipeline="flux")
     x = torch.randn(6, *backbone.latent_shape)
     t = torch.rand(6)
     cond = backbone.encode(digits.prompts("test")[:6])
     with torch.no_grad():
         v_policy = backbone.velocity(x, t, cond)
-        with models.adapter_disabled(backbone.transformer):
+        with lora.adapter_disabled(backbone.transformer):
             v_ref = backbone.velocity(x, t, cond)
-    fresh = FluxTransformer2DModel.from_pretrained(digits.model_dir(), subfolder="transformer").eval()
+    fresh = FluxTransformer2DModel.from_pretrained(digits.model_dir(models.digits_adapter), subfolder="transformer")
     with torch.no_grad():
-        v_base = backbone.velocity(x, t, cond, fresh)
+        v_base = backbone.velocity(x, t, cond, fresh.eval())
         fresh.load_lora_adapter(str(tmp_path), weight_name="pytorch_lora_weights.safetensors")
         v_loaded = backbone.velocity(x, t, cond, fresh)
     assert torch.equal(v_ref, v_base)  # the adapter-off reference is exactly the base model
     torch.testing.assert_close(v_loaded, v_policy, atol=1e-6, rtol=1e-5)
     assert (v_policy - v_base).abs().max() > 1e-3
+    first = (tmp_path / "pytorch_lora_weights.safetensors").read_bytes()
+    lora.save_lora(backbone.transformer, tmp_path, pipeline="flux")  # identical runs write identical bytes
+    assert (tmp_path / "pytorch_lora_weights.safetensors").read_bytes() == first
+    with policy.ema_weights():  # the EMA swap is undone exactly
+        pass
+    with torch.no_grad():
+        assert torch.equal(backbone.velocity(x, t, cond), v_policy)
+
+
+def test_evaluation_is_streamed_and_capped(backbone, monkeypatch):
+    """Evaluation samples, decodes and scores one micro-batch at a time: the largest batch it ever holds and the
+    images it keeps (the grid's) do not grow with the number of held-out prompts."""
+    policy = _policy(backbone)
+    metrics = rewards.RewardModel("digit_judge_accuracy")
+    seen = []
+    rollout = sampling.rollout
+    monkeypatch.setattr(sampling, "rollout", lambda v, x1, *a, **k: seen.append(len(x1)) or rollout(v, x1, *a, **k))
+    out = {}
+    for copies in (1, 4):
+        texts = digits.prompts("test") * copies
+        seen.clear()
+        res, grid = train.evaluate(policy, metrics, texts, [None] * len(texts), steps=4, per_prompt=3, micro_batch=8,
+                                   guidance=-1, rank=0, world=1, pad=False)
+        out[copies] = (max(seen), sum(seen), len(grid), res["eval/digit_judge_accuracy"])
+    assert out[1][0] == out[4][0] == 8  # the largest batch is the micro-batch, for 30 or 120 samples
+    assert (out[1][1], out[4][1]) == (30, 120)
+    assert out[1][2] == out[4][2] == 30  # the grid: at most 10 noises x 10 prompts
+    assert 0.5 < out[1][3] <= 1 and 0.5 < out[4][3] <= 1
+    cfg = config.parse_config(["--eval_prompts", "3"])
+    _, (held_out, meta) = session.load_prompt_sets(cfg)
+    assert held_out == digits.prompts("test")[:3] and len(meta) == 3
 
 
 def _run(args, env=None, check=True):
@@ -114,7 +219,7 @@ def _run(args, env=None, check=True):
     return p
 
 
-def test_resume_after_kill_is_bitwise_exact(backbone, tmp_path):
+def test_resume_after_kill_is_bitwise_exact(pretrained, tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     _run([sys.executable, "train.py", *FAST, "--output_dir", str(straight)])
     p = _run([sys.executable, "train.py", *FAST, "--output_dir", str(killed), "--kill_at", "2"], check=False)
@@ -124,14 +229,15 @@ def test_resume_after_kill_is_bitwise_exact(backbone, tmp_path):
     a = load_file(straight / "checkpoints/iter_000004/lora/pytorch_lora_weights.safetensors")
     b = load_file(killed / "checkpoints/iter_000004/lora/pytorch_lora_weights.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    sa = torch.load(straight / "checkpoints/iter_000004/training_state.pt", weights_only=False)
-    sb = torch.load(killed / "checkpoints/iter_000004/training_state.pt", weights_only=False)
-    assert all(torch.equal(sa["ema"][k], sb["ema"][k]) for k in sa["ema"])
+    sa = checkpoints.load_state(straight / "checkpoints/iter_000004/training_state.pt")
+    sb = checkpoints.load_state(killed / "checkpoints/iter_000004/training_state.pt")
+    assert all(torch.equal(sa["ema"][k], sb["ema"][k]) for k in sa["ema"]) and sa["steps"] == sb["steps"] == 8
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in a.items() if "lora_B" in k)  # it trained
     la = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in lb] == [0, 1, 2, 3, 4]
     assert [r.get("reward") for r in la] == [r.get("reward") for r in lb]
+    assert "kl" not in la[1]  # beta = 0: no KL is computed, none is logged
     # the resumed run refuses a changed config, and a fresh run refuses to overwrite
     p = _run([sys.executable, "train.py", *FAST, "--output_dir", str(killed), "--resume", "true", "--lr", "1"],
              check=False)
@@ -140,10 +246,13 @@ def test_resume_after_kill_is_bitwise_exact(backbone, tmp_path):
     assert p.returncode != 0 and "--resume" in p.stderr
 
 
-def test_torchrun_two_ranks_stay_identical(backbone, tmp_path):
+def test_torchrun_two_ranks_stay_identical(pretrained, tmp_path):
+    """2 ranks x 16 samples: rollout forwards of 16 samples, training forwards of 24 (sample, step) terms, shapes
+    where every row gets the same bits as in the rollout (test_first_update_is_exactly_on_policy)."""
     out = tmp_path / "ddp"
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "tests/ddp_check.py",
-          *FAST, "--iterations", "2", "--micro_batch", "4", "--output_dir", str(out)], env={"OMP_NUM_THREADS": "1"})
+          *FAST, "--iterations", "2", "--prompts_per_iter", "8", "--micro_batch", "24", "--output_dir", str(out)],
+         env={"OMP_NUM_THREADS": "1"})
     r0, r1 = load_file(out / "rank0.safetensors"), load_file(out / "rank1.safetensors")
     assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)
     assert any(v.abs().sum() > 0 for k, v in r0.items() if "lora_B" in k)
@@ -152,7 +261,7 @@ def test_torchrun_two_ranks_stay_identical(backbone, tmp_path):
     assert (out / "images" / "eval_00002.png").exists() and (out / "config.json").exists()
 
 
-def test_multi_reward_with_invalid_samples_trains(backbone, tmp_path):
+def test_multi_reward_with_invalid_samples_trains(pretrained, tmp_path):
     """A weighted multi-reward where one component fails for some samples: they are counted and excluded."""
     @rewards.register("flaky_test_reward")
     def flaky(device="cpu", **_):
@@ -171,49 +280,6 @@ def test_multi_reward_with_invalid_samples_trains(backbone, tmp_path):
         assert {"reward/digit_judge", "reward/clean_background", "reward/flaky_test_reward"} <= r.keys()
         assert r["reward"] == r["reward"]  # finite mean over the valid samples
     assert sum(r["invalid"] for r in rows) > 0
-
-
-@pytest.mark.parametrize("argv,message", [
-    (["--group_size", "1"], "group_size must be >= 2"),
-    (["--sampler", "cps", "--eta", "1.5"], "CPS eta must be in [0, 1]"),
-    (["--sampler", "euler_maruyama"], "unknown sampler"),
-    (["--prompts_per_iter", "3"], "must be divisible by the world size"),
-    (["--micro_batch", "5"], "must be divisible by micro_batch"),
-    (["--updates_per_iter", "3"], "divisible by updates_per_iter"),
-    (["--reward", "aesthetic"], "unknown reward 'aesthetic'"),
-    (["--reward", "digit_judge:heavy"], "is not a number"),
-    (["--sampler", "ode"], "no density"),
-    (["--advantage", "ppo"], "unknown advantage"),
-    (["--reward_options", "{bad json"], "config error"),
-])
-def test_config_errors_name_the_problem(argv, message):
-    cfg = config.parse_config(argv)
-    world = 2 if "--prompts_per_iter" in argv else 1
-    with pytest.raises(SystemExit, match=message.replace("[", r"\[").replace("]", r"\]")):
-        config.validate(cfg, world)
-
-
-def test_resume_without_a_checkpoint_says_how_to_start(tmp_path):
-    with pytest.raises(SystemExit, match="no checkpoint in .*run without --resume"):
-        train.main(["--resume", "true", "--output_dir", str(tmp_path / "empty")])
-
-
-def test_unknown_flag_suggests_the_right_one(capsys):
-    with pytest.raises(SystemExit):
-        config.parse_config(["--learning_rate", "1e-3"])
-    with pytest.raises(SystemExit):
-        config.parse_config(["--group-size", "4"])
-    err = capsys.readouterr().err
-    assert "unknown arguments" in err and "--group_size" in err
-    with pytest.raises(SystemExit):
-        config.parse_config(["--preset", "sdxl"])
-    assert "unknown preset" in capsys.readouterr().err
-
-
-def test_bool_flags_and_presets_resolve():
-    cfg = config.parse_config(["--drop_zero_adv", "false", "--eta", "0.3"])
-    assert cfg.drop_zero_adv is False and cfg.eta == 0.3 and cfg.preset == "tiny"
-    assert config.parse_config([]) == config.Config()
 
 
 def test_seeds_are_a_function_of_their_parts():

@@ -1,0 +1,323 @@
+"""The distributed engine: process group and device, the collectives the loop uses, and the `Policy` (what trains,
+wrapped for DDP or sharded by FSDP2, with fp32 master weights, AdamW and the EMA). Plumbing only: train.py holds
+the algorithm and calls into this file.
+
+    rank, world, device = engine.setup("auto", need_group=False)   # torchrun sets RANK/WORLD_SIZE; else a world of 1
+    policy = engine.Policy(backbone, device, world, lora=(8, 16.0, targets), lr=1e-3, ...)
+    with engine.grad_sync(policy.module, last_micro_batch): loss.backward()
+    grad_norm = policy.step(max_grad_norm)                          # clip, AdamW, EMA; stops on non-finite values
+    with policy.ema_weights(): ...                                  # evaluate / export the EMA weights
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+import models
+from lora import add_lora
+
+
+class Diverged(RuntimeError):
+    """Non-finite loss, gradients or weights: the run stops before anything non-finite is checkpointed."""
+
+
+# -- process group and collectives ---------------------------------------------------------------------------------
+def setup(device: str = "auto", need_group: bool = False) -> tuple[int, int, torch.device]:
+    """(rank, world, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python train.py` is a world of one
+    with no process group, unless `need_group` (FSDP2 needs one: then a gloo/nccl group of one on a free port)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    dev = torch.device(f"cuda:{local}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+        # cuDNN's fused attention backward crashed (illegal memory access) on FLUX.1-dev's shapes in bf16 on an H200
+        # with torch 2.11; the flash and memory-efficient kernels ran them fine, so SDPA uses those.
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    if not dist.is_initialized() and (world > 1 or need_group):
+        # NCCL for CUDA tensors, gloo for the small CPU tensors the loop also reduces (kept-sample counts, metrics)
+        backend = "cpu:gloo,cuda:nccl" if use_cuda else "gloo"
+        if world > 1 or "MASTER_ADDR" in os.environ:
+            dist.init_process_group(backend)
+        else:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    return rank, world, dev
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def all_reduce(x: Tensor, op: str = "sum") -> Tensor:
+    """In place over all ranks ('sum', 'max' or 'min'); a no-op in a world of one."""
+    if dist.is_initialized():
+        dist.all_reduce(x, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
+    return x
+
+
+def all_gather_cat(x: Tensor) -> Tensor:
+    """Concatenate equal-shaped tensors from all ranks in rank order (on the tensor's device: gloo/nccl-safe)."""
+    if not dist.is_initialized():
+        return x
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
+
+
+def all_gather_objects(obj) -> list:
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def rank_zero_first():
+    """Rank 0 runs the block first (pre-training, downloads, caches); the others then find the result on disk."""
+    first = not dist.is_initialized() or dist.get_rank() == 0
+    if not first:
+        dist.barrier()
+    yield
+    if first and dist.is_initialized():
+        dist.barrier()
+
+
+def from_rank_zero(fn):
+    """fn() on rank 0, its result on every rank; a SystemExit on rank 0 stops every rank with the same message (so no
+    rank waits at a collective for one that has exited)."""
+    out = [None, None]
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            out[1] = fn()
+        except SystemExit as e:
+            out[0] = str(e)
+    if dist.is_initialized():
+        dist.broadcast_object_list(out, src=0)
+    if out[0]:
+        raise SystemExit(out[0])
+    return out[1]
+
+
+def agree(error: str | None) -> None:
+    """Every rank stops if any rank found an error (the first one's message), so no rank waits at a collective for a
+    rank that has exited. Call on every rank with its own verdict (None = fine)."""
+    errors = [e for e in all_gather_objects(error) if e]
+    if errors:
+        raise SystemExit(errors[0])
+
+
+def grad_sync(model, enabled: bool):
+    """Skip the gradient all-reduce on all but the last micro-batch of an update (DDP no_sync / FSDP2)."""
+    if hasattr(model, "no_sync"):
+        return nullcontext() if enabled else model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(enabled)
+    return nullcontext()
+
+
+def _local(t: Tensor) -> Tensor:
+    """This rank's shard of an FSDP2 DTensor (element-wise maths needs no communication); plain tensors as is."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+# -- the EMA ---------------------------------------------------------------------------------------------------------
+@dataclass
+class EMA:
+    """An exponential moving average of the trained weights (evaluation and the `*_ema` exports use it).
+
+    rule "plain" (the tiny default): after every optimizer step, e <- e + (1 - decay)(w - e).
+    rule "flow_grpo": Flow-GRPO's `EMAModuleWrapper(decay, update_step_interval=interval)` as its train_sd3.py steps
+      it: after every training batch, with s = the number of optimizer steps so far (`global_step`), and only when
+      (s + 1) % interval == 0, e <- e + (1 - d_s)(w - e) with the warm-up decay d_s = min((1 + s)/(10 + s), decay).
+      An optimizer step n closes a window of `batches` training batches, so the batch that closes it sees s = n and
+      the next window's first batches - 1 still see s = n with the same weights (`step` reproduces these calls).
+    """
+    decay: float
+    rule: str = "plain"
+    batches: int = 1  # training batches per optimizer step (flow_grpo rule)
+    interval: int = 8
+
+    def _apply(self, ema: list[Tensor], params: list[Tensor], s: int, calls: int) -> None:
+        d = self.decay if self.rule == "plain" else min((1 + s) / (10 + s), self.decay)
+        if self.rule == "flow_grpo" and (s + 1) % self.interval:
+            return
+        with torch.no_grad():
+            local_e, local_p = [_local(e) for e in ema], [_local(p.detach()) for p in params]
+            for _ in range(calls):
+                torch._foreach_lerp_(local_e, local_p, 1 - d)
+
+    def before_step(self, ema: list[Tensor], params: list[Tensor], s: int) -> None:
+        """The calls of the training batches between optimizer steps s and s + 1 (flow_grpo rule only)."""
+        if self.rule == "flow_grpo":
+            self._apply(ema, params, s, self.batches - 1)
+
+    def after_step(self, ema: list[Tensor], params: list[Tensor], s: int) -> None:
+        """The call right after optimizer step s (s counts from 1)."""
+        self._apply(ema, params, s, 1)
+
+
+# -- the policy --------------------------------------------------------------------------------------------------
+class Policy:
+    """The backbone + what trains (a LoRA, or every transformer weight), the module to call for gradients (the
+    transformer, its DDP wrapper, or the transformer sharded in place by FSDP2), AdamW and the EMA.
+
+    lora: (rank, alpha, targets), or None for full fine-tuning. mixed_bf16: FSDP2 all-gathers in bf16 and reduces
+    gradients in fp32 (CUDA); otherwise weights are gathered as they are stored."""
+
+    def __init__(self, backbone, device: torch.device, world: int, *, lora: tuple[int, float, list[str]] | None,
+                 parallel: str = "ddp", gradient_checkpointing: bool = False, mixed_bf16: bool = False,
+                 lr: float = 1e-3, weight_decay: float = 1e-4, ema: EMA | None = None, seed: int = 0):
+        self.backbone, self.fsdp, self.ema_rule = backbone, parallel == "fsdp", ema
+        tr = backbone.transformer
+        torch.manual_seed(seed)  # identical LoRA init on every rank (DDP also broadcasts it)
+        if lora is not None:
+            self.params = add_lora(tr, *lora)
+        else:  # full fine-tuning (DanceGRPO): every transformer weight trains
+            tr.requires_grad_(True)
+            self.params = list(tr.parameters())
+        if gradient_checkpointing:
+            tr.enable_gradient_checkpointing()  # diffusers recomputes each block (non-reentrant checkpoint)
+        tr.to(device)
+        self.names = [n for n, p in tr.named_parameters() if p.requires_grad]
+        self.module = tr
+        if self.fsdp:  # fp32 masters are made block by block inside, so 12B weights are never all fp32 at once
+            self._shard(tr, device, world, mixed_bf16)
+            self.params = [p for p in tr.parameters() if p.requires_grad]  # now DTensors holding this rank's shard
+        else:
+            _fp32_masters(self.params)
+            if world > 1:
+                from torch.nn.parallel import DistributedDataParallel
+
+                self.module = DistributedDataParallel(tr, device_ids=[device.index] if device.type == "cuda" else
+                                                      None)
+        self.opt = torch.optim.AdamW(self.params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay, eps=1e-8)
+        self.ema = [p.detach().clone() for p in self.params] if ema is not None else None
+        self.steps = 0  # optimizer steps so far (the EMA's s; checkpointed)
+
+    def _shard(self, tr, device: torch.device, world: int, mixed_bf16: bool) -> None:
+        """FSDP2: fully_shard each transformer block (FLUX: transformer_blocks + single_transformer_blocks; SD3:
+        transformer_blocks), then the root for the remaining embedders and output layers."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        # diffusers' blocks return views of a split tensor and FSDP2 warns that an in-place op on them would skip
+        # its hooks; none follows (tests/test_scale.py checks FSDP2 against DDP and a single process).
+        warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
+        mesh = init_device_mesh(device.type, (world,))
+        # cast_forward_inputs=False: bf16 autocast decides the compute dtype, as under DDP. FSDP2's own input cast
+        # is not re-applied when activation checkpointing recomputes a block (FLUX's fp32 rotary embeddings came
+        # back fp32, and torch.utils.checkpoint refused the mismatch; seen on an H200 with torch 2.11).
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if mixed_bf16 else None,
+                                  reduce_dtype=torch.float32 if mixed_bf16 else None, cast_forward_inputs=False)
+        for block in models.transformer_blocks(tr):
+            _fp32_masters([p for p in block.parameters() if p.requires_grad])
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+        _fp32_masters([p for p in tr.parameters() if p.requires_grad])
+        fully_shard(tr, mesh=mesh, mp_policy=mp)
+
+    # -- one optimizer step ----------------------------------------------------------------------------------------
+    def step(self, max_grad_norm: float) -> float:
+        """Clip the accumulated gradients, AdamW, EMA; returns the gradient norm before clipping. Raises Diverged
+        (before the weights change) if the gradients are not finite, and after the step if the weights are not."""
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_grad_norm)
+        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        if not torch.isfinite(torch.tensor(norm)):
+            raise Diverged(f"the gradient norm is {norm}")
+        if self.ema is not None:
+            self.ema_rule.before_step(self.ema, self.params, self.steps)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.steps += 1
+        finite = torch.tensor([float(all(bool(torch.isfinite(_local(p)).all()) for p in self.params))])
+        if all_reduce(finite, "min").item() < 1:
+            raise Diverged("the weights are not finite after the optimizer step")
+        if self.ema is not None:
+            self.ema_rule.after_step(self.ema, self.params, self.steps)
+        return norm
+
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """Within the block the live weights are the EMA's (evaluation, exports); restored after."""
+        self._swap()
+        try:
+            yield
+        finally:
+            self._swap()
+
+    def _swap(self) -> None:
+        if self.ema is not None:
+            with torch.no_grad():
+                for p, e in zip(self.params, self.ema):
+                    p, e = _local(p), _local(e)
+                    tmp = p.detach().clone()
+                    p.copy_(e)
+                    e.copy_(tmp)
+
+    # -- state for checkpoints ---------------------------------------------------------------------------------
+    def state(self) -> dict:
+        """Trained weights, EMA, AdamW and the step counter, as plain tensors (not under FSDP2: see sharded_state)."""
+        return dict(params={n: p.detach().cpu() for n, p in zip(self.names, self.params)},
+                    ema=None if self.ema is None else {n: e.cpu() for n, e in zip(self.names, self.ema)},
+                    optimizer=self.opt.state_dict(), steps=self.steps)
+
+    def load_state(self, st: dict) -> None:
+        with torch.no_grad():
+            for n, p in zip(self.names, self.params):
+                p.copy_(st["params"][n])
+            if self.ema is not None:
+                for n, e in zip(self.names, self.ema):
+                    e.copy_(st["ema"][n])
+        self.opt.load_state_dict(st["optimizer"])
+        self.steps = int(st.get("steps", 0))
+
+    # FSDP2: torch.distributed.checkpoint writes each rank's shards of the trained weights, AdamW state and EMA; no
+    # rank ever holds the whole model (frozen base weights are not saved: they are the pretrained ones).
+    def _sharded_state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.module, [self.opt],
+                                            options=StateDictOptions(ignore_frozen_params=True))
+        state = {"model": model_sd, "optim": optim_sd}
+        if self.ema is not None:
+            state["ema"] = dict(zip(self.names, self.ema))
+        return state
+
+    def save_sharded(self, path) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(self._sharded_state(), checkpoint_id=str(path))  # collective; every rank writes its own file
+
+    def load_sharded(self, path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        state = self._sharded_state()
+        dcp.load(state, checkpoint_id=str(path))  # in place, into this rank's shards (the EMA included)
+        set_state_dict(self.module, [self.opt], model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=StateDictOptions(ignore_frozen_params=True, strict=False))
+
+
+def _fp32_masters(params) -> None:
+    """Trained weights are fp32 (base weights may be bf16 on CUDA): AdamW's small updates vanish in bf16."""
+    for p in params:
+        if p.dtype != torch.float32:
+            p.data = p.data.float()

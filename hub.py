@@ -1,0 +1,118 @@
+"""Finding model weights: a local diffusers folder or a Hugging Face hub id (the cache first, a download if online).
+
+Everything here fails *before* any work, naming the missing files and the command that fetches them
+(`resolve_model`). train.py calls it on rank 0 before loading; plan.py calls it to say whether the weights are in
+place (`--dry_run`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+PIPELINES = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3"}  # model_index.json _class_name -> kind
+GATED = {"black-forest-labs/FLUX.1-dev", "stabilityai/stable-diffusion-3.5-medium"}  # licence to accept on the hub
+
+
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+# What a training run needs from a hub repo: the diffusers folders only (FLUX.1-dev's repo also holds a 23.8 GB
+# single-file checkpoint and SD3.5's a ComfyUI `text_encoders/` folder, which we never read).
+DOWNLOAD_PATTERNS = ["model_index.json", "scheduler/*", "transformer/*", "vae/*", "text_encoder/*", "text_encoder_2/*",
+                     "text_encoder_3/*", "tokenizer/*", "tokenizer_2/*", "tokenizer_3/*"]
+
+
+def missing_files(folder: str | Path) -> list[str]:
+    """Files a diffusers pipeline folder lacks for loading: model_index.json, then per component its config and
+    its weights (every shard an index lists). Empty when the folder is complete."""
+    folder = Path(folder)
+    index = folder / "model_index.json"
+    if not index.is_file():
+        return ["model_index.json"]
+    missing = []
+    for name, value in json.loads(index.read_text()).items():
+        if name.startswith("_") or not isinstance(value, list) or None in value:
+            continue  # metadata, or an optional component the pipeline does not use (FLUX's image_encoder)
+        sub = folder / name
+        if name.startswith("tokenizer"):
+            if not sub.is_dir() or not any(f.is_file() for f in sub.iterdir()):
+                missing.append(f"{name}/ (tokenizer files)")
+            continue
+        if name == "scheduler":
+            if not (sub / "scheduler_config.json").is_file():
+                missing.append("scheduler/scheduler_config.json")
+            continue
+        if not (sub / "config.json").is_file():
+            missing.append(f"{name}/config.json")
+        indexes = sorted(sub.glob("*.safetensors.index.json")) + sorted(sub.glob("*.bin.index.json"))
+        if indexes:
+            shards = sorted(set(json.loads(indexes[0].read_text()).get("weight_map", {}).values()))
+            missing += [f"{name}/{s}" for s in shards if not (sub / s).is_file()]
+        elif not any(f.is_file() for pat in ("*.safetensors", "*.bin") for f in sub.glob(pat)):
+            missing.append(f"{name}/ (weights: *.safetensors)")
+    return missing
+
+
+def _how_to_get(model: str, local_dir: str) -> str:
+    gated = model in GATED
+    flux = "flux" in model.lower()  # FLUX has no third text encoder
+    include = " ".join(f'"{p}"' for p in DOWNLOAD_PATTERNS if not (flux and "_3" in p))
+    return ((f"{model} is gated: accept its licence on https://huggingface.co/{model} and run `hf auth login` "
+             "first. " if gated else "") +
+            f"Download the diffusers folders once:\n    hf download {model} --local-dir {local_dir} --include "
+            f"{include}\n(older huggingface_hub: `huggingface-cli download` with the same arguments), then pass "
+            f"--model {local_dir}.")
+
+
+def resolve_model(model: str, download: bool = True) -> tuple[Path, str]:
+    """'owner/name' (hub id, looked up in the Hugging Face cache, downloaded if online and `download`) or a local
+    diffusers folder -> (folder, kind). Raises ValueError naming the missing files and how to provide them."""
+    path = Path(model).expanduser()
+    if path.exists() or not HUB_ID.match(model):
+        if not path.is_dir():
+            raise ValueError(f"--model {model}: no such folder. Give 'digits', a Hugging Face hub id such as "
+                             "black-forest-labs/FLUX.1-dev, or a local diffusers folder (with model_index.json).")
+        missing = missing_files(path)
+        if missing:
+            raise ValueError(f"--model {model} is not a complete diffusers pipeline folder; missing: "
+                             f"{', '.join(missing)}. A folder written by `hf download <id> --local-dir {model}` "
+                             "or by `pipeline.save_pretrained` has them all.")
+        return path, pipeline_kind(path)
+    from huggingface_hub import snapshot_download
+
+    local_dir = f"/data/{model.split('/')[1]}"
+    folder, missing, error = None, ["model_index.json"], None
+    try:
+        folder = Path(snapshot_download(model, local_files_only=True, allow_patterns=DOWNLOAD_PATTERNS))
+        missing = missing_files(folder)
+    except Exception as e:  # not in the cache at all
+        error = e
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+    if missing and download and not offline:
+        try:  # online: fetch (only) what is missing, like from_pretrained would
+            folder = Path(snapshot_download(model, allow_patterns=DOWNLOAD_PATTERNS))
+            missing = missing_files(folder)
+        except Exception as e:
+            error = e
+    if missing:
+        where = (f"the Hugging Face cache has an incomplete copy at {folder} (missing: {', '.join(missing[:6])}"
+                 f"{', ...' if len(missing) > 6 else ''})" if folder is not None else
+                 "it is not in the Hugging Face cache" + (" and HF_HUB_OFFLINE=1 forbids downloading" if offline
+                                                          else "" if not download else
+                                                          f" and downloading failed ({_first_line(error)})"))
+        raise ValueError(f"model {model!r}: the weights are not available: {where}. {_how_to_get(model, local_dir)}"
+                         f"\n(If {model} was meant as a local folder: there is no such folder.)")
+    return folder, pipeline_kind(folder)
+
+
+def _first_line(e: BaseException | None) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0] if e is not None else ""
+
+
+def pipeline_kind(folder: str | Path) -> str:
+    """'flux' or 'sd3' from model_index.json's _class_name."""
+    name = json.loads((Path(folder) / "model_index.json").read_text()).get("_class_name")
+    if name not in PIPELINES:
+        raise ValueError(f"{folder}: pipeline class {name!r} is not supported; supported: "
+                         + ", ".join(f"{k} ({v})" for k, v in PIPELINES.items()))
+    return PIPELINES[name]

@@ -1,0 +1,202 @@
+"""A training session: everything around train.py's loop. Ranks and device, the run folder (checkpoints.py), the
+prompt sets, the models and the policy (engine.py), the logs and figures (logs.py), the final summary. Every check
+that can fail runs before the run folder is written, and an error stops all ranks with one message.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import signal
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+import checkpoints
+import engine
+import hub
+import logs
+import models
+import plan
+import prompts
+import rewards
+from config import RESUMABLE_CHANGES, Config, reward_options, validate
+
+
+class Timer(dict):
+    """Seconds per phase of the current iteration: `with timer("rollout"): ...`."""
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        yield
+        self[name] = self.get(name, 0.0) + time.perf_counter() - t0
+
+
+def load_prompt_sets(cfg: Config):
+    """(train, held-out) prompt sets, each (texts, metadata); --eval_prompt_file replaces the held-out split and
+    --eval_prompts caps it."""
+    try:
+        train = prompts.load(cfg.prompts, "train", cfg.seed)
+        held_out = prompts.load_file(cfg.eval_prompt_file) if cfg.eval_prompt_file else \
+            prompts.load(cfg.prompts, "test", cfg.seed)
+    except (ValueError, OSError) as e:
+        raise SystemExit("prompt error: " + plan.prompt_error(cfg, e)) from None
+    n = cfg.eval_prompts or len(held_out[0])
+    return train, (held_out[0][:n], held_out[1][:n])
+
+
+class Session:
+    """Everything around the loop: ranks and device, the run folder, prompts, models and policy, logs, checkpoints.
+    Every check that can fail runs before the folder is written; errors stop all ranks with one message."""
+
+    def __init__(self, cfg: Config):
+        validate(cfg)
+        self.cfg = cfg
+        self.rank, self.world, self.device = engine.setup(cfg.device, need_group=cfg.parallel == "fsdp")
+        self.is_main, self.batch = self.rank == 0, plan.batch(cfg, self.world)
+        path = engine.from_rank_zero(lambda: checkpoints.resolve(cfg.output_dir, cfg.preset, cfg.resume))
+        self.folder = checkpoints.RunFolder(path, self.is_main, auto=not cfg.output_dir)
+        ckpt = engine.from_rank_zero(lambda: self.folder.check(cfg.resume))
+        self.config = dict(dataclasses.asdict(cfg), output_dir=str(path))
+        if ckpt is not None:
+            saved = checkpoints.load_state(ckpt / "training_state.pt")["config"]
+            checkpoints.check_config(saved, self.config, RESUMABLE_CHANGES, dataclasses.asdict(Config()))
+        self.train_set, self.eval_set = load_prompt_sets(cfg)
+        bf16 = self.device.type == "cuda" and cfg.precision == "auto"
+        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+        self.policy, self.reward_fn, self.metrics = self._load(bf16)
+        self.folder.start(self.config, fresh=ckpt is None)  # the first write
+        # trained weights, EMA, AdamW m and v (fp32) and the two exports: ~6 x 4 bytes per trained parameter
+        self.folder.warn_if_disk_is_short(24 * sum(p.numel() for p in self.policy.params) * self.world
+                                          ** self.policy.fsdp, cfg.keep_checkpoints)
+        self.history, self.start, self.iteration = [], 1, 0
+        if ckpt is not None:
+            self.history, last = self.folder.load(ckpt, self.policy)
+            self.start = last + 1
+        if self.is_main:
+            print("\n".join(plan.describe(cfg, self.world, check_files=False)[0]))
+            print(f"output: {path}" + (f" (resumed from {ckpt.name})" if ckpt else ""))
+        self.logger = logs.Logger(path, self.is_main, cfg.tensorboard, self.history)
+
+    def _load(self, bf16: bool):
+        cfg = self.cfg
+        opts = reward_options(cfg, [*rewards.parse_spec(cfg.reward), *rewards.parse_spec(cfg.eval_metrics)])
+        if cfg.model != "digits":  # weights missing: stop before loading anything, naming the files
+            engine.from_rank_zero(lambda: _resolve(cfg.model))
+        try:
+            with engine.rank_zero_first():  # rank 0 fills caches (digits pre-training, downloads) first
+                backbone = models.load_backbone(cfg.model, device=self.device, resolution=cfg.resolution,
+                                                guidance=cfg.guidance, max_sequence_length=cfg.max_sequence_length,
+                                                shift=cfg.shift, offload=cfg.offload,
+                                                dtype=torch.bfloat16 if bf16 else torch.float32)
+                reward_fn = rewards.RewardModel(cfg.reward, device=self.device, **opts)
+                metrics = rewards.RewardModel(cfg.eval_metrics, device=self.device, **opts)
+            for texts, _ in (self.train_set, self.eval_set):
+                backbone.check_prompts(texts)
+            ema = engine.EMA(cfg.ema_decay, cfg.ema_rule, max(1, self.batch.samples_per_update // cfg.micro_batch))
+            policy = engine.Policy(
+                backbone, self.device, self.world, parallel=cfg.parallel, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                lora=(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets.split(",")) if cfg.lora_rank else None,
+                gradient_checkpointing=cfg.gradient_checkpointing, mixed_bf16=bf16,
+                ema=ema if cfg.ema_decay > 0 else None, seed=cfg.seed)
+        except ValueError as e:  # a resolution the model cannot split, a prompt it cannot read, unknown LoRA targets
+            raise SystemExit(f"config error: {e}") from None
+        return policy, reward_fn, metrics
+
+    def iterations(self):
+        """The loop's iterations, with a progress bar."""
+        for it in tqdm(range(self.start, self.cfg.iterations + 1), disable=not self.is_main, desc="GRPO",
+                       dynamic_ncols=True):
+            self.iteration = it
+            yield it
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, kind, error, tb) -> None:
+        """A diverged model or a failing reward stops the run with the iteration and the likely cause, before
+        anything of that iteration is checkpointed."""
+        if isinstance(error, engine.Diverged):
+            raise SystemExit(f"iteration {self.iteration}: training diverged: {error}. Nothing of this iteration was "
+                             f"saved. The learning rate ({self.cfg.lr}) is likely too high (or the gradient clip "
+                             f"max_grad_norm {self.cfg.max_grad_norm} too loose); resume from the last checkpoint "
+                             "with a smaller --lr") from None
+        if isinstance(error, rewards.RewardError):
+            raise SystemExit(f"iteration {self.iteration}: {error}") from None
+
+    def train_metrics(self, images, texts, meta) -> dict:
+        """The held-out metrics on this iteration's (stochastic) training samples, over all ranks."""
+        out = self.metrics(images, texts, meta)
+        sums = torch.tensor([[float(torch.nansum(v)), float(torch.isfinite(v).sum())] for v in
+                             out.components.values()], dtype=torch.float64)
+        sums = engine.all_reduce(sums)
+        return {f"train/{k}": float(s / n) if n else math.nan for k, (s, n) in zip(out.components, sums.tolist())}
+
+    def log(self, it: int, ev, r=None, all_r=None, stats=None, train_metrics=None, timer=None, images=None) -> None:
+        row = dict(iteration=it)
+        if r is not None:
+            finite = all_r[torch.isfinite(all_r)]
+            row.update(reward=float(finite.mean()) if len(finite) else math.nan,
+                       reward_std=float(finite.std()) if len(finite) > 1 else 0.0,
+                       invalid=int(engine.all_reduce(torch.tensor([int((~r.valid).sum())])).item()), **stats)
+            if len(r.components) > 1:
+                row.update({f"reward/{k}": rewards.nan_mean(engine.all_gather_cat(v.to(self.device)).cpu())
+                            for k, v in r.components.items()})
+        row.update({**(train_metrics or {}), **(ev[0] if ev else {})})
+        row.update({f"time/{k}": v for k, v in (timer or {}).items()})
+        self.history.append(row)
+        self.logger.log(row)
+        if not self.is_main:
+            return
+        if ev is not None and ev[1] is not None:
+            logs.image_grid(ev[1], min(10, self.cfg.eval_per_prompt),
+                            self.folder.path / "images" / f"eval_{it:05d}.png")
+        if images is not None:  # the training samples: up to 8 prompts x 8 group members of rank 0
+            g = self.batch.group_size
+            shown = [i for i in range(min(len(images), 8 * g)) if i % g < 8]
+            logs.image_grid(images[shown], min(8, self.batch.prompts_per_rank), self.folder.path / "images" /
+                            f"train_{it:05d}.png")
+        evs = "  ".join(f"{k[5:]} {v:.4f}" for k, v in row.items() if k.startswith("eval/"))
+        if r is None:
+            tqdm.write(f"base model (ODE, held-out): {evs}")
+            return
+        kl = f" kl {row['kl']:.2e}" if "kl" in row else ""
+        tqdm.write(f"it {it:4d} | reward {row['reward']:.4f} | clipfrac {row['clipfrac']:.3f} approx_kl "
+                   f"{row['approx_kl']:.2e}{kl} | invalid {row['invalid']} | rollout {timer['rollout']:.2f}s reward "
+                   f"{timer['reward']:.2f}s train {timer['train']:.2f}s" + (f" | eval: {evs}" if evs else ""))
+
+    def checkpoint(self, it: int) -> None:
+        if self.is_main or self.policy.fsdp:  # FSDP2: every rank writes its shards
+            self.folder.save(it, self.policy, self.history, self.config, self.cfg.keep_checkpoints)
+        engine.barrier()
+        if it == self.cfg.kill_at:  # testing: die right after this checkpoint
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def finish(self) -> dict:
+        self.logger.close()
+        summary = {}
+        if self.is_main:
+            base = next(h for h in self.history if h["iteration"] == 0)
+            last = [h for h in self.history if any(k.startswith("eval/") for k in h)][-1]
+            curve = logs.reward_curves(self.history, self.folder.path / "reward_curve.png",
+                                       f"{self.cfg.sampler} eta={self.cfg.eta} on {self.cfg.model}")
+            print("\nheld-out metrics (ODE, EMA weights)      base  ->  trained")
+            for k in base:
+                if k.startswith("eval/"):
+                    print(f"  {k[5:]:<36} {base[k]:.4f} -> {last[k]:.4f}")
+                    summary[k] = (base[k], last[k])
+            print(f"figures: {curve}  {self.folder.path / 'images'}\ncheckpoint: "
+                  f"{self.folder.complete_checkpoints()[0]}\nlog: {self.folder.path / 'metrics.jsonl'}")
+        self.folder.close()
+        engine.teardown()
+        return dict(summary=summary, history=self.history, policy=self.policy, output_dir=self.folder.path)
+
+
+def _resolve(model: str) -> None:
+    try:
+        hub.resolve_model(model)
+    except ValueError as e:
+        raise SystemExit(f"model error: {e}") from None

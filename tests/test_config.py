@@ -1,0 +1,94 @@
+"""config.py and the checks before any work: every bad flag stops the run with one line that names the problem and
+writes nothing; unknown flags get a suggestion; presets and booleans resolve."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import config
+import train
+
+ROOT = Path(__file__).resolve().parent.parent
+SHORT = ["--iterations", "1", "--eval_per_prompt", "1", "--tensorboard", "false"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--group_size", "1"], "group_size must be >= 2"),
+    (["--sampler", "cps", "--eta", "1.5"], "CPS needs eta in [0, 1]"),
+    (["--sampler", "euler_maruyama"], "unknown sampler"),
+    (["--sampler", "ode"], "no density"),
+    (["--advantage", "ppo"], "unknown advantage"),
+    (["--kl_form", "reverse"], "unknown kl_form"),
+    (["--micro_batch", "0"], "micro_batch must be >= 1"),
+    (["--updates_per_iter", "0"], "updates_per_iter must be >= 1"),
+    (["--prompts_per_iter", "0"], "prompts_per_iter must be >= 1"),
+    (["--eval_per_prompt", "0"], "eval_per_prompt must be >= 1"),
+    (["--keep_checkpoints", "-1"], "keep_checkpoints must be >= 1"),
+    (["--keep_checkpoints", "0"], "keep_checkpoints must be >= 1"),
+    (["--seed", "-1"], "seed must be >= 0"),
+    (["--lr", "inf"], "lr must be a finite number"),
+    (["--max_grad_norm", "nan"], "max_grad_norm must be a finite number"),
+    (["--adv_clip", "nan"], "adv_clip must be a finite number"),
+    (["--updates_per_iter", "3"], "divisible by updates_per_iter"),
+    (["--sde_window", "2", "--sde_window_range", "abc"], "sde_window_range must be 'lo,hi'"),
+    (["--sde_window", "4", "--sde_window_range", "0,3"], "does not fit"),
+    (["--reward", "aesthetic"], "unknown reward 'aesthetic'"),
+    (["--reward", "digit_judge:heavy"], "is not a number"),
+    (["--reward_options", "not json"], "--reward_options is not valid JSON"),
+    (["--reward_options", '{"digit_judge": 5}'], "--reward_options must be a JSON object of objects"),
+    (["--reward_options", '{"pickscore": {}}'], "--reward_options names ['pickscore'], which this run does not use"),
+    (["--lora_targets", "foo"], "--lora_targets foo: no linear layer of this transformer has that name"),
+    (["--guidance", "3.5"], "the digits model has no guidance embedding"),
+    (["--resolution", "12"], "digits models exist at sizes"),
+    (["--learning_rate", "1e-3"], "unknown option: --learning_rate"),
+    (["--micro_batch", "abc"], "argument --micro_batch: invalid int value"),
+])
+def test_bad_flags_stop_with_one_line_and_write_nothing(argv, message, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        train.main([*SHORT, *argv, "--output_dir", str(out)])
+    text = str(e.value.code)
+    assert message in text and "\n" not in text, text
+    assert not out.exists()
+
+
+def test_bad_paths_stop_with_one_line_and_write_nothing(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    with pytest.raises(SystemExit, match="is a file, not a folder"):
+        train.main([*SHORT, "--output_dir", str(a_file)])
+    assert a_file.read_text() == "mine"
+    with pytest.raises(SystemExit, match="cannot write into /proc"):  # root may write anywhere but there
+        train.main([*SHORT, "--output_dir", "/proc/flow_cps_run"])
+    cats = tmp_path / "cats.txt"
+    cats.write_text("\n".join(f"a photo of cat number {i}" for i in range(40)) + "\n")
+    with pytest.raises(SystemExit, match="names no digit"):  # the digits model reads only digits
+        train.main([*SHORT, "--prompts", str(cats), "--output_dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(SystemExit, match="prompt error: .*No such file or directory"):
+        train.main([*SHORT, "--eval_prompt_file", str(tmp_path / "missing.txt"), "--output_dir", str(tmp_path / "r")])
+
+
+def test_a_bad_flag_exits_nonzero_with_one_line_on_stderr(tmp_path):
+    p = subprocess.run([sys.executable, "train.py", "--micro_batch", "0", "--output_dir", str(tmp_path / "r")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1 and p.stderr.strip() == "config error: micro_batch must be >= 1 (got 0)"
+    assert not (tmp_path / "r").exists()
+
+
+def test_unknown_flags_get_a_suggestion():
+    with pytest.raises(SystemExit, match=r"unknown option: --group-size \(did you mean --group_size\?\)"):
+        config.parse_config(["--group-size", "4"])
+    with pytest.raises(SystemExit, match=r"unknown option: --lrr \(did you mean --lr"):
+        config.parse_config(["--lrr=3"])
+    with pytest.raises(SystemExit, match="unknown preset 'sdxl'"):
+        config.parse_config(["--preset", "sdxl"])
+
+
+def test_bool_flags_and_presets_resolve():
+    cfg = config.parse_config(["--drop_zero_adv", "false", "--eta", "0.3"])
+    assert cfg.drop_zero_adv is False and cfg.eta == 0.3 and cfg.preset == "tiny"
+    assert config.parse_config([]) == config.Config()
+    flux = config.parse_config(["--preset", "flux-dev-pickscore", "--eta", "0.5"])
+    assert flux.eta == 0.5 and flux.lora_rank == 64 and flux.ema_rule == "flow_grpo"

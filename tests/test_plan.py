@@ -1,0 +1,105 @@
+"""plan.py: every preset resolves, validates and plans on CPU (--dry_run) for the world sizes its batch arithmetic
+allows; the memory estimate scales as documented; the documented parameter counts are those of the released configs;
+a local folder plans like the loader reads it. No weights are loaded."""
+import pytest
+import tiny_pipelines
+import torch
+
+import config
+import models
+import plan
+import train
+
+RES, STEPS = 32, 6
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_pipelines.cached()
+
+
+# world sizes each preset's batch arithmetic allows (whole groups per GPU, the same number of samples per update)
+DIVISORS_48 = [1, 2, 3, 4, 6, 8, 12, 16, 24, 48]  # 48 prompts, whole groups per GPU
+WORLD_SIZES = {"sd3.5-geneval": DIVISORS_48, "sd3.5-ocr": DIVISORS_48, "sd3.5-pickscore": DIVISORS_48,
+               "flux-dev-pickscore": DIVISORS_48, "flux-schnell-pickscore": DIVISORS_48,
+               "flux-dev-hpsv2": [1, 2, 4, 8, 16]}
+# PAPER.md §1.3: the training schedules at 512 px (SD3.5 10 steps, FLUX.1-dev 6), schnell's 4, DanceGRPO's 16
+SIGMAS = {"sd3.5": [1, .9601, .9133, .8577, .7904, .7073, .6022, .4649, .2780, .0089, 0],
+          "flux-dev": [1, .9037, .7897, .6525, .4842, .2730, 0], "flux-schnell": [1, .75, .5, .25, 0],
+          "dance": [1, .9783, .9545, .9286, .9, .8684, .8333, .7941, .75, .7, .6429, .5769, .5, .4091, .3, .1667, 0]}
+
+
+@pytest.mark.parametrize("preset", sorted(WORLD_SIZES))
+def test_every_preset_plans_on_cpu_without_weights(preset, capsys):
+    cfg = config.parse_config(["--preset", preset])
+    assert plan.world_sizes(cfg) == WORLD_SIZES[preset]
+    for world in WORLD_SIZES[preset]:
+        p = train.main(["--preset", preset, "--dry_run", "true", "--dry_run_gpus", str(world)])["plan"]
+        assert p["images_per_iteration"] == cfg.prompts_per_iter * cfg.group_size
+        assert p["images_per_gpu"] * world == p["images_per_iteration"]
+        mem = p["memory"]["gb"]
+        assert 0 < mem["peak_checkpointing"] < mem["peak"]
+    out = capsys.readouterr().out
+    assert "per-GPU memory estimate" in out and "weights: model" in out  # and that they are not downloaded
+    key = ("dance" if preset == "flux-dev-hpsv2" else "sd3.5" if preset.startswith("sd3.5") else
+           "flux-schnell" if "schnell" in preset else "flux-dev")
+    assert p["sigmas"] == pytest.approx(SIGMAS[key], abs=1e-4)
+    assert p["trained_steps"] == {"dance": 9, "sd3.5": 9, "flux-dev": 5, "flux-schnell": 3}[key]
+    bad = 32 if 32 not in WORLD_SIZES[preset] else 5
+    with pytest.raises(SystemExit, match=r"world sizes this batch arithmetic supports: \[1, 2"):
+        train.main(["--preset", preset, "--dry_run", "true", "--dry_run_gpus", str(bad)])
+
+
+def test_memory_estimates_scale_as_documented():
+    est = lambda *a: train.main(["--dry_run", "true", *a])["plan"]["memory"]  # noqa: E731
+    flux8 = est("--preset", "flux-dev-pickscore", "--dry_run_gpus", "8")
+    flux1 = est("--preset", "flux-dev-pickscore", "--dry_run_gpus", "1")
+    assert flux8["params"] == 11_901_408_320 and flux8["trainable_params"] == 179_306_496  # r64, attn + ff + ff_context
+    assert flux1["gb"]["weights"] > 5 * flux8["gb"]["weights"]  # FSDP2 shards the frozen bf16 weights (+2 blocks)
+    assert flux8["gb"]["peak"] < 80  # the paper's 8-GPU layout fits an 80 GB card
+    sd3 = est("--preset", "sd3.5-geneval")
+    assert sd3["params"] == 2_243_171_520 and sd3["buffers"] == 384 * 384 * 1536  # + the positional-embedding table
+    assert sd3["forward_batch"] == 18 and sd3["text_tokens"] == 77 + 128  # CFG doubles the micro-batch of 9
+    off = est("--preset", "sd3.5-geneval", "--offload", "true")
+    # the text encoders (T5-XXL: 9 GiB) then visit the GPU only between rollouts and training
+    assert off["gb"]["peak"] < sd3["gb"]["peak"] - 9 and off["gb"]["text_encoders"] == sd3["gb"]["text_encoders"]
+    dance = est("--preset", "flux-dev-hpsv2")
+    assert dance["trainable_params"] == dance["params"] and dance["gb"]["trainable"] > 10  # full fine-tuning
+
+
+def test_documented_parameter_counts_match_the_released_configs():
+    """KNOWN_MODELS' component sizes (used by --dry_run without weights) from the released configs, on meta."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    with torch.device("meta"):
+        t5 = T5EncoderModel(T5Config(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, vocab_size=32128,
+                                     feed_forward_proj="gated-gelu", relative_attention_num_buckets=32))
+        clip_l = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                      vocab_size=49408, max_position_embeddings=77, projection_dim=768)
+        clip_g = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
+                      vocab_size=49408, max_position_embeddings=77, projection_dim=1280)
+        vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16,
+                            use_quant_conv=False, use_post_quant_conv=False)
+        n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+        counts = {"T5-XXL": n(t5), "CLIP-L": n(CLIPTextModel(CLIPTextConfig(**clip_l))),
+                  "CLIP-L+proj": n(CLIPTextModelWithProjection(CLIPTextConfig(**clip_l))),
+                  "CLIP-G": n(CLIPTextModelWithProjection(CLIPTextConfig(**clip_g))), "VAE": n(vae)}
+    flux, sd3 = (plan.KNOWN_MODELS[k] for k in ("black-forest-labs/FLUX.1-dev",
+                                                  "stabilityai/stable-diffusion-3.5-medium"))
+    assert flux["encoders"] == {"text_encoder (CLIP-L)": counts["CLIP-L"], "text_encoder_2 (T5-XXL)": counts["T5-XXL"]}
+    assert sd3["encoders"] == {"text_encoder (CLIP-L)": counts["CLIP-L+proj"], "text_encoder_2 (CLIP-G)":
+                               counts["CLIP-G"], "text_encoder_3 (T5-XXL)": counts["T5-XXL"]}
+    assert flux["vae"] == sd3["vae"] == counts["VAE"]
+
+
+def test_dry_run_reads_a_local_folder_like_the_loader(tiny, capsys):
+    p = train.main(["--dry_run", "true", "--model", str(tiny["flux-dev"]), "--resolution", str(RES),
+                       "--num_steps", str(STEPS)])["plan"]
+    bb = models.load_backbone(str(tiny["flux-dev"]), "cpu", resolution=RES)
+    assert p["kind"] == "flux" and p["guidance"] == 3.5
+    assert p["sigmas"] == pytest.approx(bb.sigmas(STEPS).tolist(), abs=1e-4)
+    assert "weights: available" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="must be a multiple of 8"):
+        train.main(["--dry_run", "true", "--model", str(tiny["flux-dev"]), "--resolution", "36"])
