@@ -3,9 +3,8 @@
 A reward returns NaN for a sample it cannot score (a prompt without the text it needs, no GenEval metadata);
 `RewardModel` turns that into a `valid` mask so GRPO excludes the sample from its advantages instead of training on
 a silent 0. Several rewards combine as a weighted sum ("ocr:1,pickscore:0.5"), each component normalised first (see
-`Normaliser`) and logged separately. Failures are loud (`RewardModel`): images with NaN/inf are never scored; a
-sample whose reward raises scores NaN, and each distinct error is warned once and counted in `.failures`; a
-component that scores no sample of a batch raises `RewardError` (the run would train on nothing).
+`Normaliser`) and logged separately. Failures are loud: see `RewardModel` (non-finite images, per-sample errors
+warned once and counted, `RewardError` when a component scores nothing).
 
 Built-in, offline rewards (no download):
   digit_judge           probability that the image shows the prompt's digit (the OCR/GenEval analogue), in [0, 1]
@@ -21,14 +20,13 @@ The paper's model-based rewards (weights from the Hugging Face hub, or local cop
   geneval_flow_grpo     Flow-GRPO's reward-server partial credit, its quirks and JPEG compression included
 
 Model weights are loaded when the factory runs (start-up), never mid-training: a missing model fails at once with
-the hub id or path tried and how to provide it. Options per reward come from `RewardModel(spec, device,
-**{name: {option: value}})` (train.py's `--reward_options '{"pickscore": {"model": "/local/dir"}}'`); an option the
-factory does not take is an error listing those it does (`parse_options` checks them at config time).
+the hub id or path tried and how to provide it. Options per reward: `RewardModel(spec, device, **{name: {option:
+value}})`, from train.py's `--reward_options '{"pickscore": {"model": "/local/dir"}}'`; `parse_options` checks them
+at config time against the factories' parameters.
 
-Group keys: a reward may carry `fn.group_key = callable(metadata) -> str | None`. `RewardModel.group_keys(metadata)`
-returns, per component, one key per sample (None without a group_key). The GenEval rewards key by tag: a trainer
-should log their held-out score as the mean over groups of the group means, which for `geneval_strict` is the
-benchmark's overall score (`geneval.summarize`), not a mean over images.
+Group keys: a reward may carry `fn.group_key = callable(metadata) -> str | None`; `RewardModel.group_keys(metadata)`
+gives one key per sample and component. Log such a component as the mean over groups of the group means: for the
+GenEval rewards (key: the tag) that is the benchmark's overall score (`geneval.summarize`), not a mean over images.
 
     python rewards.py ocr sign.png --prompt 'A sign that says "OPEN LATE"'       # score image files
     python rewards.py --scales                                                  # the built-in rewards' scales
@@ -70,32 +68,28 @@ def _check_images(images: Tensor) -> None:
 
 
 # -- built-in rewards --------------------------------------------------------------------------------------------
-@register("digit_judge")
-def digit_judge(device="cpu", judge=None) -> RewardFn:
-    """p_judge(prompt's digit | image): "is the requested content rendered?". Scale [0, 1]; the clean test images
-    score 0.96 on average, the pre-trained base model about 0.8 (printed on first use)."""
-    judge = (judge or digits.load_judge()).to(device)
-
-    @torch.no_grad()
-    def fn(images: Tensor, prompts: list[str], metadata=None) -> Tensor:
-        _check_images(images)
-        target = torch.tensor([digits.parse_digit(p) for p in prompts], device=images.device)
-        probs = judge(images.to(device)).softmax(-1)
-        return probs.gather(1, target.to(device)[:, None])[:, 0].float()
-    return fn
-
-
-@register("digit_judge_accuracy")
-def digit_judge_accuracy(device="cpu", judge=None) -> RewardFn:
-    """1 if the judge's most likely digit is the prompt's, else 0. Its batch mean is the held-out accuracy."""
+def _judge_reward(device, judge, score: Callable[[Tensor, Tensor], Tensor]) -> RewardFn:
     judge = (judge or digits.load_judge()).to(device)
 
     @torch.no_grad()
     def fn(images: Tensor, prompts: list[str], metadata=None) -> Tensor:
         _check_images(images)
         target = torch.tensor([digits.parse_digit(p) for p in prompts], device=device)
-        return (judge(images.to(device)).argmax(-1) == target).float()
+        return score(judge(images.to(device)), target).float()
     return fn
+
+
+@register("digit_judge")
+def digit_judge(device="cpu", judge=None) -> RewardFn:
+    """p_judge(prompt's digit | image): "is the requested content rendered?". Scale [0, 1]; the clean test images
+    score 0.96 on average, the pre-trained base model about 0.8 (printed on first use)."""
+    return _judge_reward(device, judge, lambda logits, t: logits.softmax(-1).gather(1, t[:, None])[:, 0])
+
+
+@register("digit_judge_accuracy")
+def digit_judge_accuracy(device="cpu", judge=None) -> RewardFn:
+    """1 if the judge's most likely digit is the prompt's, else 0. Its batch mean is the held-out accuracy."""
+    return _judge_reward(device, judge, lambda logits, t: logits.argmax(-1) == t)
 
 
 def total_variation(images: Tensor) -> Tensor:
@@ -195,12 +189,14 @@ def ocr(device="cpu", det_limit_side_len: int = 960) -> RewardFn:
     Scale [0, 1]. Its test-set mean is the paper's "OCR accuracy": SD3.5-M 0.579, Flow-GRPO 0.966, Flow-CPS 0.975
     (PAPER.md §6). Flow-GRPO reads with PaddleOCR 2.9 (English, CPU, angle classifier off); RapidOCR 3.10 runs the
     PP-OCR det/rec models through onnxruntime with the model files inside the wheel, so this works offline.
-    Detection size: PaddleOCR's default, det_limit_side_len 960 with limit_type "max" (shrink only images whose
-    longer side exceeds 960, so a 512-px image is read at full size). 320 is ~1.5x faster at 512 px and read the
-    same on the rendered-text check (tests/test_rewards.py, OCR section; README numbers), but it is not what
-    Flow-GRPO scored with. Images are read one at a time, on the CPU, whatever `device` is (as Flow-GRPO's
-    PaddleOCR). A prompt without quoted text scores NaN (invalid), not 0: there is nothing to read, and a 0 would
-    push the policy away from an image that did nothing wrong.
+    Detection size: PaddleOCR's default, det_limit_side_len 960 with limit_type "max" (only images whose longer side
+    exceeds 960 px are shrunk, so a 512-px image is read at full size). Measured on 512x512 renders of 10 signs
+    (2 shared CPU cores): clean text of 10-60 px is read exactly at 960 and at 320; blurred, with noise of std 0.08,
+    960 reads 2/5/10 of 10 exactly at 10/12/16 px (mean score 0.36/0.71/1.00) where 320 reads 0/4/8 (0.00/0.49/
+    0.80); 960 costs ~450 ms per image, 320 ~235 ms. 320 is the faster choice for large text, not Flow-GRPO's.
+    Images are read one at a time, on the CPU, whatever `device` is (as Flow-GRPO's PaddleOCR). A prompt without
+    quoted text scores NaN (invalid), not 0: there is nothing to read, and a 0 would push the policy away from an
+    image that did nothing wrong.
     """
     from rapidocr import RapidOCR
 
@@ -452,10 +448,10 @@ def _describe(e: BaseException) -> str:
 class RewardModel:
     """A weighted combination of registered rewards, with loud, per-sample failure handling.
 
-    * Images holding NaN/inf (a diverged model) are never scored: NaN for every component. All of them -> RewardError.
-    * A reward that raises is retried one sample at a time; the samples that still raise score NaN. Each distinct
-      cause (component + exception type + message) is warned once as "reward NAME: K of N samples failed: ...";
-      later occurrences are only counted in `failures` ({cause: samples}, for the trainer to log).
+    * Images holding NaN/inf (a diverged model) are never scored: NaN for every component; all of them: RewardError.
+    * A reward that raises is retried one sample at a time; those that still raise score NaN. Each distinct cause
+      (component, exception type, message) is warned once ("reward ocr: 3 of 64 samples failed: ValueError: ...")
+      and counted in `failures` ({cause: samples}) for the trainer to log.
     * A component that scores no sample of a non-empty batch of finite images (all raised, or all NaN: e.g. OCR on
       prompts without quoted text) raises RewardError naming it, the cause and what to check.
     """
@@ -469,11 +465,11 @@ class RewardModel:
                             for name, fn in self.fns.items()}
         self.failures: dict[str, int] = {}  # "who: Type: message" -> number of samples it cost, over all calls
 
-    def _count(self, who: str, cause: str, k: int, n: int, what: str = "samples failed") -> None:
+    def _count(self, who: str, cause: str, k: int, n: int, what: str = "samples failed", depth: int = 4) -> None:
         key = f"{who}: {cause}"
-        if key not in self.failures:
+        if key not in self.failures:  # depth: the warning points at the line that called the RewardModel
             warnings.warn(f"reward {who}: {k} of {n} {what}: {cause} (reported once; later ones are counted in "
-                          f"RewardModel.failures)", RewardWarning, stacklevel=3)
+                          f"RewardModel.failures)", RewardWarning, stacklevel=depth)
         self.failures[key] = self.failures.get(key, 0) + k
 
     def _score(self, name: str, images: Tensor, prompts: list[str], metadata) -> Tensor:
@@ -489,8 +485,6 @@ class RewardModel:
                             ).detach().float().reshape(1)[0]
             except Exception as e:
                 errors.setdefault(_describe(e), []).append(e)
-        for cause, errs in errors.items():
-            self._count(name, cause, len(errs), n)
         if errors and not torch.isfinite(out).any():
             causes = "; ".join(f"{len(v)} x {k}" for k, v in errors.items())
             rest = n - sum(map(len, errors.values()))
@@ -498,6 +492,8 @@ class RewardModel:
                               f"{f'; {rest} returned NaN' if rest else ''}). Check its options (--reward_options), "
                               f"that its model loaded, and its inputs; the first failure's traceback is above."
                               ) from next(iter(errors.values()))[0]
+        for cause, errs in errors.items():
+            self._count(name, cause, len(errs), n)
         return out
 
     def __call__(self, images: Tensor, prompts: list[str], metadata: list | None = None) -> RewardOutput:
@@ -512,7 +508,7 @@ class RewardModel:
                               f"the learning rate or clip_range, check the sampler's eta, or resume from an earlier "
                               f"checkpoint.")
         if len(keep) < n:
-            self._count("inputs", "images with NaN/inf values, not scored", n - len(keep), n, "images not finite")
+            self._count("inputs", "images with NaN/inf values, not scored", n - len(keep), n, "images not finite", 3)
             images, prompts = images[keep], [prompts[i] for i in keep]
             metadata = None if metadata is None else [metadata[i] for i in keep]
         comps = {}

@@ -3,6 +3,7 @@ models saved in the public checkpoints' on-disk formats and loaded through the s
 checked against hand computations; missing weights; the built-in rewards; combination and failure isolation."""
 import math
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -25,7 +26,7 @@ from PIL import Image, ImageDraw, ImageFont
 import clip
 import geneval
 import rewards
-from rewards import NORMALISERS, REGISTRY, Normaliser, RewardModel
+from rewards import NORMALISERS, REGISTRY, Normaliser, RewardError, RewardModel, RewardWarning
 
 # FLOW_CPS_TEST_DEVICE=cuda runs the model-based rewards on a GPU (references stay on the CPU)
 DEVICE = os.environ.get("FLOW_CPS_TEST_DEVICE", "cpu")
@@ -78,6 +79,27 @@ def test_ocr_needs_quoted_text(ocr):
     out = ocr(img, ["a sign without quotes", "a sign", 'a sign "HELLO"'], [None, {"text": "HELLO"}, None])
     assert math.isnan(out[0]) and out[1] == 1 and out[2] == 1  # metadata "text" overrides the prompt
     assert rewards.ocr_target('say \u201cHI THERE\u201d and "NO"') == "HI THERE"
+
+
+def test_ocr_target_and_spaces_as_flow_grpo():
+    # the first pair of quotes, never text across two pairs; an empty first pair is no target (NaN), not ' on a '
+    assert rewards.ocr_target('say "" on a "sign"') is None and rewards.ocr_target('a "  " sign') is None
+    assert rewards.ocr_target('a "first" and a "second"') == "first"
+    assert rewards.ocr_target('an unclosed "quote') is None
+    # Flow-GRPO removes spaces (U+0020) only: a newline or tab between words is one edit
+    assert rewards.ocr_score("HELLO WORLD", "hello world") == 1.0
+    assert rewards.ocr_score("HELLO\nWORLD", "hello world") == pytest.approx(1 - 1 / 10)
+    assert rewards.ocr_score("hello\tworld", "helloworld") == pytest.approx(1 - 1 / 10)
+
+
+def test_ocr_reads_small_text_at_paddleocrs_detection_size(ocr):
+    import inspect
+
+    assert inspect.signature(REGISTRY["ocr"]).parameters["det_limit_side_len"].default == 960  # PaddleOCR 2.9's
+    im = Image.new("RGB", (512, 512), "white")  # 12-px text on a 512-px image: read at full size (no shrinking)
+    ImageDraw.Draw(im).text((300, 400), "FRESH BREAD", fill="black", font=ImageFont.load_default(size=12))
+    img = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    assert ocr(img, ['A sign that says "FRESH BREAD"']).tolist() == [1.0]
 
 
 # -- PickScore: a tiny CLIP in PickScore_v1's layout --------------------------------------------------------------
@@ -241,6 +263,31 @@ def test_geneval_rewards_end_to_end(geneval_dirs, scorer):
         :1], "dog") == ["red"]
     assert strict[2] == float(colour_ok)
     assert out.valid.tolist() == [True, True, True, False] and math.isnan(score[3])
+    assert model.group_keys(meta) == {"geneval": ["single_object", "single_object", "colors", None],
+                                      "geneval_strict": ["single_object", "single_object", "colors", None]}
+
+
+def test_geneval_flow_grpo_scores_what_the_server_sees(geneval_dirs, scorer):
+    """The server's rule on the server's input: JPEG (PIL, quality 75) for everything, red/blue swapped for the
+    detector only (mmdet reads the RGB array as BGR), colours on the JPEG image as it is."""
+    model = RewardModel("geneval_flow_grpo", DEVICE, geneval_flow_grpo=geneval_dirs)
+    images = F.interpolate(rand_images(3, 12, 12, seed=8), size=48, mode="bilinear")
+    images[:, 0] *= 0.3  # red differs from blue, so the swap changes the detector's input
+    meta = [{"tag": "single_object", "include": [{"class": "dog", "count": 1}], "prompt": "a photo of a dog"},
+            {"tag": "counting", "include": [{"class": "dog", "count": 2}], "prompt": "two dogs",
+             "exclude": [{"class": "dog", "count": 3}]},
+            {"tag": "colors", "include": [{"class": "dog", "count": 1, "color": "red"}], "prompt": "a red dog"}]
+    got = model(images, [m["prompt"] for m in meta], meta).components["geneval_flow_grpo"]
+    jpeg = geneval.jpeg_roundtrip(images, 75)
+    for i, m in enumerate(meta):
+        objects = geneval.select_objects(scorer.detect(jpeg[i:i + 1].flip(1), 0.3)[0], m["tag"])
+        want = geneval.evaluate_flow_grpo(objects, m, lambda d, c, i=i: scorer.colours(jpeg[i], d, c)).score
+        assert got[i] == pytest.approx(want)
+    plain = RewardModel("geneval_flow_grpo", DEVICE, geneval_flow_grpo={**geneval_dirs, "jpeg_quality": 0,
+                                                                         "swap_red_blue": False})
+    objects = geneval.select_objects(scorer.detect(images[:1], 0.3)[0], "single_object")
+    assert plain(images[:1], ["a dog"], meta[:1]).total[0] == pytest.approx(
+        geneval.evaluate_flow_grpo(objects, meta[0]).score)
 
 
 # -- missing weights ---------------------------------------------------------------------------------------------
@@ -315,11 +362,132 @@ def test_a_failing_sample_only_invalidates_itself(monkeypatch):
     monkeypatch.setitem(REGISTRY, "t_fragile", fragile)
     monkeypatch.setitem(REGISTRY, "t_const", _const([1.0, 1.0, 1.0]))
     images = torch.stack([torch.full((1, 4, 4), v) for v in (0.2, 0.5, 0.8)])
-    out = RewardModel("t_fragile,t_const")(images, ["ok", "bad", "fine"])
+    with pytest.warns(RewardWarning, match="reward t_fragile: 1 of 3 samples failed: RuntimeError: cannot score"):
+        out = RewardModel("t_fragile,t_const")(images, ["ok", "bad", "fine"])
     assert out.valid.tolist() == [True, False, True] and math.isnan(out.total[1])
     assert out.components["t_fragile"][[0, 2]].tolist() == pytest.approx([0.2, 0.8])
     assert out.components["t_const"].tolist() == [1, 1, 1]  # the other reward is untouched
     assert rewards.nan_mean(out.total) == pytest.approx(float(out.total[[0, 2]].mean()))
+
+
+def _raising(rules):
+    """A reward that raises rules[p] for prompts p in rules, else scores the image mean."""
+    def factory(device="cpu"):
+        def fn(images, prompts, metadata=None):
+            for p in prompts:
+                if p in rules:
+                    raise rules[p]
+            return images.flatten(1).mean(1)
+        return fn
+    return factory
+
+
+def test_each_distinct_failure_is_reported_once_and_counted(monkeypatch):
+    monkeypatch.setitem(REGISTRY, "t_flaky", _raising({"a": ValueError("bad a"), "b": RuntimeError("bad b")}))
+    model = RewardModel("t_flaky")
+    images = torch.rand(4, 1, 4, 4)
+    with pytest.warns(RewardWarning) as caught:
+        out = model(images, ["a", "b", "a", "ok"])
+    assert sorted(str(w.message).split(" (reported")[0] for w in caught) == [
+        "reward t_flaky: 1 of 4 samples failed: RuntimeError: bad b",
+        "reward t_flaky: 2 of 4 samples failed: ValueError: bad a"]
+    assert out.valid.tolist() == [False, False, False, True]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second batch with the same causes: counted, not printed again
+        model(images, ["a", "ok", "ok", "b"])
+    assert model.failures == {"t_flaky: ValueError: bad a": 3, "t_flaky: RuntimeError: bad b": 2}
+
+
+def test_a_component_that_fails_everywhere_raises(monkeypatch):
+    monkeypatch.setitem(REGISTRY, "t_broken", _raising({p: OSError("weights vanished") for p in "abc"}))
+    monkeypatch.setitem(REGISTRY, "t_const", _const([1.0, 1.0, 1.0]))
+    with pytest.raises(RewardError, match=r"reward 't_broken' failed for all 3 samples of the batch \(3 x OSError: "
+                                          r"weights vanished\)\. Check its options") as err:
+        RewardModel("t_const,t_broken")(torch.rand(3, 1, 4, 4), ["a", "b", "c"])
+    assert isinstance(err.value.__cause__, OSError)  # the first failure's traceback comes with it
+    nan = lambda device="cpu": lambda images, prompts, metadata=None: torch.full((len(prompts),), float("nan"))  # noqa: E731
+    monkeypatch.setitem(REGISTRY, "t_nan", nan)
+    with pytest.raises(RewardError, match="returned NaN for all 2 .*would train on nothing"):
+        RewardModel("t_nan")(torch.rand(2, 1, 4, 4), ["x", "y"])
+    assert RewardModel("t_nan")(torch.rand(0, 1, 4, 4), []).total.numel() == 0  # an empty batch is not a failure
+
+
+def test_ocr_on_prompts_without_quotes_raises(ocr):
+    with pytest.raises(RewardError, match="reward 'ocr' returned NaN for all 2 .*text in double quotes"):
+        RewardModel("ocr")(render("HELLO").expand(2, -1, -1, -1), ["a sign", "another sign"])
+
+
+def test_non_finite_images_are_never_scored(monkeypatch):
+    seen = []
+
+    def spy(device="cpu"):
+        def fn(images, prompts, metadata=None):
+            seen.append((images.clone(), list(prompts), metadata))
+            return images.flatten(1).mean(1)
+        return fn
+    monkeypatch.setitem(REGISTRY, "t_spy", spy)
+    import digits
+
+    images, labels = digits.load("test")
+    images = images[:4].clone()
+    images[1, 0, 0, 0], images[3] = float("nan"), float("inf")
+    prompts = [f"a handwritten digit {int(d)}" for d in labels[:4]]
+    model = RewardModel("t_spy,digit_judge_accuracy")
+    with pytest.warns(RewardWarning, match="inputs: 2 of 4 images not finite"):
+        out = model(images, prompts, [{"i": i} for i in range(4)])
+    (got, got_prompts, got_meta), = seen
+    assert torch.equal(got, images[[0, 2]]) and got_prompts == [prompts[0], prompts[2]] and got_meta == [{"i": 0},
+                                                                                                        {"i": 2}]
+    for v in out.components.values():  # NaN for every component (the judge's argmax on NaN would say 0.1)
+        assert v.isnan().tolist() == [False, True, False, True]
+    assert out.valid.tolist() == [True, False, True, False] and model.failures[
+        "inputs: images with NaN/inf values, not scored"] == 2
+    with pytest.raises(RewardError, match="all 4 images contain NaN or inf: the model diverged"):
+        model(torch.full((4, 1, 8, 8), float("nan")), prompts)
+
+
+def test_group_keys(monkeypatch):
+    def grouped(device="cpu"):
+        fn = lambda images, prompts, metadata=None: images.flatten(1).mean(1)  # noqa: E731
+        fn.group_key = lambda m: m.get("tag") if m else None
+        return fn
+    monkeypatch.setitem(REGISTRY, "t_grouped", grouped)
+    monkeypatch.setitem(REGISTRY, "t_const", _const([1.0, 1.0]))
+    keys = RewardModel("t_grouped,t_const").group_keys([{"tag": "counting"}, None])
+    assert keys == {"t_grouped": ["counting", None], "t_const": [None, None]}
+    assert REGISTRY["geneval_strict"].forwards_to is geneval.Scorer  # the GenEval rewards key by tag (end-to-end test)
+
+
+# -- options, checked at config time -----------------------------------------------------------------------------
+USED = ["digit_judge", "ocr", "geneval", "geneval_flow_grpo"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"ocr": {"det_limit_side_len": 960}', r"--reward_options is not valid JSON: Expecting ',' delimiter at line 1 "
+                                            r"column 36 \(char 35\)"),
+    ('["ocr"]', r"--reward_options must be a JSON object \{reward name: \{option: value\}\}.* got a JSON array"),
+    ('{"pickscore": {"model": "/x"}}', r"options for 'pickscore', which this run does not use; its rewards are: "
+                                       r"digit_judge, ocr, geneval, geneval_flow_grpo"),
+    ('{"digit_judge": 5}', r"the value for 'digit_judge' must be a JSON object of options, .* got a JSON number: 5"),
+    ('{"ocr": {"det_limit": 960}}', r"reward 'ocr' has no option 'det_limit'; its options are: det_limit_side_len"),
+    ('{"geneval": {"jpeg_quality": 90}}', r"reward 'geneval' has no option 'jpeg_quality'; its options are: clip, "
+                                          r"counting_threshold, detector, detector_size, dtype, max_objects, "
+                                          r"max_overlap, max_per_image, position_margin, threshold"),
+])
+def test_parse_options_errors(text, message):
+    with pytest.raises(ValueError, match=message):
+        rewards.parse_options(text, USED)
+
+
+def test_parse_options_accepts_what_factories_take():
+    text = '{"ocr": {"det_limit_side_len": 320}, "geneval_flow_grpo": {"jpeg_quality": 90, "detector_size": 512}}'
+    assert rewards.parse_options(text, USED) == {"ocr": {"det_limit_side_len": 320},
+                                                 "geneval_flow_grpo": {"jpeg_quality": 90, "detector_size": 512}}
+    assert rewards.parse_options("{}", USED) == {}
+    assert rewards.accepted_options("clean_background") == []
+    with pytest.raises(ValueError, match="reward 'clean_background' has no option 'scale'; its options are: "
+                                         r"\(none\)"):
+        RewardModel("clean_background", clean_background={"scale": 2})  # not a TypeError deep in the factory
 
 
 def test_score_files_cli(tmp_path, capsys):
