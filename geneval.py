@@ -103,7 +103,7 @@ class Detection:
 @dataclass
 class Verdict:
     correct: bool  # the benchmark's binary rule
-    score: float  # partial credit in [0, 1] (training reward)
+    score: float  # partial credit (training reward): in [0, 1] for `evaluate`, <= 1 for `evaluate_flow_grpo`
     reasons: list[str] = field(default_factory=list)  # why `correct` is False, in the benchmark's words
 
 
@@ -440,6 +440,7 @@ _SCORERS: dict = {}  # one loaded Scorer per (device, options): geneval rewards 
 
 
 def shared_scorer(device="cpu", **options) -> Scorer:
+    options = {k: as_dtype(v) if k == "dtype" else v for k, v in options.items()}  # "bfloat16" = torch.bfloat16
     key = (str(device), tuple(sorted((k, str(v)) for k, v in options.items())))
     if key not in _SCORERS:
         _SCORERS[key] = Scorer(device=device, **options)

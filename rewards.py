@@ -324,7 +324,7 @@ def geneval_flow_grpo(device="cpu", jpeg_quality: int = 75, swap_red_blue: bool 
     on what the server sees: the images JPEG-compressed by PIL at quality 75 (its client's `save(format="JPEG")`,
     PIL's default) and, with swap_red_blue, red and blue swapped for the detector only (the server hands mmdet 2's
     `inference_detector` RGB arrays, which mmdet takes for BGR and converts; CLIP colours see the true colours).
-    Scale: the mean of credits, <= 1, below 0 only for heavy over-counting."""
+    jpeg_quality 0 skips the JPEG. Scale: the mean of credits, <= 1, below 0 only for heavy over-counting."""
     return geneval.reward_fn(geneval.shared_scorer(device, **options), lambda v: v.score, geneval.evaluate_flow_grpo,
                              jpeg_quality or None, swap_red_blue)
 

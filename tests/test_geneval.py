@@ -1,11 +1,13 @@
 """GenEval's rules on synthetic detections: every tag, counts, colours, the position margin, exclusions, and the
 benchmark's summary. (The model path, Mask2Former + CLIP, is tested in test_rewards.py on tiny models.)"""
+import io
 import math
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import geneval
 from geneval import Detection, evaluate, relative_position, select_objects, summarize
@@ -212,10 +214,6 @@ def test_flow_grpo_ignores_excludes():
 
 
 def test_jpeg_roundtrip_is_pils_default_jpeg():
-    import io
-
-    from PIL import Image
-
     g = torch.Generator().manual_seed(0)
     images = F.interpolate(torch.rand(2, 3, 8, 8, generator=g), size=32, mode="bilinear")  # smooth, photo-like
     out = geneval.jpeg_roundtrip(images)

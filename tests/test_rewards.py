@@ -1,6 +1,7 @@
 """rewards.py: OCR on real rendered text (real RapidOCR); PickScore, HPSv2.1 and GenEval on tiny random-weight
 models saved in the public checkpoints' on-disk formats and loaded through the same code path as the real ones,
 checked against hand computations; missing weights; the built-in rewards; combination and failure isolation."""
+import inspect
 import math
 import os
 import warnings
@@ -24,6 +25,7 @@ from clip_fixtures import (
 from PIL import Image, ImageDraw, ImageFont
 
 import clip
+import digits
 import geneval
 import rewards
 from rewards import NORMALISERS, REGISTRY, Normaliser, RewardError, RewardModel, RewardWarning
@@ -93,8 +95,6 @@ def test_ocr_target_and_spaces_as_flow_grpo():
 
 
 def test_ocr_reads_small_text_at_paddleocrs_detection_size(ocr):
-    import inspect
-
     assert inspect.signature(REGISTRY["ocr"]).parameters["det_limit_side_len"].default == 960  # PaddleOCR 2.9's
     im = Image.new("RGB", (512, 512), "white")  # 12-px text on a 512-px image: read at full size (no shrinking)
     ImageDraw.Draw(im).text((300, 400), "FRESH BREAD", fill="black", font=ImageFont.load_default(size=12))
@@ -312,8 +312,6 @@ def test_pickscore_rejects_unknown_scale(pickscore_dirs):
 
 # -- built-in rewards --------------------------------------------------------------------------------------------
 def test_digit_judge_on_clean_test_digits():
-    import digits
-
     images, labels = digits.load("test")
     fn = REGISTRY["digit_judge"]()
     right = fn(images, [f"a handwritten digit {int(d)}" for d in labels])
@@ -324,8 +322,6 @@ def test_digit_judge_on_clean_test_digits():
 
 
 def test_clean_background_ranks_clean_above_noisy():
-    import digits
-
     images, _ = digits.load("test")
     noisy = (images + 0.05 * torch.randn(images.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
     fn = REGISTRY["clean_background"]()
@@ -426,8 +422,6 @@ def test_non_finite_images_are_never_scored(monkeypatch):
             return images.flatten(1).mean(1)
         return fn
     monkeypatch.setitem(REGISTRY, "t_spy", spy)
-    import digits
-
     images, labels = digits.load("test")
     images = images[:4].clone()
     images[1, 0, 0, 0], images[3] = float("nan"), float("inf")
