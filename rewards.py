@@ -188,7 +188,8 @@ def ocr(device="cpu", det_limit_side_len: int = 960) -> RewardFn:
 
     Scale [0, 1]. Its test-set mean is the paper's "OCR accuracy": SD3.5-M 0.579, Flow-GRPO 0.966, Flow-CPS 0.975
     (PAPER.md §6). Flow-GRPO reads with PaddleOCR 2.9 (English, CPU, angle classifier off); RapidOCR 3.10 runs the
-    PP-OCR det/rec models through onnxruntime with the model files inside the wheel, so this works offline.
+    PP-OCR det/rec models through onnxruntime with the model files inside the wheel, so this works offline. Where
+    Flow-GRPO scores an OCR exception as 0, here it is a failure (NaN, reported by RewardModel).
     Detection size: PaddleOCR's default, det_limit_side_len 960 with limit_type "max" (only images whose longer side
     exceeds 960 px are shrunk, so a 512-px image is read at full size). Measured on 512x512 renders of 10 signs
     (2 shared CPU cores): clean text of 10-60 px is read exactly at 960 and at 320; blurred, with noise of std 0.08,
