@@ -4,7 +4,7 @@ GenEval (Ghosh, Hajishirzi & Schmidt, NeurIPS 2023 Datasets & Benchmarks, arXiv 
 image against a prompt's metadata with an instance segmenter (Mask2Former, Swin-S, COCO instances) and CLIP
 ViT-L/14 zero-shot colour classification of each detected object. The paper's GenEval row (SD3.5-M 0.63 -> 0.97
 with Flow-GRPO and with Flow-CPS) is the benchmark's *overall* score: per-tag accuracy of this binary rule,
-averaged over the six tags (`summarize`). Flow-GRPO trains on a *partial-credit* score instead (`Verdict.score`).
+averaged over the six tags (`summarize`; the rewards carry `tag_of` as their `group_key` so a trainer can log it).
 
 Metadata, one dict per prompt, in GenEval's jsonl format (what `prompts.load("geneval", ...)` produces):
     {"tag": "counting", "prompt": "a photo of three clocks",
@@ -13,15 +13,20 @@ Metadata, one dict per prompt, in GenEval's jsonl format (what `prompts.load("ge
 
 The rules (the benchmark's `evaluate_images.py`, restated; thresholds are its defaults):
   1. detections of a class are kept if score > 0.3 (0.9 for the counting tag), most confident first, at most 16;
+     compared as the benchmark compares them, in float32 (mmdet's scores are a float32 array, so a score of exactly
+     float32(0.3) is dropped), and ordered as its `argsort(scores)[::-1]` orders them: among exactly equal scores
+     the later detection comes first;
   2. include {class, count}: at least `count` kept detections; colour and position are judged on the `count` most
      confident ones only; colour = CLIP's argmax over the 10 colours of the masked, cropped object;
   3. position: offset = A's box centre - B's; each axis shrunk towards 0 by 0.1 x (A's + B's size on that axis),
      the benchmark's margin; with (dx, dy) = shrunk / |offset|: "left of" dx < -0.5, "right of" dx > 0.5,
      "above" dy < -0.5, "below" dy > 0.5 (image y grows downwards); no relation if both shrunk offsets vanish;
+     all in float32 arithmetic, as the benchmark's numpy on mmdet's float32 boxes;
   4. exclude {class, count}: fewer than `count` kept detections (this is how counting is exact: include n,
      exclude n + 1); includes combine with AND, excludes with OR.
 
-Partial credit (training reward, in [0, 1]; the mean over the prompt's checks):
+Two partial-credit rules for training (the mean over a prompt's checks):
+`evaluate` (`Verdict.score`, this project's `geneval` reward, in [0, 1]):
   * count, per include: max(0, 1 - |found - count| / count), found = all kept detections of the class. Extra
     objects cost credit for every tag (Flow-GRPO's reward server does the same; the benchmark's rule only caps
     counts for the counting tag). Deviation: floored at 0 (Flow-GRPO's can go negative for found > 2 x count);
@@ -29,6 +34,8 @@ Partial credit (training reward, in [0, 1]; the mean over the prompt's checks):
   * position, per include with "position": fraction of (object, target object) pairs in the right relation,
     over count x target count pairs (missing objects count as failed pairs);
   * exclude on a class no include names: 1 if respected, else 0.
+`evaluate_flow_grpo` (the `geneval_flow_grpo` reward): Flow-GRPO's reward server as it is, quirks included (see
+its docstring), scored on JPEG-compressed images with the detector seeing red and blue swapped, as the server does.
 
 Model path (`Scorer`): transformers' `Mask2FormerForUniversalSegmentation` with `facebook/mask2former-swin-small-
 coco-instance` (the benchmark's architecture and training data; the weights are the original Mask2Former release
@@ -42,13 +49,18 @@ Run `python rewards.py geneval IMAGE --prompt ... --metadata '{...}'` to score f
 """
 from __future__ import annotations
 
+import io
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from clip import CLIP_MEAN, CLIP_STD, as_dtype, clip_preprocess, load_pretrained, rgb
 
 # The 80 COCO instance classes in COCO's contiguous label order (= the segmenter's label ids 0..79), named as
 # GenEval's object_names.txt names them (it says "computer mouse", "tv remote", "computer keyboard" where COCO says
@@ -91,28 +103,36 @@ class Detection:
 @dataclass
 class Verdict:
     correct: bool  # the benchmark's binary rule
-    score: float  # partial credit in [0, 1] (training reward)
+    score: float  # partial credit (training reward): in [0, 1] for `evaluate`, <= 1 for `evaluate_flow_grpo`
     reasons: list[str] = field(default_factory=list)  # why `correct` is False, in the benchmark's words
 
 
 # -- the rules ---------------------------------------------------------------------------------------------------
+# The benchmark computes on mmdet's float32 arrays; numpy keeps float32 when an array meets a Python float, so its
+# thresholds and position arithmetic are float32. Written out here with explicit np.float32.
 def box_iou(a, b) -> float:
-    """IoU with the benchmark's inclusive-pixel areas ((x1 - x0 + 1) (y1 - y0 + 1))."""
+    """IoU with the benchmark's inclusive-pixel areas ((x1 - x0 + 1) (y1 - y0 + 1)), in float32."""
+    a, b = np.asarray(a[:4], np.float32), np.asarray(b[:4], np.float32)
+
     def area(x0, y0, x1, y1):
-        return max(x1 - x0 + 1, 0) * max(y1 - y0 + 1, 0)
+        return max(x1 - x0 + 1, np.float32(0)) * max(y1 - y0 + 1, np.float32(0))
     inter = area(max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3]))
-    union = area(*a[:4]) + area(*b[:4]) - inter
-    return inter / union if union else 0.0
+    union = area(*a) + area(*b) - inter
+    return float(inter / union) if union else 0.0
 
 
 def select_objects(candidates: dict[str, list[Detection]], tag: str, threshold: float = THRESHOLD,
                    counting_threshold: float = COUNTING_THRESHOLD, max_objects: int = MAX_OBJECTS,
                    max_overlap: float = MAX_OVERLAP) -> dict[str, list[Detection]]:
     """Rule 1: per class, the confident detections, most confident first (the counting tag demands 0.9)."""
-    min_score = counting_threshold if tag == "counting" else threshold
+    min_score = np.float32(counting_threshold if tag == "counting" else threshold)
     kept = {}
     for cls, dets in candidates.items():
-        order = [d for d in sorted(dets, key=lambda d: -d.score) if d.score > min_score][:max_objects]
+        # the benchmark's order, argsort(float32 scores)[::-1]: numpy's argsort keeps equal scores in list order (it
+        # is an insertion sort below 17 elements; longer lists of exact ties have no specified order), so after the
+        # reversal the later of two equal detections comes first
+        order = sorted(range(len(dets)), key=lambda i: (np.float32(dets[i].score), i), reverse=True)
+        order = [dets[i] for i in order if np.float32(dets[i].score) > min_score][:max_objects]
         chosen = []
         while order:
             best = order.pop(0)
@@ -126,16 +146,15 @@ def select_objects(candidates: dict[str, list[Detection]], tag: str, threshold: 
 
 def relative_position(a, b, margin: float = POSITION_MARGIN) -> set[str]:
     """Rule 3: the relations of box `a` to box `b` ({"left of", "above"}, ...); empty when the centres are within
-    the margin on both axes."""
-    ca, cb = ((a[0] + a[2]) / 2, (a[1] + a[3]) / 2), ((b[0] + b[2]) / 2, (b[1] + b[3]) / 2)
-    size_a, size_b = (abs(a[2] - a[0]), abs(a[3] - a[1])), (abs(b[2] - b[0]), abs(b[3] - b[1]))
-    offset = [ca[i] - cb[i] for i in range(2)]
+    the margin on both axes. float32 throughout, as the benchmark."""
+    boxes = np.asarray([a[:4], b[:4]], np.float32).reshape(2, 2, 2)  # (box, corner, xy)
+    centre, size = boxes.mean(axis=1), np.abs(boxes[:, 1] - boxes[:, 0])
+    offset = centre[0] - centre[1]
     # shrink each axis by the margin so that barely-offset objects relate on neither side of that axis
-    shrunk = [math.copysign(max(abs(offset[i]) - margin * (size_a[i] + size_b[i]), 0.0), offset[i]) for i in range(2)]
-    if all(abs(s) < 1e-3 for s in shrunk):
+    shrunk = np.maximum(np.abs(offset) - np.float32(margin) * (size[0] + size[1]), 0) * np.sign(offset)
+    if np.all(np.abs(shrunk) < np.float32(1e-3)):
         return set()
-    norm = math.hypot(*offset)
-    dx, dy = shrunk[0] / norm, shrunk[1] / norm  # image y grows downwards, so dy < 0 is "above"
+    dx, dy = shrunk / np.linalg.norm(offset)  # image y grows downwards, so dy < 0 is "above"
     rel = set()
     if dx < -0.5:
         rel.add("left of")
@@ -205,6 +224,60 @@ def evaluate(objects: dict[str, list[Detection]], metadata: dict, colours: Colou
     return Verdict(correct=correct, score=sum(credits) / len(credits), reasons=reasons)
 
 
+def evaluate_flow_grpo(objects: dict[str, list[Detection]], metadata: dict, colours: ColourFn = _given_colours,
+                       position_margin: float = POSITION_MARGIN) -> Verdict:
+    """Flow-GRPO's training reward, as its reward server (yifan123/reward-server, `evaluate_reward` in
+    reward_server/gen_eval.py) computes it; `score` = the mean of the credits below, `correct` = its "strict" flag.
+
+    Per include {class, count}, with found = all kept detections of the class:
+      * count credit 1 - |count - found| / count, NOT floored (negative when found > 2 x count);
+      * colour and position need the exact count: with found != count the include gets one 0 credit if it asks for
+        colour or position (one 0, even if it asks for both), and neither is judged;
+      * colour: credit 1 - |count - right| / count (= right / count) over the found objects' CLIP colours;
+      * position, judged only if the colour (if any) passed: no target (its include failed) -> credit 0; some
+        (object, target) pair in the wrong relation -> credits 0 AND 1 (the server appends a 1 after its pair loop
+        whether or not a pair failed; reproduced as it is, so a wrong relation still earns half); all pairs right
+        -> credit 1.
+    Excludes are ignored. No credits at all (no includes) -> 0. `correct` demands exact counts, colours and
+    relations of every include.
+    """
+    correct, reasons, credits = True, [], []
+    matched: list[list[Detection] | None] = []
+    for req in metadata.get("include", []):
+        cls, n = req["class"], int(req["count"])
+        found = objects.get(cls, [])
+        ok = len(found) == n
+        credits.append(1 - abs(n - len(found)) / n)
+        if not ok:
+            reasons.append(f"expected {cls}=={n}, found {len(found)}")
+            if "color" in req or "position" in req:
+                credits.append(0.0)
+        if ok and "color" in req:
+            right = colours(found, cls).count(req["color"])
+            credits.append(1 - abs(n - right) / n)
+            if right != n:
+                ok = False
+                reasons.append(f"expected {req['color']} {cls}=={n}, found {right} {req['color']}")
+        if ok and "position" in req:
+            rel, target = req["position"][0], int(req["position"][1])
+            if not 0 <= target < len(matched):
+                raise ValueError(f"position target {target} of {req!r} must name an earlier include clause")
+            if matched[target] is None:
+                ok = False
+                reasons.append(f"no target for {cls} to be {rel}")
+                credits.append(0.0)
+            else:
+                if not all(rel in relative_position(o.box, t.box, position_margin) for o in found
+                           for t in matched[target]):
+                    ok = False
+                    reasons.append(f"expected {cls} {rel} target")
+                    credits.append(0.0)
+                credits.append(1.0)
+        matched.append(found if ok else None)
+        correct &= ok
+    return Verdict(correct=correct, score=sum(credits) / len(credits) if credits else 0.0, reasons=reasons)
+
+
 def summarize(tags: list[str], correct) -> dict[str, float]:
     """The benchmark's summary: accuracy per tag and "overall" = their unweighted mean (tags with no sample are
     left out). `correct` is a sequence of bools/0-1 floats aligned with `tags`; NaN entries (unscored) are skipped."""
@@ -231,11 +304,10 @@ class Scorer:
                  detector_size: int = 800, threshold: float = THRESHOLD,
                  counting_threshold: float = COUNTING_THRESHOLD, max_objects: int = MAX_OBJECTS,
                  max_overlap: float = MAX_OVERLAP, position_margin: float = POSITION_MARGIN, max_per_image: int = 100,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype | str = torch.float32):
         from transformers import AutoTokenizer, CLIPModel, Mask2FormerForUniversalSegmentation
 
-        from rewards import load_pretrained
-
+        dtype = as_dtype(dtype)
         self.device, self.dtype, self.detector_size, self.max_per_image = torch.device(device), dtype, detector_size, \
             max_per_image
         self.rules = dict(threshold=threshold, counting_threshold=counting_threshold, max_objects=max_objects,
@@ -315,8 +387,6 @@ class Scorer:
     @torch.no_grad()
     def colours(self, image: Tensor, dets: list[Detection], cls: str) -> list[str]:
         """The benchmark's colour of each object: mask onto grey, crop to the box, CLIP zero-shot over COLORS."""
-        from rewards import CLIP_MEAN, CLIP_STD, clip_preprocess
-
         image = image.to(self.device, torch.float32)
         crops = []
         for d in dets:
@@ -328,11 +398,70 @@ class Scorer:
         pred = (F.normalize(feats, dim=-1) @ self._colour_classifier(cls).T).argmax(-1)
         return [COLORS[int(i)] for i in pred]
 
-    def __call__(self, images: Tensor, metadata: list[dict]) -> list[Verdict]:
+    def __call__(self, images: Tensor, metadata: list[dict], rule: Callable[..., Verdict] = evaluate,
+                 swap_red_blue: bool = False) -> list[Verdict]:
+        """`rule` (evaluate or evaluate_flow_grpo) on each image's kept detections. swap_red_blue: the detector sees
+        the images with red and blue swapped (what Flow-GRPO's reward server feeds mmdet); colours see them as
+        they are."""
+        images = rgb(images)
         min_score = min(self.rules["threshold"], self.rules["counting_threshold"])
         verdicts = []
-        for image, meta, cands in zip(images, metadata, self.detect(images, min_score)):
+        for image, meta, cands in zip(images, metadata, self.detect(images.flip(1) if swap_red_blue else images,
+                                                                    min_score)):
             objects = select_objects(cands, meta.get("tag", ""), **self.rules)
-            verdicts.append(evaluate(objects, meta, lambda dets, cls, image=image: self.colours(image, dets, cls),
-                                     self.position_margin))
+            verdicts.append(rule(objects, meta, lambda dets, cls, image=image: self.colours(image, dets, cls),
+                                 self.position_margin))
         return verdicts
+
+
+# -- as rewards (registered in rewards.py) -----------------------------------------------------------------------
+def tag_of(metadata) -> str | None:
+    """The group key of the GenEval rewards: the prompt's tag, so the benchmark's overall score (the mean over
+    tags of the per-tag means) can be logged instead of a mean over images."""
+    return metadata.get("tag") if isinstance(metadata, dict) else None
+
+
+def jpeg_roundtrip(images: Tensor, quality: int = 75) -> Tensor:
+    """Images as a JPEG file of this quality holds them (PIL's encoder, its default 4:2:0 chroma subsampling), back
+    in [0, 1]: what Flow-GRPO's client sends its reward server (PIL's default quality, 75)."""
+    from PIL import Image
+
+    arr = (rgb(images).detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    out = []
+    for a in arr:
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format="JPEG", quality=quality)
+        with Image.open(buf) as im:
+            out.append(torch.from_numpy(np.asarray(im.convert("RGB")).copy()))
+    return torch.stack(out).permute(0, 3, 1, 2).float().div(255).to(images.device)
+
+
+_SCORERS: dict = {}  # one loaded Scorer per (device, options): geneval rewards in one run share the models
+
+
+def shared_scorer(device="cpu", **options) -> Scorer:
+    options = {k: as_dtype(v) if k == "dtype" else v for k, v in options.items()}  # "bfloat16" = torch.bfloat16
+    key = (str(device), tuple(sorted((k, str(v)) for k, v in options.items())))
+    if key not in _SCORERS:
+        _SCORERS[key] = Scorer(device=device, **options)
+    return _SCORERS[key]
+
+
+def reward_fn(scorer: Scorer, pick: Callable[[Verdict], float], rule: Callable[..., Verdict] = evaluate,
+              jpeg_quality: int | None = None, swap_red_blue: bool = False) -> Callable[..., Tensor]:
+    """A reward `fn(images, prompts, metadata) -> Tensor[B]`: `pick(verdict)` per image, NaN for a sample without
+    GenEval metadata (nothing to check against: invalid, never a made-up score). Carries `group_key = tag_of`."""
+    def fn(images: Tensor, prompts: list[str], metadata=None) -> Tensor:
+        meta = list(metadata) if metadata is not None else [None] * len(prompts)
+        ok = [i for i, m in enumerate(meta) if isinstance(m, dict) and (m.get("include") or m.get("exclude"))]
+        if len(ok) < len(meta):
+            warnings.warn("geneval: samples without GenEval metadata (include/exclude) score NaN; load prompts with "
+                          "prompts.load('geneval', ...) or a GenEval-format .jsonl", stacklevel=2)
+        out = torch.full((len(prompts),), float("nan"))
+        if ok:
+            x = images[ok] if jpeg_quality is None else jpeg_roundtrip(images[ok], jpeg_quality)
+            for i, v in zip(ok, scorer(x, [meta[i] for i in ok], rule, swap_red_blue)):
+                out[i] = pick(v)
+        return out
+    fn.group_key = tag_of
+    return fn

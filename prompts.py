@@ -4,15 +4,22 @@
     texts, metadata = prompts.load("geneval", "train", seed=0)   # GenEval-style prompts + their GenEval metadata
     texts, metadata = prompts.load("ocr", "test")                 # 'A sign that says "OPEN LATE"', ...; metadata None
     texts, metadata = prompts.load("digits", "train")             # the built-in task (digits.prompts)
-    texts, metadata = prompts.load("my_prompts.txt", "train")     # one prompt per line
+    texts, metadata = prompts.load("my_prompts.txt", "train")     # the file's train part (see below)
+    texts, metadata = prompts.load("my_eval.txt", "all")          # every prompt of a file (an explicit eval set)
     texts, metadata = prompts.load("flow_grpo/dataset/geneval", "test")   # a folder with test_metadata.jsonl, ...
+    n_train, n_test = prompts.split_sizes("my_prompts.txt")
 
 `metadata[i]` is None or a dict that rewards receive alongside the prompt (GenEval's tag/include/exclude; OCR's
 optional "text" overriding the quoted span). Splits:
   * train and test never share an item: membership is a fixed hash of the item's content (the class pair for
     "a cat and a dog" and "a dog and a cat" alike, the target text for OCR), independent of the seed;
+  * a single .txt/.jsonl file is split the same way, by a crc32 of each prompt's text: about one prompt in 4 is
+    held out for "test", the same ones on every call and seed, and a prompt repeated in the file stays on one side.
+    A file too small to leave both sides non-empty (1-3 prompts, typically) raises ValueError for the empty side:
+    give more prompts, a folder with train/test files, or evaluate on an explicit file (`load(path, "all")`);
+  * a folder with {split}.txt / {split}.jsonl / {split}_metadata.jsonl is used as its files say;
   * the test split is the same for every seed, so evaluations compare across runs; `seed` draws and orders the
-    training split.
+    training split of the generators (a file keeps its order).
 The GenEval generator follows the benchmark's templates (six tags, COCO's 80 classes, counts 2-4, ten colours,
 four relations; no "[colour] person" prompts), but draws its own prompts: its test split is GenEval-like, not
 GenEval's 553 prompts. For the paper's exact sets, point `load` at Flow-GRPO's dataset folders or GenEval's
@@ -25,6 +32,9 @@ import random
 import zlib
 from collections.abc import Callable
 from pathlib import Path
+
+import digits
+from geneval import COCO_CLASSES, COLORS, POSITIONS
 
 SPLITS = ("train", "test")
 TEST_FRACTION = 4  # one item in 4 (by content hash) belongs to the test split
@@ -70,9 +80,7 @@ def plural(noun: str) -> str:
 
 
 def _geneval_candidates() -> dict[str, Callable[[random.Random], tuple[str, dict]]]:
-    from geneval import COCO_CLASSES as C
-    from geneval import COLORS, POSITIONS
-
+    C = COCO_CLASSES
     colourable = [c for c in C if c != "person"]  # the benchmark has no "[colour] person" prompts
     inverse = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 
@@ -165,8 +173,6 @@ def ocr(split: str = "train", seed: int = 0, n: int | None = None) -> tuple[list
 
 def digit_prompts(split: str = "train", seed: int = 0) -> tuple[list[str], list[None]]:
     """The built-in digits task (digits.prompts): 40 training phrasings, 10 held-out evaluation prompts."""
-    import digits
-
     _check_split(split)
     texts = digits.prompts(split)
     return texts, [None] * len(texts)
@@ -177,8 +183,9 @@ GENERATORS = {"digits": digit_prompts, "geneval": geneval, "ocr": ocr}
 
 # -- users' own files ----------------------------------------------------------------------------------------------
 def load_file(path) -> tuple[list[str], list[dict | None]]:
-    """A prompt file: .txt (one prompt per line; blank lines skipped; metadata None) or .jsonl (one JSON object per
-    line with a non-empty string "prompt"; the whole object is that prompt's metadata, as in GenEval's format)."""
+    """Every prompt of a file: .txt (one prompt per line; blank lines skipped; metadata None) or .jsonl (one JSON
+    object per line with a non-empty string "prompt"; the whole object is that prompt's metadata, as in GenEval's
+    format)."""
     path = Path(path)
     if path.suffix not in (".txt", ".jsonl"):
         raise ValueError(f"{path}: prompt files are .txt (one prompt per line) or .jsonl (one JSON object with a "
@@ -212,20 +219,39 @@ def load_file(path) -> tuple[list[str], list[dict | None]]:
     return texts, metadata
 
 
-def _check_split(split: str) -> None:
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+def split_file(path, split: str) -> tuple[list[str], list[dict | None]]:
+    """The `split` part of a single prompt file: "test" holds the prompts whose text hashes into the test split
+    (`_is_test`, about one in 4), "train" the others, "all" every prompt. An empty part raises ValueError."""
+    texts, metadata = load_file(path)
+    if split == "all":
+        return texts, metadata
+    test = [_is_test(t) for t in texts]
+    keep = [i for i, t in enumerate(test) if t == (split == "test")]
+    if not keep:
+        raise ValueError(f"{path}: the {split!r} split of this file is empty: a single prompt file is split by a hash "
+                         f"of each prompt (about 1 in {TEST_FRACTION} goes to 'test'), and its {len(texts)} prompt(s) "
+                         f"give {len(texts) - sum(test)} train / {sum(test)} test. Give more prompts, a folder with "
+                         f"train.txt and test.txt (or train/test .jsonl), or an explicit evaluation file "
+                         f"(--eval_prompts FILE).")
+    return [texts[i] for i in keep], [metadata[i] for i in keep]
+
+
+def _check_split(split: str, allowed=SPLITS) -> None:
+    if split not in allowed:
+        raise ValueError(f"unknown split {split!r}; use one of {', '.join(allowed)}" +
+                         ("" if "all" in allowed else " ('all' is for a single prompt file)"))
 
 
 def load(name_or_path: str, split: str, seed: int = 0) -> tuple[list[str], list[dict | None]]:
     """Prompts and per-prompt metadata (None or dict) of a built-in set or a user's file or folder.
 
-    name_or_path: "digits", "geneval", "ocr"; a .txt/.jsonl file (used for both splits); or a folder holding
-    {split}.txt, {split}.jsonl or {split}_metadata.jsonl (Flow-GRPO's dataset layout)."""
-    _check_split(split)
+    name_or_path: "digits", "geneval", "ocr"; a .txt/.jsonl file (split by prompt hash, see the module docstring;
+    split "all" gives every prompt); or a folder holding {split}.txt, {split}.jsonl or {split}_metadata.jsonl
+    (Flow-GRPO's dataset layout)."""
+    path = Path(name_or_path).expanduser()
+    _check_split(split, (*SPLITS, "all") if path.is_file() else SPLITS)
     if name_or_path in GENERATORS:
         return GENERATORS[name_or_path](split, seed)
-    path = Path(name_or_path).expanduser()
     if path.is_dir():
         names = [f"{split}.txt", f"{split}.jsonl", f"{split}_metadata.jsonl"]
         found = [path / n for n in names if (path / n).is_file()]
@@ -233,9 +259,19 @@ def load(name_or_path: str, split: str, seed: int = 0) -> tuple[list[str], list[
             raise ValueError(f"{path}: a prompt folder needs one of {', '.join(names)} for the {split!r} split")
         return load_file(found[0])
     if path.is_file():
-        return load_file(path)
+        return split_file(path, split)
     raise ValueError(f"unknown prompt set {name_or_path!r}: not one of {', '.join(GENERATORS)}, and no such file or "
                      f"folder (give a .txt/.jsonl file or a folder with {split}.txt / {split}_metadata.jsonl)")
+
+
+def split_sizes(name_or_path: str, seed: int = 0) -> tuple[int, int]:
+    """(number of train prompts, number of test prompts) of a set, for the trainer to print; a single file's sides
+    may be 0 here (`load` refuses an empty side)."""
+    path = Path(name_or_path).expanduser()
+    if name_or_path not in GENERATORS and path.is_file():
+        texts = load_file(path)[0]
+        return len(texts) - sum(map(_is_test, texts)), sum(map(_is_test, texts))
+    return len(load(name_or_path, "train", seed)[0]), len(load(name_or_path, "test", seed)[0])
 
 
 if __name__ == "__main__":  # sizes and a few examples of each built-in set

@@ -1,9 +1,10 @@
 """Rewards: every reward is `fn(images, prompts, metadata=None) -> Tensor[B]`, images float (B, C, H, W) in [0, 1].
 
-A reward returns NaN for a sample it cannot score (exception, unreadable input, a prompt without the text it
-needs); `RewardModel` turns that into a `valid` mask so GRPO excludes the sample from its advantages instead of
-training on a silent 0. Several rewards combine as a weighted sum ("ocr:1,pickscore:0.5"), each component
-normalised first (see `Normaliser`) and logged separately.
+A reward returns NaN for a sample it cannot score (a prompt without the text it needs, no GenEval metadata);
+`RewardModel` turns that into a `valid` mask so GRPO excludes the sample from its advantages instead of training on
+a silent 0. Several rewards combine as a weighted sum ("ocr:1,pickscore:0.5"), each component normalised first (see
+`Normaliser`) and logged separately. Failures are loud: see `RewardModel` (non-finite images, per-sample errors
+warned once and counted, `RewardError` when a component scores nothing).
 
 Built-in, offline rewards (no download):
   digit_judge           probability that the image shows the prompt's digit (the OCR/GenEval analogue), in [0, 1]
@@ -16,27 +17,38 @@ The paper's model-based rewards (weights from the Hugging Face hub, or local cop
   pickscore             PickScore_v1: logit_scale x cos(image, text), ~21-24 raw (or /26, Flow-GRPO's scale)
   hpsv2                 HPSv2.1: cos(image, text) of an OpenCLIP ViT-H-14, ~0.30; loaded into transformers' CLIP
   geneval / _strict     GenEval partial credit / the benchmark's binary rule (see geneval.py)
+  geneval_flow_grpo     Flow-GRPO's reward-server partial credit, its quirks and JPEG compression included
 
 Model weights are loaded when the factory runs (start-up), never mid-training: a missing model fails at once with
-the hub id or path tried and how to provide it. Options per reward come from `RewardModel(spec, device,
-**{name: {option: value}})` (train.py's `--reward_options '{"pickscore": {"model": "/local/dir"}}'`).
+the hub id or path tried and how to provide it. Options per reward: `RewardModel(spec, device, **{name: {option:
+value}})`, from train.py's `--reward_options '{"pickscore": {"model": "/local/dir"}}'`; `parse_options` checks them
+at config time against the factories' parameters.
+
+Group keys: a reward may carry `fn.group_key = callable(metadata) -> str | None`; `RewardModel.group_keys(metadata)`
+gives one key per sample and component. Log such a component as the mean over groups of the group means: for the
+GenEval rewards (key: the tag) that is the benchmark's overall score (`geneval.summarize`), not a mean over images.
 
     python rewards.py ocr sign.png --prompt 'A sign that says "OPEN LATE"'       # score image files
     python rewards.py --scales                                                  # the built-in rewards' scales
 """
 from __future__ import annotations
 
+import inspect
 import io
+import json
 import math
 import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+import clip
+import digits
+import geneval
 
 RewardFn = Callable[..., Tensor]
 REGISTRY: dict[str, Callable[..., RewardFn]] = {}  # name -> factory(device, **options) -> reward fn
@@ -56,36 +68,28 @@ def _check_images(images: Tensor) -> None:
 
 
 # -- built-in rewards --------------------------------------------------------------------------------------------
-@register("digit_judge")
-def digit_judge(device="cpu", judge=None, **_) -> RewardFn:
-    """p_judge(prompt's digit | image): "is the requested content rendered?". Scale [0, 1]; the clean test images
-    score 0.96 on average, the pre-trained base model about 0.8 (printed on first use)."""
-    import digits
-
-    judge = (judge or digits.load_judge()).to(device)
-
-    @torch.no_grad()
-    def fn(images: Tensor, prompts: list[str], metadata=None) -> Tensor:
-        _check_images(images)
-        target = torch.tensor([digits.parse_digit(p) for p in prompts], device=images.device)
-        probs = judge(images.to(device)).softmax(-1)
-        return probs.gather(1, target.to(device)[:, None])[:, 0].float()
-    return fn
-
-
-@register("digit_judge_accuracy")
-def digit_judge_accuracy(device="cpu", judge=None, **_) -> RewardFn:
-    """1 if the judge's most likely digit is the prompt's, else 0. Its batch mean is the held-out accuracy."""
-    import digits
-
+def _judge_reward(device, judge, score: Callable[[Tensor, Tensor], Tensor]) -> RewardFn:
     judge = (judge or digits.load_judge()).to(device)
 
     @torch.no_grad()
     def fn(images: Tensor, prompts: list[str], metadata=None) -> Tensor:
         _check_images(images)
         target = torch.tensor([digits.parse_digit(p) for p in prompts], device=device)
-        return (judge(images.to(device)).argmax(-1) == target).float()
+        return score(judge(images.to(device)), target).float()
     return fn
+
+
+@register("digit_judge")
+def digit_judge(device="cpu", judge=None) -> RewardFn:
+    """p_judge(prompt's digit | image): "is the requested content rendered?". Scale [0, 1]; the clean test images
+    score 0.96 on average, the pre-trained base model about 0.8 (printed on first use)."""
+    return _judge_reward(device, judge, lambda logits, t: logits.softmax(-1).gather(1, t[:, None])[:, 0])
+
+
+@register("digit_judge_accuracy")
+def digit_judge_accuracy(device="cpu", judge=None) -> RewardFn:
+    """1 if the judge's most likely digit is the prompt's, else 0. Its batch mean is the held-out accuracy."""
+    return _judge_reward(device, judge, lambda logits, t: logits.argmax(-1) == t)
 
 
 def total_variation(images: Tensor) -> Tensor:
@@ -96,7 +100,7 @@ def total_variation(images: Tensor) -> Tensor:
 
 
 @register("smoothness")
-def smoothness(device="cpu", **_) -> RewardFn:
+def smoothness(device="cpu") -> RewardFn:
     """1 - mean |neighbour difference| (total variation), a residual-noise detector.
 
     Scale on the 8x8 digits (`python rewards.py --scales`): clean test images 0.761 (per-image std 0.03); plus
@@ -116,7 +120,7 @@ def background_level(images: Tensor, threshold: float = 0.25) -> Tensor:
 
 
 @register("clean_background")
-def clean_background(device="cpu", **_) -> RewardFn:
+def clean_background(device="cpu") -> RewardFn:
     """1 - 4 * mean(pixels below 0.25): 1 for a perfectly clean background, lower when residual noise speckles it.
 
     The noise-sensitive reward of the built-in task. Scale (`python rewards.py --scales`): clean test images 0.926
@@ -130,7 +134,7 @@ def clean_background(device="cpu", **_) -> RewardFn:
 
 
 @register("jpeg_compressibility")
-def jpeg_compressibility(device="cpu", quality: int = 95, **_) -> RewardFn:
+def jpeg_compressibility(device="cpu", quality: int = 95) -> RewardFn:
     """-size in kB of the JPEG (quality 95) of each image, as DDPO's compressibility reward. Noise costs bytes.
 
     Meant for real images (DDPO: 512 px, ~-100 kB). At 8x8 the JPEG header dominates (-0.394 kB clean, -0.395 uniform
@@ -149,93 +153,25 @@ def jpeg_compressibility(device="cpu", quality: int = 95, **_) -> RewardFn:
     return fn
 
 
-# -- plumbing shared by the model-based rewards ------------------------------------------------------------------
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalisation, used by all CLIPs here
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def missing_weights_message(reward: str, what: str, tried: str, option: str, hub_id: str, cause: BaseException,
-                            filename: str | None = None) -> str:
-    """What went wrong and the two ways to fix it (download into the cache, or point at a local copy)."""
-    first_line = (str(cause).strip().splitlines() or [""])[0]
-    get = f"{hub_id} {filename}" if filename else hub_id
-    return (f"{reward}: cannot load {what} from {tried!r} ({type(cause).__name__}: {first_line}).\n"
-            f"  Download it once with `hf download {get}` (older huggingface_hub: `huggingface-cli download {get}`);"
-            f" it is then found in the Hugging Face cache, also offline.\n"
-            f"  Or give a local copy: --reward_options '{{\"{reward}\": {{\"{option}\": \"/path/to/local/"
-            f"{'file' if filename else 'dir'}\"}}}}'")
-
-
-def load_pretrained(cls, name_or_path: str, reward: str, option: str, hub_id: str, what: str, **kwargs):
-    """`cls.from_pretrained(name_or_path)`, turning "not found / not cached / offline" into one clear error."""
-    path = Path(name_or_path).expanduser()
-    if str(name_or_path).startswith(("/", ".", "~")) and not path.exists():  # clearly a path, not a hub id
-        raise FileNotFoundError(missing_weights_message(reward, what, name_or_path, option, hub_id,
-                                                        FileNotFoundError(f"no such directory: {path}")))
-    try:
-        return cls.from_pretrained(str(path) if path.exists() else name_or_path, **kwargs)
-    except (OSError, ValueError) as e:  # OSError: not cached / offline / no such dir; ValueError: malformed hub id
-        raise FileNotFoundError(missing_weights_message(reward, what, name_or_path, option, hub_id, e)) from None
-
-
-def _dtype(dtype) -> torch.dtype:
-    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
-
-
-def quantise(images: Tensor) -> Tensor:
-    """Clamp to [0, 1] and round to 8 bits: score exactly what a saved PNG would hold (as the peers do, who pass
-    uint8 images to their scorers)."""
-    return (images.float().clamp(0, 1) * 255).round() / 255
-
-
-def _rgb(images: Tensor) -> Tensor:
-    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
-
-
-def _bicubic(images: Tensor, size: tuple[int, int]) -> Tensor:
-    if tuple(images.shape[-2:]) == tuple(size):
-        return images
-    # antialias=True matches PIL's bicubic downscaling (what CLIPProcessor and open_clip's transforms use); clamp the
-    # cubic overshoot as PIL does when it writes uint8
-    return F.interpolate(images, size=size, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
-
-
-def clip_preprocess(images: Tensor, size: int, crop: int, mean=CLIP_MEAN, std=CLIP_STD) -> Tensor:
-    """CLIP's evaluation transform, batched on the images' device: resize the shorter side to `size` (bicubic),
-    centre-crop `crop` x `crop`, normalise. (B, C, H, W) in [0, 1] -> (B, 3, crop, crop)."""
-    images = _rgb(images.float())
-    h, w = images.shape[-2:]
-    images = _bicubic(images, (size, int(size * w / h)) if h <= w else (int(size * h / w), size))
-    h, w = images.shape[-2:]
-    top, left = int(round((h - crop) / 2)), int(round((w - crop) / 2))
-    images = images[..., top:top + crop, left:left + crop]
-    return (images - images.new_tensor(mean).view(1, 3, 1, 1)) / images.new_tensor(std).view(1, 3, 1, 1)
-
-
-def _size_of(value, key: str) -> int:
-    """An image processor's size entry: an int, a dict or transformers 5's SizeDict."""
-    if isinstance(value, int):
-        return value
-    return int(value[key] if isinstance(value, dict) else getattr(value, key))
-
-
 # -- OCR (visual text rendering; Flow-GRPO's SD3.5-M task) ------------------------------------------------------
 def ocr_target(prompt: str, metadata: dict | None = None) -> str | None:
-    """The text the image must show: metadata["text"] if given, else the first double-quoted span of the prompt
-    ('A sign that says "OPEN LATE"' -> 'OPEN LATE'); None if there is none."""
+    """The text the image must show: metadata["text"] if given, else the text between the prompt's first pair of
+    double quotes ('A sign that says "OPEN LATE"' -> 'OPEN LATE'; Flow-GRPO's `prompt.split('"')[1]`, curly quotes
+    also accepted). None if there is no such pair or the first pair holds only spaces ('say "" on a "sign"': the
+    target is empty, not the text between the pairs); Flow-GRPO's scorer divides by zero there."""
     if metadata and metadata.get("text"):
         return str(metadata["text"])
-    m = re.search(r'["\u201c]([^"\u201d]+)["\u201d]', prompt)
-    return m.group(1) if m else None
+    m = re.search(r'["\u201c]([^"\u201d]*)["\u201d]', prompt)
+    return m.group(1) if m and m.group(1).replace(" ", "") else None
 
 
 def _ocr_normalise(text: str) -> str:
-    return re.sub(r"\s+", "", text).lower()
+    return text.replace(" ", "").lower()  # Flow-GRPO's ocr.py: spaces (only) removed, lower-cased
 
 
 def ocr_score(recognised: str, target: str) -> float:
-    """Flow-GRPO's OCR reward: after lower-casing and removing whitespace, 1 if the target occurs in the recognised
-    text, else max(0, 1 - Levenshtein(recognised, target) / len(target))."""
+    """Flow-GRPO's OCR reward: after lower-casing and removing spaces (U+0020 only, as Flow-GRPO), 1 if the target
+    occurs in the recognised text, else max(0, 1 - Levenshtein(recognised, target) / len(target))."""
     from rapidfuzz.distance import Levenshtein
 
     rec, tgt = _ocr_normalise(recognised), _ocr_normalise(target)
@@ -247,17 +183,21 @@ def ocr_score(recognised: str, target: str) -> float:
 
 
 @register("ocr")
-def ocr(device="cpu", det_limit_side_len: int = 320, **_) -> RewardFn:
+def ocr(device="cpu", det_limit_side_len: int = 960) -> RewardFn:
     """Text-rendering accuracy: `ocr_score` of what RapidOCR reads in the image vs the prompt's quoted text.
 
     Scale [0, 1]. Its test-set mean is the paper's "OCR accuracy": SD3.5-M 0.579, Flow-GRPO 0.966, Flow-CPS 0.975
     (PAPER.md §6). Flow-GRPO reads with PaddleOCR 2.9 (English, CPU, angle classifier off); RapidOCR 3.10 runs the
-    PP-OCR det/rec models through onnxruntime with the model files inside the wheel, so this works offline.
-    Detection runs at most `det_limit_side_len` px on the longer side (320: 40 ms per 256x64 image and 70-95 ms per
-    512x512 one on 2 CPU cores, 14-px text on 512x512 still read exactly; 960: ~120 ms at 512x512). Images are
-    read one at a time, on the CPU, whatever `device` is (as Flow-GRPO's PaddleOCR). A prompt without quoted text
-    scores NaN (invalid), not 0: there is nothing to read, and a 0 would push the policy away from an image that
-    did nothing wrong.
+    PP-OCR det/rec models through onnxruntime with the model files inside the wheel, so this works offline. Where
+    Flow-GRPO scores an OCR exception as 0, here it is a failure (NaN, reported by RewardModel).
+    Detection size: PaddleOCR's default, det_limit_side_len 960 with limit_type "max" (only images whose longer side
+    exceeds 960 px are shrunk, so a 512-px image is read at full size). Measured on 512x512 renders of 10 signs
+    (2 shared CPU cores): clean text of 10-60 px is read exactly at 960 and at 320; blurred, with noise of std 0.08,
+    960 reads 2/5/10 of 10 exactly at 10/12/16 px (mean score 0.36/0.71/1.00) where 320 reads 0/4/8 (0.00/0.49/
+    0.80); 960 costs ~450 ms per image, 320 ~235 ms. 320 is the faster choice for large text, not Flow-GRPO's.
+    Images are read one at a time, on the CPU, whatever `device` is (as Flow-GRPO's PaddleOCR). A prompt without
+    quoted text scores NaN (invalid), not 0: there is nothing to read, and a 0 would push the policy away from an
+    image that did nothing wrong.
     """
     from rapidocr import RapidOCR
 
@@ -266,7 +206,7 @@ def ocr(device="cpu", det_limit_side_len: int = 320, **_) -> RewardFn:
 
     def fn(images: Tensor, prompts: list[str], metadata=None) -> Tensor:
         _check_images(images)
-        arr = (quantise(_rgb(images)) * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        arr = (clip.quantise(clip.rgb(images)) * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         scores = []
         for i, prompt in enumerate(prompts):
             target = ocr_target(prompt, metadata[i] if metadata else None)
@@ -290,44 +230,33 @@ PICKSCORE_SCALES = {"raw": 1.0, "flow_grpo": 1 / 26}
 
 @register("pickscore")
 def pickscore(device="cpu", model: str = PICKSCORE_HUB_ID, processor: str = PICKSCORE_PROCESSOR_ID,
-              scale: str = "raw", dtype="float32", batch_size: int = 32, **_) -> RewardFn:
+              scale: str = "raw", dtype="float32", batch_size: int = 32) -> RewardFn:
     """PickScore = logit_scale.exp() x cos(image embedding, text embedding) of the PickScore_v1 CLIP-H model.
 
     scale="raw": the paper's tables, ~21-24 (FLUX.1-dev 22.06 -> Flow-GRPO 23.90 -> Flow-CPS 24.25; FLUX.1-schnell
     21.86 -> 23.39 -> 23.78). scale="flow_grpo": divided by 26 (~0.85), the scale Flow-GRPO trains on. GRPO's
     per-group standardised advantages do not care which; the KL weight and logged numbers do.
-    Preprocessing is CLIPProcessor's (shorter side 224 bicubic, centre crop, CLIP mean/std) done on tensors, batched
-    on `device`, after rounding to 8 bits as Flow-GRPO's uint8 -> PIL route does. Text: at most 77 tokens.
+    Preprocessing is CLIPProcessor's (shorter side 224 bicubic, centre crop, CLIP mean/std; its settings read from
+    `processor`) done on tensors, batched on `device`, after rounding to 8 bits as Flow-GRPO's uint8 -> PIL route
+    does. Text: at most 77 tokens, `processor`'s tokenizer.
     Cost (the ViT-H/14 network with random weights, batch 64 of 512-px images, one H200): 9 ms per image in fp32,
     1.1 ms in bf16 (dtype="bfloat16"); Flow-GRPO scores in fp32.
     """
-    from transformers import AutoProcessor, CLIPModel
+    from transformers import AutoTokenizer, CLIPModel
 
     if scale not in PICKSCORE_SCALES:
         raise ValueError(f"pickscore scale {scale!r}: choose one of {sorted(PICKSCORE_SCALES)}")
-    dtype = _dtype(dtype)
-    net = load_pretrained(CLIPModel, model, "pickscore", "model", PICKSCORE_HUB_ID, "the PickScore_v1 model")
+    dtype, factor = clip.as_dtype(dtype), PICKSCORE_SCALES[scale]
+    net = clip.load_pretrained(CLIPModel, model, "pickscore", "model", PICKSCORE_HUB_ID, "the PickScore_v1 model")
     net = net.to(device, dtype).eval().requires_grad_(False)
-    proc = load_pretrained(AutoProcessor, processor, "pickscore", "processor", PICKSCORE_PROCESSOR_ID,
-                           "the CLIP ViT-H-14 processor")
-    ip, tokenizer = proc.image_processor, proc.tokenizer
-    size, crop = _size_of(ip.size, "shortest_edge"), _size_of(ip.crop_size, "height")
-    max_len = min(77, net.config.text_config.max_position_embeddings)
-    factor = PICKSCORE_SCALES[scale]
+    ip = clip.load_processor_settings(processor, "pickscore", "processor", PICKSCORE_PROCESSOR_ID)
+    tok = clip.load_pretrained(AutoTokenizer, processor, "pickscore", "processor", PICKSCORE_PROCESSOR_ID,
+                               "the CLIP ViT-H-14 tokenizer")
 
-    @torch.no_grad()
     def fn(images: Tensor, prompts: list[str], metadata=None) -> Tensor:
         _check_images(images)
-        out = []
-        for i in range(0, len(prompts), batch_size):
-            px = clip_preprocess(quantise(images[i:i + batch_size].to(device)), size, crop, ip.image_mean,
-                                 ip.image_std)
-            tok = tokenizer(prompts[i:i + batch_size], padding=True, truncation=True, max_length=max_len,
-                            return_tensors="pt").to(device)
-            img = F.normalize(net.get_image_features(pixel_values=px.to(dtype)).pooler_output.float(), dim=-1)
-            txt = F.normalize(net.get_text_features(**tok).pooler_output.float(), dim=-1)
-            out.append(net.logit_scale.float().exp() * (img * txt).sum(-1))
-        return torch.cat(out).cpu() * factor
+        cos = clip.cosine(net, tok, images, prompts, lambda x: clip.clip_preprocess(x, **ip), device, dtype, batch_size)
+        return net.logit_scale.detach().float().exp().cpu() * cos * factor
     fn.normaliser = Normaliser(22.0 * factor, 1.0 * factor)
     return fn
 
@@ -335,207 +264,125 @@ def pickscore(device="cpu", model: str = PICKSCORE_HUB_ID, processor: str = PICK
 # -- HPSv2.1 (Wu et al. 2023, Human Preference Score v2; the paper's Dance-GRPO task) ---------------------------
 HPS_REPO, HPS_FILE = "xswu/HPSv2", "HPS_v2.1_compressed.pt"
 HPS_TOKENIZER_ID = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # OpenCLIP ViT-H-14 uses OpenAI CLIP's BPE, as this does
-_BLOCK_KEYS = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
-               "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
-
-
-def load_openclip_state_dict(path) -> dict[str, Tensor]:
-    """An OpenCLIP checkpoint's state dict: the file holds {"state_dict": ...} (HPSv2's training checkpoints) or
-    the bare dict; a DistributedDataParallel "module." prefix is dropped; tensors are cast to fp32 ("compressed"
-    releases store fp16). Loaded with weights_only=True: no code in the file runs."""
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-    if not isinstance(sd, dict) or not sd:
-        raise ValueError(f"{path}: not an OpenCLIP checkpoint (expected a state dict, or {{'state_dict': ...}})")
-    return {k.removeprefix("module."): v.float() if v.is_floating_point() else v for k, v in sd.items()}
-
-
-def openclip_to_transformers(sd: dict[str, Tensor], vision_heads: int | None = None, text_heads: int | None = None,
-                             bos_token_id: int | None = None, eos_token_id: int | None = None,
-                             pad_token_id: int | None = None):
-    """Map an OpenCLIP ViT (open_clip.CLIP with the built-in text tower) state dict onto transformers' CLIPModel.
-
-    The two are the same network under different names, apart from three layout differences handled here:
-    OpenCLIP's fused attention in_proj (3W, W) is split into q/k/v; its projections `visual.proj` and
-    `text_projection` are (W, E) matrices used as x @ P, i.e. the transposes of nn.Linear weights; and the class/
-    positional embeddings are bare parameters. Activations are exact GELU (OpenCLIP's default for LAION models; not
-    OpenAI's QuickGELU), layer-norm eps 1e-5. Sizes are read from the tensors; head counts cannot be, so they
-    default to OpenCLIP's: ViT-H-14 vision 16 heads of 80 (width 1280), otherwise width / 64.
-    """
-    from transformers import CLIPConfig, CLIPModel
-
-    sd = {k: v for k, v in sd.items() if not k.endswith("attn_mask")}  # a causal-mask buffer, not a weight
-    towers = {"vision": "visual.transformer.resblocks.", "text": "transformer.resblocks."}
-    depth = {t: 1 + max((int(k[len(p):].split(".")[0]) for k in sd if k.startswith(p)), default=-1)
-             for t, p in towers.items()}
-    if not depth["vision"] or not depth["text"] or "visual.conv1.weight" not in sd:
-        raise ValueError("not an OpenCLIP ViT state dict: need visual.conv1.weight, visual.transformer.resblocks.* "
-                         "and transformer.resblocks.* (timm or Hugging Face text towers are not supported)")
-    wv, _, patch, _ = sd["visual.conv1.weight"].shape
-    wt = sd["token_embedding.weight"].shape[1]
-    grid = math.isqrt(sd["visual.positional_embedding"].shape[0] - 1)
-    text_proj = sd["text_projection"] if "text_projection" in sd else sd["text_projection.weight"].T
-    vision_heads = vision_heads or (16 if wv == 1280 else wv // 64)
-    text_heads = text_heads or wt // 64
-    if not vision_heads or wv % vision_heads or not text_heads or wt % text_heads:
-        raise ValueError(f"cannot infer head counts for widths {wv}/{wt}; pass vision_heads= and text_heads=")
-    vocab = sd["token_embedding.weight"].shape[0]
-    ids = dict(bos_token_id=vocab - 2 if bos_token_id is None else bos_token_id,  # OpenCLIP: SOT, EOT = last ids
-               eos_token_id=vocab - 1 if eos_token_id is None else eos_token_id)
-    ids["pad_token_id"] = ids["eos_token_id"] if pad_token_id is None else pad_token_id
-    config = CLIPConfig(
-        text_config=dict(vocab_size=vocab, hidden_size=wt, intermediate_size=sd["transformer.resblocks.0.mlp.c_fc"
-                         ".weight"].shape[0], num_hidden_layers=depth["text"], num_attention_heads=text_heads,
-                         max_position_embeddings=sd["positional_embedding"].shape[0], hidden_act="gelu",
-                         layer_norm_eps=1e-5, **ids),
-        vision_config=dict(hidden_size=wv, intermediate_size=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"]
-                           .shape[0], num_hidden_layers=depth["vision"], num_attention_heads=vision_heads,
-                           image_size=grid * patch, patch_size=patch, hidden_act="gelu", layer_norm_eps=1e-5),
-        projection_dim=text_proj.shape[1])
-
-    out = {"logit_scale": sd["logit_scale"].reshape(()),
-           "vision_model.embeddings.patch_embedding.weight": sd["visual.conv1.weight"],
-           "vision_model.embeddings.class_embedding": sd["visual.class_embedding"],
-           "vision_model.embeddings.position_embedding.weight": sd["visual.positional_embedding"],
-           "visual_projection.weight": sd["visual.proj"].T, "text_projection.weight": text_proj.T,
-           "text_model.embeddings.token_embedding.weight": sd["token_embedding.weight"],
-           "text_model.embeddings.position_embedding.weight": sd["positional_embedding"]}
-    for ours, theirs in [("vision_model.pre_layrnorm", "visual.ln_pre"), ("vision_model.post_layernorm",
-                         "visual.ln_post"), ("text_model.final_layer_norm", "ln_final")]:
-        out[f"{ours}.weight"], out[f"{ours}.bias"] = sd[f"{theirs}.weight"], sd[f"{theirs}.bias"]
-    for tower, prefix in towers.items():
-        for i in range(depth[tower]):
-            src, dst = f"{prefix}{i}.", f"{tower}_model.encoder.layers.{i}."
-            for kind in ("weight", "bias"):
-                q, k, v = sd[f"{src}attn.in_proj_{kind}"].chunk(3)  # OpenCLIP fuses [q; k; v] row-wise
-                out[f"{dst}self_attn.q_proj.{kind}"], out[f"{dst}self_attn.k_proj.{kind}"] = q, k
-                out[f"{dst}self_attn.v_proj.{kind}"] = v
-                for theirs, ours in _BLOCK_KEYS.items():
-                    out[f"{dst}{ours}.{kind}"] = sd[f"{src}{theirs}.{kind}"]
-    used = {"visual.conv1.weight", "visual.class_embedding", "visual.positional_embedding", "visual.proj",
-            "text_projection", "text_projection.weight", "token_embedding.weight", "positional_embedding",
-            "logit_scale", *(f"{p}.{k}" for p in ("visual.ln_pre", "visual.ln_post", "ln_final")
-                             for k in ("weight", "bias"))}
-    unknown = sorted(k for k in sd if k not in used and not any(k.startswith(p) for p in towers.values()))
-    if unknown:  # e.g. layer scale or attention pooling: a variant this mapping does not cover; refuse, not guess
-        raise ValueError(f"OpenCLIP keys with no transformers CLIP counterpart: {unknown[:8]}")
-
-    with torch.device("meta"):  # skip the random init of ~1 B parameters; every weight is assigned below
-        model = CLIPModel(config)
-    model.load_state_dict({k: v.contiguous() for k, v in out.items()}, strict=True, assign=True)
-    for emb in (model.text_model.embeddings, model.vision_model.embeddings):  # non-persistent buffers stay on meta
-        emb.register_buffer("position_ids", torch.arange(emb.position_embedding.num_embeddings)[None],
-                            persistent=False)
-    return model.eval()
-
-
-def resize_max_and_pad(images: Tensor, size: int) -> Tensor:
-    """HPSv2's evaluation resize (open_clip's ResizeMaxSize): longer side to `size` (bicubic), then pad to a
-    square with black, centred. A square image is simply resized."""
-    images = _rgb(images.float())
-    h, w = images.shape[-2:]
-    nh, nw = round(h * size / max(h, w)), round(w * size / max(h, w))
-    images = _bicubic(images, (nh, nw))
-    ph, pw = size - nh, size - nw
-    return F.pad(images, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
 
 
 @register("hpsv2")
 def hpsv2(device="cpu", model: str | None = None, tokenizer: str = HPS_TOKENIZER_ID, vision_heads: int | None = None,
-          text_heads: int | None = None, dtype="float32", batch_size: int = 32, **_) -> RewardFn:
+          text_heads: int | None = None, dtype="float32", batch_size: int = 32) -> RewardFn:
     """HPSv2.1 = cos(normalised image features, normalised text features) of an OpenCLIP ViT-H-14 fine-tuned on
     human preferences. Scale ~0.2-0.4: the paper's FLUX numbers are 0.304 (base) -> 0.364 (Dance-GRPO) -> 0.377
     (Flow-CPS); DanceGRPO's README shows Qwen-Image 0.25 -> 0.33.
 
     model: path to `HPS_v2.1_compressed.pt` (the public release, an OpenCLIP state dict); by default it is taken
     from the hub repo xswu/HPSv2 (the Hugging Face cache, offline included). The checkpoint is loaded WITHOUT
-    open_clip or torchvision: `openclip_to_transformers` maps its keys onto transformers' CLIPModel (OpenCLIP's
+    open_clip or torchvision: `clip.openclip_to_transformers` maps its keys onto transformers' CLIPModel (OpenCLIP's
     ViT-H-14 and transformers' CLIP are the same architecture). Preprocessing is HPSv2's (resize the longer side to
     224 bicubic, pad to square, CLIP mean/std) done on tensors; text through OpenAI CLIP's BPE, 77 tokens.
     Same network as PickScore, so the same cost per image.
     """
     from transformers import AutoTokenizer
 
-    if model is None:
-        from huggingface_hub import hf_hub_download
-        try:
-            model = hf_hub_download(HPS_REPO, HPS_FILE)
-        except Exception as e:  # not cached + offline, or no network: say how to get it
-            raise FileNotFoundError(missing_weights_message("hpsv2", "the HPSv2.1 checkpoint", f"{HPS_REPO}/"
-                                                            f"{HPS_FILE}", "model", HPS_REPO, e, HPS_FILE)) from None
-    try:
-        sd = load_openclip_state_dict(model)
-    except (FileNotFoundError, IsADirectoryError) as e:
-        raise FileNotFoundError(missing_weights_message("hpsv2", "the HPSv2.1 checkpoint", str(model), "model",
-                                                        HPS_REPO, e, HPS_FILE)) from None
-    tok = load_pretrained(AutoTokenizer, tokenizer, "hpsv2", "tokenizer", HPS_TOKENIZER_ID, "the CLIP tokenizer")
-    dtype = _dtype(dtype)
-    net = openclip_to_transformers(sd, vision_heads, text_heads, tok.bos_token_id, tok.eos_token_id,
-                                   tok.pad_token_id).to(device, dtype).requires_grad_(False)
-    del sd
+    sd = clip.load_openclip_checkpoint(model, HPS_REPO, HPS_FILE, "hpsv2")
+    tok = clip.load_pretrained(AutoTokenizer, tokenizer, "hpsv2", "tokenizer", HPS_TOKENIZER_ID, "the CLIP tokenizer")
+    dtype = clip.as_dtype(dtype)
+    net = clip.openclip_to_transformers(sd, vision_heads, text_heads, tok.bos_token_id, tok.eos_token_id,
+                                        tok.pad_token_id).to(device, dtype).requires_grad_(False)
     size = net.config.vision_config.image_size
-    max_len = min(77, net.config.text_config.max_position_embeddings)
-
-    @torch.no_grad()
-    def fn(images: Tensor, prompts: list[str], metadata=None) -> Tensor:
-        _check_images(images)
-        out = []
-        for i in range(0, len(prompts), batch_size):
-            px = resize_max_and_pad(quantise(images[i:i + batch_size].to(device)), size)
-            px = (px - px.new_tensor(CLIP_MEAN).view(1, 3, 1, 1)) / px.new_tensor(CLIP_STD).view(1, 3, 1, 1)
-            t = tok(prompts[i:i + batch_size], padding=True, truncation=True, max_length=max_len,
-                    return_tensors="pt").to(device)
-            img = F.normalize(net.get_image_features(pixel_values=px.to(dtype)).pooler_output.float(), dim=-1)
-            txt = F.normalize(net.get_text_features(**t).pooler_output.float(), dim=-1)
-            out.append((img * txt).sum(-1))
-        return torch.cat(out).cpu()
-    return fn
-
-
-# -- GenEval (Ghosh et al. 2023; the paper's SD3.5-M task); the rules live in geneval.py ------------------------
-_GENEVAL_SCORERS: dict = {}  # geneval and geneval_strict in one run share the loaded models
-
-
-def _geneval_fn(device, pick: Callable, **options) -> RewardFn:
-    import geneval
-
-    if "dtype" in options:
-        options["dtype"] = _dtype(options["dtype"])
-    key = (str(device), tuple(sorted(options.items())))
-    if key not in _GENEVAL_SCORERS:
-        _GENEVAL_SCORERS[key] = geneval.Scorer(device=device, **options)
-    scorer = _GENEVAL_SCORERS[key]
 
     def fn(images: Tensor, prompts: list[str], metadata=None) -> Tensor:
         _check_images(images)
-        meta = list(metadata) if metadata is not None else [None] * len(prompts)
-        ok = [i for i, m in enumerate(meta) if isinstance(m, dict) and (m.get("include") or m.get("exclude"))]
-        if len(ok) < len(meta):  # nothing to check against: NaN (invalid), never a made-up score
-            warnings.warn("geneval: samples without GenEval metadata (include/exclude) score NaN; load prompts with "
-                          "prompts.load('geneval', ...) or a GenEval-format .jsonl", stacklevel=2)
-        out = torch.full((len(prompts),), float("nan"))
-        if ok:
-            for i, v in zip(ok, scorer(images[ok], [meta[i] for i in ok])):
-                out[i] = pick(v)
-        return out
+        return clip.cosine(net, tok, images, prompts, lambda x: clip.normalise(clip.resize_max_and_pad(x, size)),
+                           device, dtype, batch_size)
     return fn
 
 
+# -- GenEval (Ghosh et al. 2023; the paper's SD3.5-M task); rules and models live in geneval.py -----------------
+# Options (all three): geneval.Scorer's parameters: detector (default facebook/mask2former-swin-small-coco-instance),
+# clip (openai/clip-vit-large-patch14), detector_size (800), threshold (0.3), counting_threshold (0.9), max_objects
+# (16), max_overlap (1.0), position_margin (0.1), max_per_image (100), dtype. Rewards built with the same options
+# share the loaded models. They need per-prompt metadata (prompts.load("geneval") or a GenEval-format .jsonl) and
+# carry `group_key` = the tag (log `geneval_strict` as the mean over tags: the benchmark's overall score).
 @register("geneval")
 def geneval_reward(device="cpu", **options) -> RewardFn:
-    """GenEval partial credit in [0, 1] (the training reward; geneval.py's docstring has the rules). Options:
-    detector (hub id/path, default facebook/mask2former-swin-small-coco-instance), clip (default
-    openai/clip-vit-large-patch14), detector_size (800), threshold (0.3), counting_threshold (0.9), max_objects
-    (16), max_overlap (1.0), position_margin (0.1), dtype. Needs per-prompt metadata (prompts.load("geneval"))."""
-    return _geneval_fn(device, lambda v: v.score, **options)
+    """GenEval partial credit in [0, 1], this project's rule (`geneval.evaluate`, rules in geneval.py's docstring):
+    Flow-GRPO's idea with its quirks removed (count credit floored at 0, colour/position credit without the exact
+    count, excludes priced, no JPEG)."""
+    return geneval.reward_fn(geneval.shared_scorer(device, **options), lambda v: v.score)
 
 
 @register("geneval_strict")
 def geneval_strict(device="cpu", **options) -> RewardFn:
-    """1 if the image passes the GenEval benchmark's rule for its prompt, else 0. Aggregate with
-    `geneval.summarize(tags, scores)`: per-tag accuracy and the overall score (SD3.5-M 0.63; Flow-GRPO and
-    Flow-CPS with KL 0.97, PAPER.md §6). Same options as `geneval`; the two share their loaded models."""
-    return _geneval_fn(device, lambda v: float(v.correct), **options)
+    """1 if the image passes the GenEval benchmark's rule for its prompt, else 0. Aggregate by tag (group_key) as
+    `geneval.summarize(tags, scores)` does: per-tag accuracy and the overall score (SD3.5-M 0.63; Flow-GRPO and
+    Flow-CPS with KL 0.97, PAPER.md §6)."""
+    return geneval.reward_fn(geneval.shared_scorer(device, **options), lambda v: float(v.correct))
+
+
+@register("geneval_flow_grpo")
+def geneval_flow_grpo(device="cpu", jpeg_quality: int = 75, swap_red_blue: bool = True, **options) -> RewardFn:
+    """Flow-GRPO's GenEval training reward as its reward server computes it (`geneval.evaluate_flow_grpo`: exact
+    counts for colour/position credit, excludes ignored, unfloored count credit, a failed relation credited 0 and 1),
+    on what the server sees: the images JPEG-compressed by PIL at quality 75 (its client's `save(format="JPEG")`,
+    PIL's default) and, with swap_red_blue, red and blue swapped for the detector only (the server hands mmdet 2's
+    `inference_detector` RGB arrays, which mmdet takes for BGR and converts; CLIP colours see the true colours).
+    jpeg_quality 0 skips the JPEG. Scale: the mean of credits, <= 1, below 0 only for heavy over-counting."""
+    return geneval.reward_fn(geneval.shared_scorer(device, **options), lambda v: v.score, geneval.evaluate_flow_grpo,
+                             jpeg_quality or None, swap_red_blue)
+
+
+for _factory in (geneval_reward, geneval_strict, geneval_flow_grpo):
+    _factory.forwards_to = geneval.Scorer  # its parameters are the factory's other options (parse_options)
+
+
+# -- options -----------------------------------------------------------------------------------------------------
+def accepted_options(name: str) -> list[str] | None:
+    """The option names reward `name` takes: its factory's parameters but `device` (and, for a factory that
+    forwards **options, those of `factory.forwards_to`). None for a factory that takes any (**kwargs)."""
+    factory = REGISTRY[name]
+    forwards = getattr(factory, "forwards_to", None)
+    params = [p for p in inspect.signature(factory).parameters.values() if not (forwards and p.kind is p.VAR_KEYWORD)]
+    params += list(inspect.signature(forwards).parameters.values()) if forwards else []
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return sorted({p.name for p in params if p.name != "device" and p.kind in (p.POSITIONAL_OR_KEYWORD,
+                                                                              p.KEYWORD_ONLY)})
+
+
+def check_options(name: str, options: dict) -> None:
+    accepted = accepted_options(name)
+    unknown = sorted(set(options) - set(accepted)) if accepted is not None else []
+    if unknown:
+        raise ValueError(f"--reward_options: reward {name!r} has no option {', '.join(map(repr, unknown))}; its "
+                         f"options are: {', '.join(accepted) or '(none)'}")
+
+
+_JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "true/false",
+               type(None): "null"}
+
+
+def parse_options(text: str, names: list[str]) -> dict[str, dict]:
+    """--reward_options validated at config time: JSON, an object {reward name: {option: value}} whose names are
+    among `names` (the rewards the run uses) and whose options are parameters of that reward's factory."""
+    try:
+        opts = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--reward_options is not valid JSON: {e.msg} at line {e.lineno} column {e.colno} (char "
+                         f"{e.pos}) of {text!r}") from None
+    example = '\'{"pickscore": {"model": "/local/PickScore_v1"}}\''
+    if not isinstance(opts, dict):
+        raise ValueError(f"--reward_options must be a JSON object {{reward name: {{option: value}}}}, e.g. {example}; "
+                         f"got a JSON {_JSON_TYPES.get(type(opts), type(opts).__name__)}: {text!r}")
+    used = list(dict.fromkeys(names))
+    for name, o in opts.items():
+        if name not in used:
+            raise ValueError(f"--reward_options has options for {name!r}, which this run does not use; its rewards "
+                             f"are: {', '.join(used)}")
+        if not isinstance(o, dict):
+            raise ValueError(f"--reward_options: the value for {name!r} must be a JSON object of options, e.g. "
+                             f"{{\"{name}\": {{\"option\": value}}}}; got a JSON "
+                             f"{_JSON_TYPES.get(type(o), type(o).__name__)}: {json.dumps(o)}")
+        check_options(name, o)
+    return opts
 
 
 # -- combination and failure handling ----------------------------------------------------------------------------
@@ -574,6 +421,7 @@ NORMALISERS = {"digit_judge": Normaliser(0.0, 1.0), "digit_judge_accuracy": Norm
                "clean_background": Normaliser(0.9, 0.05), "jpeg_compressibility": Normaliser(-0.6, 0.05),
                # [0, 1] rewards whose base-model means sit mid-range (OCR 0.58, GenEval 0.63 on SD3.5-M)
                "ocr": Normaliser(0.5, 0.3), "geneval": Normaliser(0.5, 0.3), "geneval_strict": Normaliser(0.5, 0.5),
+               "geneval_flow_grpo": Normaliser(0.5, 0.3),
                "pickscore": Normaliser(22.0, 1.0),  # raw scale; the flow_grpo scale brings its own
                "hpsv2": Normaliser(0.30, 0.02)}  # base FLUX 0.304, trained 0.36-0.38
 
@@ -585,40 +433,111 @@ class RewardOutput:
     valid: Tensor  # (B,) bool: every component scored the sample
 
 
+class RewardError(RuntimeError):
+    """A batch the rewards scored nothing of: every image non-finite, or a component that raised or returned NaN
+    for every sample. Training on it would train on nothing, so it stops the run with what to check."""
+
+
+class RewardWarning(UserWarning):
+    """Some samples of a batch could not be scored (warned once per distinct cause; see RewardModel.failures)."""
+
+
+def _describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+
+
 class RewardModel:
-    """A weighted combination of registered rewards with per-sample failure isolation."""
+    """A weighted combination of registered rewards, with loud, per-sample failure handling.
+
+    * Images holding NaN/inf (a diverged model) are never scored: NaN for every component; all of them: RewardError.
+    * A reward that raises is retried one sample at a time; those that still raise score NaN. Each distinct cause
+      (component, exception type, message) is warned once ("reward ocr: 3 of 64 samples failed: ValueError: ...")
+      and counted in `failures` ({cause: samples}) for the trainer to log.
+    * A component that scores no sample of a non-empty batch of finite images (all raised, or all NaN: e.g. OCR on
+      prompts without quoted text) raises RewardError naming it, the cause and what to check.
+    """
 
     def __init__(self, spec: str, device="cpu", **options):
         self.weights = parse_spec(spec)
+        for name in self.weights:
+            check_options(name, options.get(name, {}))
         self.fns = {name: REGISTRY[name](device=device, **options.get(name, {})) for name in self.weights}
         self.normalisers = {name: getattr(fn, "normaliser", None) or NORMALISERS.get(name, Normaliser())
                             for name, fn in self.fns.items()}
+        self.failures: dict[str, int] = {}  # "who: Type: message" -> number of samples it cost, over all calls
+
+    def _count(self, who: str, cause: str, k: int, n: int, what: str = "samples failed", depth: int = 4) -> None:
+        key = f"{who}: {cause}"
+        if key not in self.failures:  # depth: the warning points at the line that called the RewardModel
+            warnings.warn(f"reward {who}: {k} of {n} {what}: {cause} (reported once; later ones are counted in "
+                          f"RewardModel.failures)", RewardWarning, stacklevel=depth)
+        self.failures[key] = self.failures.get(key, 0) + k
 
     def _score(self, name: str, images: Tensor, prompts: list[str], metadata) -> Tensor:
-        fn = self.fns[name]
+        fn, n = self.fns[name], len(prompts)
         try:
-            return fn(images, prompts, metadata).detach().float().cpu().reshape(len(prompts))
+            return fn(images, prompts, metadata).detach().float().cpu().reshape(n)
         except Exception:  # isolate the failing sample(s): score one at a time, NaN for those that still fail
-            out = torch.full((len(prompts),), float("nan"))
-            for i in range(len(prompts)):
-                try:
-                    out[i] = fn(images[i:i + 1], prompts[i:i + 1], None if metadata is None else metadata[i:i + 1])[0]
-                except Exception:
-                    pass
-            return out
+            pass
+        out, errors = torch.full((n,), float("nan")), {}
+        for i in range(n):
+            try:
+                out[i] = fn(images[i:i + 1], prompts[i:i + 1], None if metadata is None else metadata[i:i + 1]
+                            ).detach().float().reshape(1)[0]
+            except Exception as e:
+                errors.setdefault(_describe(e), []).append(e)
+        if errors and not torch.isfinite(out).any():
+            causes = "; ".join(f"{len(v)} x {k}" for k, v in errors.items())
+            rest = n - sum(map(len, errors.values()))
+            raise RewardError(f"reward {name!r} failed for all {n} samples of the batch ({causes}"
+                              f"{f'; {rest} returned NaN' if rest else ''}). Check its options (--reward_options), "
+                              f"that its model loaded, and its inputs; the first failure's traceback is above."
+                              ) from next(iter(errors.values()))[0]
+        for cause, errs in errors.items():
+            self._count(name, cause, len(errs), n)
+        return out
 
     def __call__(self, images: Tensor, prompts: list[str], metadata: list | None = None) -> RewardOutput:
-        comps = {name: self._score(name, images, prompts, metadata) for name in self.weights}
+        _check_images(images)
+        n = len(prompts)
+        if len(images) != n:
+            raise ValueError(f"{len(images)} images but {n} prompts")
+        finite = torch.isfinite(images.flatten(1)).all(1).cpu() if n else torch.ones(0, dtype=torch.bool)
+        keep = finite.nonzero()[:, 0].tolist()
+        if n and not keep:
+            raise RewardError(f"all {n} images contain NaN or inf: the model diverged, nothing can be scored. Lower "
+                              f"the learning rate or clip_range, check the sampler's eta, or resume from an earlier "
+                              f"checkpoint.")
+        if len(keep) < n:
+            self._count("inputs", "images with NaN/inf values, not scored", n - len(keep), n, "images not finite", 3)
+            images, prompts = images[keep], [prompts[i] for i in keep]
+            metadata = None if metadata is None else [metadata[i] for i in keep]
+        comps = {}
+        for name in self.weights:
+            scores = self._score(name, images, prompts, metadata)
+            if keep and not torch.isfinite(scores).any():
+                raise RewardError(f"reward {name!r} returned NaN for all {len(keep)} (finite) images of the batch: "
+                                  f"it found nothing to score, so this run would train on nothing. Check that the "
+                                  f"prompts carry what it needs (ocr: text in double quotes or metadata 'text'; "
+                                  f"geneval*: GenEval metadata, from prompts.load('geneval') or a GenEval .jsonl).")
+            comps[name] = torch.full((n,), float("nan"))
+            comps[name][keep] = scores
         if len(self.weights) == 1:  # a single reward trains on its own scale (as the paper's runs do)
             (name, w), = self.weights.items()
             total = w * comps[name]
         else:
-            total = torch.zeros(len(prompts))
+            total = torch.zeros(n)
             for name, w in self.weights.items():
                 nrm = self.normalisers[name]
                 total = total + w * (comps[name] - nrm.shift) / nrm.scale
         valid = torch.isfinite(total)
         return RewardOutput(total=torch.where(valid, total, torch.nan), components=comps, valid=valid)
+
+    def group_keys(self, metadata: list) -> dict[str, list[str | None]]:
+        """Per component, one group key per sample: `fn.group_key(metadata[i])` for a reward that has one (the
+        GenEval rewards: the tag), else None. Log such a component as the mean over groups of the group means."""
+        return {name: [key(m) for m in metadata] if (key := getattr(fn, "group_key", None)) else [None] * len(metadata)
+                for name, fn in self.fns.items()}
 
 
 def nan_mean(x: Tensor) -> float:
@@ -627,23 +546,16 @@ def nan_mean(x: Tensor) -> float:
 
 
 # -- command line: score image files; the built-in rewards' scales -----------------------------------------------
-def load_image(path) -> Tensor:
-    """An image file as (1, 3, H, W) float in [0, 1]."""
-    import numpy as np
-    from PIL import Image
-
-    with Image.open(path) as im:
-        arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255
-    return torch.from_numpy(arr).permute(2, 0, 1)[None]
-
-
 def score_files(spec: str, paths: list, prompt: str, options: dict | None = None, metadata: dict | None = None,
                 device="cpu") -> list[dict]:
     """Score image files against one prompt: [{"image": path, "total": ..., <reward>: ...}, ...]."""
-    model = RewardModel(spec, device, **(options or {}))
-    rows = []
+    from PIL import Image
+
+    model, rows = RewardModel(spec, device, **(options or {})), []
     for path in paths:  # one at a time: files may differ in size
-        out = model(load_image(path), [prompt], None if metadata is None else [metadata])
+        with Image.open(path) as im:
+            image = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)[None]
+        out = model(image, [prompt], None if metadata is None else [metadata])
         rows.append({"image": str(path), "total": float(out.total[0]),
                      **{k: float(v[0]) for k, v in out.components.items()}})
     return rows
@@ -651,8 +563,6 @@ def score_files(spec: str, paths: list, prompt: str, options: dict | None = None
 
 def print_scales() -> None:
     """The noise-sensitive rewards on the clean digits and with added noise (the numbers in their docstrings)."""
-    import digits
-
     imgs, _ = digits.load("test")
     g = torch.Generator().manual_seed(0)
     for name in ("clean_background", "smoothness", "jpeg_compressibility"):
@@ -667,7 +577,6 @@ def print_scales() -> None:
 
 def main(argv=None) -> None:
     import argparse
-    import json
 
     p = argparse.ArgumentParser(description="Score image files with a reward (or a weighted spec such as "
                                 "'ocr:1,pickscore:0.5'), or print the built-in rewards' scales.")
@@ -681,11 +590,14 @@ def main(argv=None) -> None:
     p.add_argument("--scales", action="store_true", help="print the built-in noise rewards' scales on the digits")
     args = p.parse_args(argv)
     if args.scales:
-        print_scales()
-        return
+        return print_scales()
     if not args.reward or not args.images:
         p.error("give a reward and at least one image file (or --scales)")
-    rows = score_files(args.reward, args.images, args.prompt, json.loads(args.options),
+    try:
+        options = parse_options(args.options, list(parse_spec(args.reward)))
+    except ValueError as e:
+        p.error(str(e).replace("--reward_options", "--options"))
+    rows = score_files(args.reward, args.images, args.prompt, options,
                        None if args.metadata is None else json.loads(args.metadata), args.device)
     for row in rows:
         print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else str(v) for k, v in row.items()))

@@ -90,13 +90,58 @@ def test_plural_and_article():
 def test_txt_and_jsonl_files(tmp_path):
     txt = tmp_path / "mine.txt"
     txt.write_text("a cat\n\n  a dog on a sofa  \n\n")
-    assert prompts.load(str(txt), "train") == (["a cat", "a dog on a sofa"], [None, None])
+    assert prompts.load(str(txt), "all") == (["a cat", "a dog on a sofa"], [None, None])
+    assert prompts.load_file(txt) == (["a cat", "a dog on a sofa"], [None, None])
     jl = tmp_path / "mine.jsonl"
     rows = [{"prompt": "a photo of a dog", "tag": "single_object", "include": [{"class": "dog", "count": 1}]},
             {"prompt": 'A sign that says "HI"', "text": "HI"}]
     jl.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
-    texts, meta = prompts.load(str(jl), "test")
+    texts, meta = prompts.load(str(jl), "all")
     assert texts == ["a photo of a dog", 'A sign that says "HI"'] and meta == rows
+
+
+PROMPTS_20 = [f"a photo of {n} {thing}" for n in ("one", "two", "three", "four")
+              for thing in ("cats", "dogs", "red apples", "blue cars", "old clocks")]
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
+def test_a_single_file_is_split_by_prompt_hash(tmp_path, suffix):
+    path = tmp_path / f"mine{suffix}"
+    lines = PROMPTS_20 + PROMPTS_20[:3]  # repeated prompts stay on one side
+    path.write_text("\n".join(json.dumps({"prompt": p, "i": i}) if suffix == ".jsonl" else p
+                               for i, p in enumerate(lines)) + "\n")
+    train, train_meta = prompts.load(str(path), "train")
+    test, test_meta = prompts.load(str(path), "test")
+    assert train and test and not set(train) & set(test)  # held out: no prompt on both sides
+    assert sorted(train + test) == sorted(lines) and len(test) == sum(map(prompts._is_test, lines))
+    assert {p for p in PROMPTS_20 if prompts._is_test(p)} == set(test)  # the generators' crc32 rule, on the text
+    for seed in (0, 1, 7):  # the same split on every call and seed, in file order
+        assert prompts.load(str(path), "train", seed) == (train, train_meta)
+        assert prompts.load(str(path), "test", seed) == (test, test_meta)
+    assert [p for p in lines if p in set(train)] == train
+    if suffix == ".jsonl":
+        assert [m["prompt"] for m in test_meta] == test  # metadata travels with its prompt
+    assert prompts.split_sizes(str(path)) == (len(train), len(test))
+
+
+def test_a_tiny_file_has_no_test_split(tmp_path):
+    path = tmp_path / "three.txt"
+    path.write_text("a red cat\ntwo dogs on a sofa\na sign that says OPEN\n")  # all three hash to train
+    assert prompts.split_sizes(str(path)) == (3, 0)
+    assert prompts.load(str(path), "train")[0] == ["a red cat", "two dogs on a sofa", "a sign that says OPEN"]
+    with pytest.raises(ValueError, match=r"three\.txt: the 'test' split of this file is empty.* 3 prompt\(s\) give 3 "
+                                         r"train / 0 test\. Give more prompts, a folder with train\.txt and test\.txt"
+                                         r".*explicit evaluation file \(--eval_prompts FILE\)"):
+        prompts.load(str(path), "test")
+    assert prompts.load(str(path), "all")[0] == prompts.load(str(path), "train")[0]  # usable as an eval file
+
+
+def test_folder_and_generator_splits_are_not_all(tmp_path):
+    (tmp_path / "train.txt").write_text("one\n")
+    for name in (str(tmp_path), "ocr"):
+        with pytest.raises(ValueError, match="'all' is for a single prompt file"):
+            prompts.load(name, "all")
+    assert prompts.split_sizes("digits") == (40, 10)
 
 
 def test_folder_in_flow_grpo_layout(tmp_path):

@@ -1,18 +1,34 @@
 """rewards.py: OCR on real rendered text (real RapidOCR); PickScore, HPSv2.1 and GenEval on tiny random-weight
 models saved in the public checkpoints' on-disk formats and loaded through the same code path as the real ones,
 checked against hand computations; missing weights; the built-in rewards; combination and failure isolation."""
+import inspect
 import math
 import os
+import warnings
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from clip_fixtures import (
+    TXT,
+    VIS,
+    openclip_features,
+    openclip_ids,
+    openclip_state_dict,
+    pil,
+    rand_images,
+    save_clip_processor,
+    tiny_clip,
+    tiny_tokenizer,
+)
 from PIL import Image, ImageDraw, ImageFont
 
+import clip
+import digits
 import geneval
 import rewards
-from rewards import NORMALISERS, REGISTRY, Normaliser, RewardModel
+from rewards import NORMALISERS, REGISTRY, Normaliser, RewardError, RewardModel, RewardWarning
 
 # FLOW_CPS_TEST_DEVICE=cuda runs the model-based rewards on a GPU (references stay on the CPU)
 DEVICE = os.environ.get("FLOW_CPS_TEST_DEVICE", "cpu")
@@ -26,15 +42,6 @@ def render(text: str, size=(256, 64), font_size=32) -> torch.Tensor:
     im = Image.new("RGB", size, "white")
     ImageDraw.Draw(im).text((10, 10), text, fill="black", font=ImageFont.load_default(size=font_size))
     return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255).permute(2, 0, 1)[None]
-
-
-def pil(images: torch.Tensor) -> list:
-    arr = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    return [Image.fromarray(a) for a in arr]
-
-
-def rand_images(n, h, w, seed=0) -> torch.Tensor:
-    return torch.rand(n, 3, h, w, generator=torch.Generator().manual_seed(seed))
 
 
 # -- OCR: real RapidOCR on rendered text -------------------------------------------------------------------------
@@ -76,44 +83,32 @@ def test_ocr_needs_quoted_text(ocr):
     assert rewards.ocr_target('say \u201cHI THERE\u201d and "NO"') == "HI THERE"
 
 
-# -- tiny CLIP pieces in the public on-disk formats --------------------------------------------------------------
-def tiny_tokenizer(max_len=16):
-    """A char-level CLIP BPE tokenizer whose start/end tokens are the last two ids, as in OpenAI CLIP's vocab."""
-    from tokenizers import pre_tokenizers
-    from transformers import CLIPTokenizer
-
-    chars = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_len)
-
-
-def tiny_clip(seed=0, image_size=32, max_len=16):
-    from transformers import CLIPConfig, CLIPModel
-
-    torch.manual_seed(seed)
-    tok = dict(bos_token_id=512, eos_token_id=513, pad_token_id=513)
-    cfg = CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
-                                      vocab_size=514, max_position_embeddings=max_len, hidden_act="gelu", **tok),
-                     vision_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                                        num_hidden_layers=2, image_size=image_size, patch_size=8, hidden_act="gelu"),
-                     projection_dim=16)
-    return CLIPModel(cfg).eval()
+def test_ocr_target_and_spaces_as_flow_grpo():
+    # the first pair of quotes, never text across two pairs; an empty first pair is no target (NaN), not ' on a '
+    assert rewards.ocr_target('say "" on a "sign"') is None and rewards.ocr_target('a "  " sign') is None
+    assert rewards.ocr_target('a "first" and a "second"') == "first"
+    assert rewards.ocr_target('an unclosed "quote') is None
+    # Flow-GRPO removes spaces (U+0020) only: a newline or tab between words is one edit
+    assert rewards.ocr_score("HELLO WORLD", "hello world") == 1.0
+    assert rewards.ocr_score("HELLO\nWORLD", "hello world") == pytest.approx(1 - 1 / 10)
+    assert rewards.ocr_score("hello\tworld", "helloworld") == pytest.approx(1 - 1 / 10)
 
 
+def test_ocr_reads_small_text_at_paddleocrs_detection_size(ocr):
+    assert inspect.signature(REGISTRY["ocr"]).parameters["det_limit_side_len"].default == 960  # PaddleOCR 2.9's
+    im = Image.new("RGB", (512, 512), "white")  # 12-px text on a 512-px image: read at full size (no shrinking)
+    ImageDraw.Draw(im).text((300, 400), "FRESH BREAD", fill="black", font=ImageFont.load_default(size=12))
+    img = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    assert ocr(img, ['A sign that says "FRESH BREAD"']).tolist() == [1.0]
+
+
+# -- PickScore: a tiny CLIP in PickScore_v1's layout --------------------------------------------------------------
 @pytest.fixture(scope="module")
 def pickscore_dirs(tmp_path_factory):
     """PickScore_v1's layout: a CLIPModel folder and a separate CLIPProcessor folder (laion's CLIP-ViT-H-14)."""
-    import transformers
-    from transformers import CLIPProcessor
-
-    image_processor = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
-
     root = tmp_path_factory.mktemp("pickscore")
     tiny_clip(seed=1).save_pretrained(root / "model")
-    CLIPProcessor(image_processor=image_processor(size={"shortest_edge": 32},
-                                                        crop_size={"height": 32, "width": 32}),
-                  tokenizer=tiny_tokenizer()).save_pretrained(root / "processor")
-    return dict(model=str(root / "model"), processor=str(root / "processor"))
+    return dict(model=str(root / "model"), processor=save_clip_processor(root / "processor"))
 
 
 PROMPTS = ["a red cat", "two dogs on a sofa", "a sign that says hi"]
@@ -139,108 +134,12 @@ def test_pickscore_is_logit_scale_times_cosine(pickscore_dirs):
     assert flow_grpo.normaliser.shift == pytest.approx(22 / 26)  # a combination normalises on that scale
 
 
-def test_pickscore_resizes_like_the_processor(pickscore_dirs):
-    from transformers import CLIPProcessor
-
-    proc = CLIPProcessor.from_pretrained(pickscore_dirs["processor"])
-    images = rand_images(2, 48, 80, seed=3)
-    images = F.avg_pool2d(F.interpolate(images, scale_factor=4), 5, 1, 2)  # smoother than white noise, like a photo
-    ours = rewards.clip_preprocess(rewards.quantise(images), 32, 32, proc.image_processor.image_mean,
-                                   proc.image_processor.image_std)
-    theirs = proc.image_processor(pil(images), return_tensors="pt").pixel_values
-    assert ours.shape == theirs.shape == (2, 3, 32, 32)
-    assert (ours - theirs).abs().mean() < 0.02  # torch's antialiased bicubic vs PIL's, in normalised units
-
-
 # -- HPSv2.1: an OpenCLIP state dict converted to transformers' CLIP ---------------------------------------------
-VIS = dict(width=32, layers=2, heads=4, patch=8, image=32)
-TXT = dict(width=24, layers=2, heads=2, vocab=514, ctx=16)
-EMBED = 12
-
-
-def openclip_state_dict(seed=0) -> dict:
-    """Random weights under OpenCLIP's key layout for open_clip.CLIP (ViT image tower, built-in text tower):
-    visual.{conv1, class_embedding, positional_embedding, ln_pre, transformer.resblocks.i.*, ln_post, proj};
-    token_embedding, positional_embedding, transformer.resblocks.i.*, ln_final, text_projection, logit_scale.
-    A residual block is ln_1, attn (nn.MultiheadAttention: in_proj_weight/bias fused [q; k; v], out_proj),
-    ln_2, mlp.c_fc, mlp.c_proj."""
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *shape, s=0.2: s * torch.randn(*shape, generator=g)  # noqa: E731
-    sd = {}
-
-    def ln(name, w):
-        sd[f"{name}.weight"], sd[f"{name}.bias"] = 1 + r(w, s=0.1), r(w, s=0.1)
-
-    def blocks(prefix, w, layers):
-        for i in range(layers):
-            p = f"{prefix}transformer.resblocks.{i}."
-            ln(p + "ln_1", w)
-            ln(p + "ln_2", w)
-            sd[p + "attn.in_proj_weight"], sd[p + "attn.in_proj_bias"] = r(3 * w, w), r(3 * w)
-            sd[p + "attn.out_proj.weight"], sd[p + "attn.out_proj.bias"] = r(w, w), r(w)
-            sd[p + "mlp.c_fc.weight"], sd[p + "mlp.c_fc.bias"] = r(4 * w, w), r(4 * w)
-            sd[p + "mlp.c_proj.weight"], sd[p + "mlp.c_proj.bias"] = r(w, 4 * w), r(w)
-
-    wv, wt = VIS["width"], TXT["width"]
-    sd["visual.conv1.weight"] = r(wv, 3, VIS["patch"], VIS["patch"])
-    sd["visual.class_embedding"] = r(wv)
-    sd["visual.positional_embedding"] = r((VIS["image"] // VIS["patch"]) ** 2 + 1, wv)
-    ln("visual.ln_pre", wv)
-    blocks("visual.", wv, VIS["layers"])
-    ln("visual.ln_post", wv)
-    sd["visual.proj"] = r(wv, EMBED)
-    sd["token_embedding.weight"] = r(TXT["vocab"], wt)
-    sd["positional_embedding"] = r(TXT["ctx"], wt)
-    blocks("", wt, TXT["layers"])
-    ln("ln_final", wt)
-    sd["text_projection"] = r(wt, EMBED)
-    sd["logit_scale"] = torch.tensor(math.log(1 / 0.07))
-    return sd
-
-
-def _openclip_block(x, sd, p, heads, causal):
-    """One OpenCLIP residual block, written out: x + attn(ln_1(x)); x + mlp(ln_2(x)); exact GELU."""
-    ln = lambda x, n: F.layer_norm(x, x.shape[-1:], sd[n + ".weight"], sd[n + ".bias"], 1e-5)  # noqa: E731
-    b, n, w = x.shape
-    q, k, v = (ln(x, p + "ln_1") @ sd[p + "attn.in_proj_weight"].T + sd[p + "attn.in_proj_bias"]).split(w, -1)
-    q, k, v = (t.view(b, n, heads, w // heads).transpose(1, 2) for t in (q, k, v))
-    att = q @ k.transpose(-1, -2) / math.sqrt(w // heads)
-    if causal:
-        att = att.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
-    o = (att.softmax(-1) @ v).transpose(1, 2).reshape(b, n, w)
-    x = x + o @ sd[p + "attn.out_proj.weight"].T + sd[p + "attn.out_proj.bias"]
-    h = F.gelu(ln(x, p + "ln_2") @ sd[p + "mlp.c_fc.weight"].T + sd[p + "mlp.c_fc.bias"])
-    return x + h @ sd[p + "mlp.c_proj.weight"].T + sd[p + "mlp.c_proj.bias"]
-
-
-def openclip_features(sd, pixel_values, token_ids):
-    """OpenCLIP's encode_image / encode_text for the tiny config, in plain torch (the independent reference)."""
-    ln = lambda x, n: F.layer_norm(x, x.shape[-1:], sd[n + ".weight"], sd[n + ".bias"], 1e-5)  # noqa: E731
-    x = F.conv2d(pixel_values, sd["visual.conv1.weight"], stride=VIS["patch"]).flatten(2).transpose(1, 2)
-    x = torch.cat([sd["visual.class_embedding"].expand(len(x), 1, -1), x], 1) + sd["visual.positional_embedding"]
-    x = ln(x, "visual.ln_pre")
-    for i in range(VIS["layers"]):
-        x = _openclip_block(x, sd, f"visual.transformer.resblocks.{i}.", VIS["heads"], causal=False)
-    image = ln(x[:, 0], "visual.ln_post") @ sd["visual.proj"]
-    t = sd["token_embedding.weight"][token_ids] + sd["positional_embedding"]
-    for i in range(TXT["layers"]):
-        t = _openclip_block(t, sd, f"transformer.resblocks.{i}.", TXT["heads"], causal=True)
-    # OpenCLIP pools at argmax(token id): the end-of-text token has the largest id
-    text = ln(t, "ln_final")[torch.arange(len(t)), token_ids.argmax(-1)] @ sd["text_projection"]
-    return image, text
-
-
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("clip_tokenizer")
     tiny_tokenizer(TXT["ctx"]).save_pretrained(path)
     return str(path)
-
-
-def _openclip_ids(prompts):
-    """OpenCLIP's tokenisation: [SOT] tokens [EOT], zero-padded to the context length."""
-    ids = tiny_tokenizer(TXT["ctx"])(prompts, truncation=True, max_length=TXT["ctx"]).input_ids
-    return torch.tensor([i + [0] * (TXT["ctx"] - len(i)) for i in ids])
 
 
 def test_hpsv2_matches_an_openclip_forward(tmp_path, tokenizer_dir):
@@ -251,39 +150,11 @@ def test_hpsv2_matches_an_openclip_forward(tmp_path, tokenizer_dir):
                            text_heads=TXT["heads"])
     images = rand_images(3, 32, 32)
     got = fn(images, PROMPTS)
-    px = (rewards.quantise(images) - torch.tensor(rewards.CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(
-        rewards.CLIP_STD).view(1, 3, 1, 1)
-    image, text = openclip_features(sd, px, _openclip_ids(PROMPTS))
+    px = (clip.quantise(images) - torch.tensor(clip.CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(
+        clip.CLIP_STD).view(1, 3, 1, 1)
+    image, text = openclip_features(sd, px, openclip_ids(PROMPTS))
     assert torch.allclose(got, F.cosine_similarity(image, text), atol=1e-5)
     assert got.abs().max() <= 1
-
-
-def test_openclip_conversion_details(tmp_path, tokenizer_dir):
-    sd = openclip_state_dict(seed=2)
-    half = {f"module.{k}": v.half() for k, v in sd.items()}  # a DDP-saved, fp16 ("compressed") bare state dict
-    torch.save(half, tmp_path / "bare.pt")
-    loaded = rewards.load_openclip_state_dict(tmp_path / "bare.pt")
-    assert set(loaded) == set(sd) and all(v.dtype == torch.float32 for v in loaded.values())
-    model = rewards.openclip_to_transformers(loaded, VIS["heads"], TXT["heads"])
-    px, ids = torch.randn(2, 3, 32, 32), _openclip_ids(PROMPTS[:2])
-    image, text = openclip_features(loaded, px, ids)
-    with torch.no_grad():
-        assert torch.allclose(model.get_image_features(pixel_values=px).pooler_output, image, atol=1e-5)
-        hf_ids = tiny_tokenizer(TXT["ctx"])(PROMPTS[:2], padding=True, return_tensors="pt")
-        assert torch.allclose(model.get_text_features(**hf_ids).pooler_output, text, atol=1e-5)
-    assert model.logit_scale.item() == pytest.approx(math.log(1 / 0.07), rel=1e-3)
-    with pytest.raises(ValueError, match="no transformers CLIP counterpart"):
-        rewards.openclip_to_transformers({**sd, "visual.transformer.resblocks.0.ls_1.gamma": torch.ones(32),
-                                          "visual.attn_pool.query": torch.ones(1)}, VIS["heads"], TXT["heads"])
-    with pytest.raises(ValueError, match="head counts"):
-        rewards.openclip_to_transformers(sd)  # width 32 cannot be split into 64-wide heads
-
-
-def test_hps_resize_pads_to_square():
-    img = torch.rand(1, 3, 16, 32)
-    out = rewards.resize_max_and_pad(img, 32)
-    assert out.shape == (1, 3, 32, 32) and torch.equal(out[..., 8:24, :], img)
-    assert out[..., :8, :].abs().sum() == 0 and out[..., 24:, :].abs().sum() == 0
 
 
 # -- GenEval: tiny Mask2Former + tiny CLIP -----------------------------------------------------------------------
@@ -365,7 +236,7 @@ def test_geneval_colours_are_clip_zero_shot_on_masked_crops(scorer, geneval_dirs
         classifier = F.normalize(F.normalize(emb, dim=-1).view(10, 3, -1).mean(1), dim=-1)
         expected = []
         for crop in (torch.where(mask, image, 0x99 / 255)[:, 10:30, 5:45], image):
-            px = rewards.clip_preprocess(crop[None], 32, 32)
+            px = clip.clip_preprocess(crop[None], 32, 32)
             feat = F.normalize(model.get_image_features(pixel_values=px).pooler_output, dim=-1)
             expected.append(geneval.COLORS[int((feat @ classifier.T).argmax())])
     assert got == expected
@@ -374,7 +245,7 @@ def test_geneval_colours_are_clip_zero_shot_on_masked_crops(scorer, geneval_dirs
 def test_geneval_rewards_end_to_end(geneval_dirs, scorer):
     opts = {"geneval": geneval_dirs, "geneval_strict": geneval_dirs}
     model = RewardModel("geneval,geneval_strict", DEVICE, **opts)
-    shared = [k for k in rewards._GENEVAL_SCORERS if ("detector", geneval_dirs["detector"]) in k[1]]
+    shared = [k for k in geneval._SCORERS if ("detector", geneval_dirs["detector"]) in k[1]]
     assert len(shared) == 1  # geneval and geneval_strict share one loaded Scorer
     images = rand_images(4, 48, 48, seed=7)
     meta = [{"tag": "single_object", "include": [{"class": "dog", "count": 1}], "prompt": "a photo of a dog"},
@@ -392,6 +263,31 @@ def test_geneval_rewards_end_to_end(geneval_dirs, scorer):
         :1], "dog") == ["red"]
     assert strict[2] == float(colour_ok)
     assert out.valid.tolist() == [True, True, True, False] and math.isnan(score[3])
+    assert model.group_keys(meta) == {"geneval": ["single_object", "single_object", "colors", None],
+                                      "geneval_strict": ["single_object", "single_object", "colors", None]}
+
+
+def test_geneval_flow_grpo_scores_what_the_server_sees(geneval_dirs, scorer):
+    """The server's rule on the server's input: JPEG (PIL, quality 75) for everything, red/blue swapped for the
+    detector only (mmdet reads the RGB array as BGR), colours on the JPEG image as it is."""
+    model = RewardModel("geneval_flow_grpo", DEVICE, geneval_flow_grpo=geneval_dirs)
+    images = F.interpolate(rand_images(3, 12, 12, seed=8), size=48, mode="bilinear")
+    images[:, 0] *= 0.3  # red differs from blue, so the swap changes the detector's input
+    meta = [{"tag": "single_object", "include": [{"class": "dog", "count": 1}], "prompt": "a photo of a dog"},
+            {"tag": "counting", "include": [{"class": "dog", "count": 2}], "prompt": "two dogs",
+             "exclude": [{"class": "dog", "count": 3}]},
+            {"tag": "colors", "include": [{"class": "dog", "count": 1, "color": "red"}], "prompt": "a red dog"}]
+    got = model(images, [m["prompt"] for m in meta], meta).components["geneval_flow_grpo"]
+    jpeg = geneval.jpeg_roundtrip(images, 75)
+    for i, m in enumerate(meta):
+        objects = geneval.select_objects(scorer.detect(jpeg[i:i + 1].flip(1), 0.3)[0], m["tag"])
+        want = geneval.evaluate_flow_grpo(objects, m, lambda d, c, i=i: scorer.colours(jpeg[i], d, c)).score
+        assert got[i] == pytest.approx(want)
+    plain = RewardModel("geneval_flow_grpo", DEVICE, geneval_flow_grpo={**geneval_dirs, "jpeg_quality": 0,
+                                                                         "swap_red_blue": False})
+    objects = geneval.select_objects(scorer.detect(images[:1], 0.3)[0], "single_object")
+    assert plain(images[:1], ["a dog"], meta[:1]).total[0] == pytest.approx(
+        geneval.evaluate_flow_grpo(objects, meta[0]).score)
 
 
 # -- missing weights ---------------------------------------------------------------------------------------------
@@ -416,8 +312,6 @@ def test_pickscore_rejects_unknown_scale(pickscore_dirs):
 
 # -- built-in rewards --------------------------------------------------------------------------------------------
 def test_digit_judge_on_clean_test_digits():
-    import digits
-
     images, labels = digits.load("test")
     fn = REGISTRY["digit_judge"]()
     right = fn(images, [f"a handwritten digit {int(d)}" for d in labels])
@@ -428,8 +322,6 @@ def test_digit_judge_on_clean_test_digits():
 
 
 def test_clean_background_ranks_clean_above_noisy():
-    import digits
-
     images, _ = digits.load("test")
     noisy = (images + 0.05 * torch.randn(images.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
     fn = REGISTRY["clean_background"]()
@@ -466,11 +358,130 @@ def test_a_failing_sample_only_invalidates_itself(monkeypatch):
     monkeypatch.setitem(REGISTRY, "t_fragile", fragile)
     monkeypatch.setitem(REGISTRY, "t_const", _const([1.0, 1.0, 1.0]))
     images = torch.stack([torch.full((1, 4, 4), v) for v in (0.2, 0.5, 0.8)])
-    out = RewardModel("t_fragile,t_const")(images, ["ok", "bad", "fine"])
+    with pytest.warns(RewardWarning, match="reward t_fragile: 1 of 3 samples failed: RuntimeError: cannot score"):
+        out = RewardModel("t_fragile,t_const")(images, ["ok", "bad", "fine"])
     assert out.valid.tolist() == [True, False, True] and math.isnan(out.total[1])
     assert out.components["t_fragile"][[0, 2]].tolist() == pytest.approx([0.2, 0.8])
     assert out.components["t_const"].tolist() == [1, 1, 1]  # the other reward is untouched
     assert rewards.nan_mean(out.total) == pytest.approx(float(out.total[[0, 2]].mean()))
+
+
+def _raising(rules):
+    """A reward that raises rules[p] for prompts p in rules, else scores the image mean."""
+    def factory(device="cpu"):
+        def fn(images, prompts, metadata=None):
+            for p in prompts:
+                if p in rules:
+                    raise rules[p]
+            return images.flatten(1).mean(1)
+        return fn
+    return factory
+
+
+def test_each_distinct_failure_is_reported_once_and_counted(monkeypatch):
+    monkeypatch.setitem(REGISTRY, "t_flaky", _raising({"a": ValueError("bad a"), "b": RuntimeError("bad b")}))
+    model = RewardModel("t_flaky")
+    images = torch.rand(4, 1, 4, 4)
+    with pytest.warns(RewardWarning) as caught:
+        out = model(images, ["a", "b", "a", "ok"])
+    assert sorted(str(w.message).split(" (reported")[0] for w in caught) == [
+        "reward t_flaky: 1 of 4 samples failed: RuntimeError: bad b",
+        "reward t_flaky: 2 of 4 samples failed: ValueError: bad a"]
+    assert out.valid.tolist() == [False, False, False, True]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second batch with the same causes: counted, not printed again
+        model(images, ["a", "ok", "ok", "b"])
+    assert model.failures == {"t_flaky: ValueError: bad a": 3, "t_flaky: RuntimeError: bad b": 2}
+
+
+def test_a_component_that_fails_everywhere_raises(monkeypatch):
+    monkeypatch.setitem(REGISTRY, "t_broken", _raising({p: OSError("weights vanished") for p in "abc"}))
+    monkeypatch.setitem(REGISTRY, "t_const", _const([1.0, 1.0, 1.0]))
+    with pytest.raises(RewardError, match=r"reward 't_broken' failed for all 3 samples of the batch \(3 x OSError: "
+                                          r"weights vanished\)\. Check its options") as err:
+        RewardModel("t_const,t_broken")(torch.rand(3, 1, 4, 4), ["a", "b", "c"])
+    assert isinstance(err.value.__cause__, OSError)  # the first failure's traceback comes with it
+    nan = lambda device="cpu": lambda images, prompts, metadata=None: torch.full((len(prompts),), float("nan"))  # noqa: E731
+    monkeypatch.setitem(REGISTRY, "t_nan", nan)
+    with pytest.raises(RewardError, match="returned NaN for all 2 .*would train on nothing"):
+        RewardModel("t_nan")(torch.rand(2, 1, 4, 4), ["x", "y"])
+    assert RewardModel("t_nan")(torch.rand(0, 1, 4, 4), []).total.numel() == 0  # an empty batch is not a failure
+
+
+def test_ocr_on_prompts_without_quotes_raises(ocr):
+    with pytest.raises(RewardError, match="reward 'ocr' returned NaN for all 2 .*text in double quotes"):
+        RewardModel("ocr")(render("HELLO").expand(2, -1, -1, -1), ["a sign", "another sign"])
+
+
+def test_non_finite_images_are_never_scored(monkeypatch):
+    seen = []
+
+    def spy(device="cpu"):
+        def fn(images, prompts, metadata=None):
+            seen.append((images.clone(), list(prompts), metadata))
+            return images.flatten(1).mean(1)
+        return fn
+    monkeypatch.setitem(REGISTRY, "t_spy", spy)
+    images, labels = digits.load("test")
+    images = images[:4].clone()
+    images[1, 0, 0, 0], images[3] = float("nan"), float("inf")
+    prompts = [f"a handwritten digit {int(d)}" for d in labels[:4]]
+    model = RewardModel("t_spy,digit_judge_accuracy")
+    with pytest.warns(RewardWarning, match="inputs: 2 of 4 images not finite"):
+        out = model(images, prompts, [{"i": i} for i in range(4)])
+    (got, got_prompts, got_meta), = seen
+    assert torch.equal(got, images[[0, 2]]) and got_prompts == [prompts[0], prompts[2]] and got_meta == [{"i": 0},
+                                                                                                        {"i": 2}]
+    for v in out.components.values():  # NaN for every component (the judge's argmax on NaN would say 0.1)
+        assert v.isnan().tolist() == [False, True, False, True]
+    assert out.valid.tolist() == [True, False, True, False] and model.failures[
+        "inputs: images with NaN/inf values, not scored"] == 2
+    with pytest.raises(RewardError, match="all 4 images contain NaN or inf: the model diverged"):
+        model(torch.full((4, 1, 8, 8), float("nan")), prompts)
+
+
+def test_group_keys(monkeypatch):
+    def grouped(device="cpu"):
+        fn = lambda images, prompts, metadata=None: images.flatten(1).mean(1)  # noqa: E731
+        fn.group_key = lambda m: m.get("tag") if m else None
+        return fn
+    monkeypatch.setitem(REGISTRY, "t_grouped", grouped)
+    monkeypatch.setitem(REGISTRY, "t_const", _const([1.0, 1.0]))
+    keys = RewardModel("t_grouped,t_const").group_keys([{"tag": "counting"}, None])
+    assert keys == {"t_grouped": ["counting", None], "t_const": [None, None]}
+    assert REGISTRY["geneval_strict"].forwards_to is geneval.Scorer  # the GenEval rewards key by tag (end-to-end test)
+
+
+# -- options, checked at config time -----------------------------------------------------------------------------
+USED = ["digit_judge", "ocr", "geneval", "geneval_flow_grpo"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"ocr": {"det_limit_side_len": 960}', r"--reward_options is not valid JSON: Expecting ',' delimiter at line 1 "
+                                            r"column 36 \(char 35\)"),
+    ('["ocr"]', r"--reward_options must be a JSON object \{reward name: \{option: value\}\}.* got a JSON array"),
+    ('{"pickscore": {"model": "/x"}}', r"options for 'pickscore', which this run does not use; its rewards are: "
+                                       r"digit_judge, ocr, geneval, geneval_flow_grpo"),
+    ('{"digit_judge": 5}', r"the value for 'digit_judge' must be a JSON object of options, .* got a JSON number: 5"),
+    ('{"ocr": {"det_limit": 960}}', r"reward 'ocr' has no option 'det_limit'; its options are: det_limit_side_len"),
+    ('{"geneval": {"jpeg_quality": 90}}', r"reward 'geneval' has no option 'jpeg_quality'; its options are: clip, "
+                                          r"counting_threshold, detector, detector_size, dtype, max_objects, "
+                                          r"max_overlap, max_per_image, position_margin, threshold"),
+])
+def test_parse_options_errors(text, message):
+    with pytest.raises(ValueError, match=message):
+        rewards.parse_options(text, USED)
+
+
+def test_parse_options_accepts_what_factories_take():
+    text = '{"ocr": {"det_limit_side_len": 320}, "geneval_flow_grpo": {"jpeg_quality": 90, "detector_size": 512}}'
+    assert rewards.parse_options(text, USED) == {"ocr": {"det_limit_side_len": 320},
+                                                 "geneval_flow_grpo": {"jpeg_quality": 90, "detector_size": 512}}
+    assert rewards.parse_options("{}", USED) == {}
+    assert rewards.accepted_options("clean_background") == []
+    with pytest.raises(ValueError, match="reward 'clean_background' has no option 'scale'; its options are: "
+                                         r"\(none\)"):
+        RewardModel("clean_background", clean_background={"scale": 2})  # not a TypeError deep in the factory
 
 
 def test_score_files_cli(tmp_path, capsys):
