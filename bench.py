@@ -34,6 +34,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import digits
+import logs
+import models
+import rewards
+import sampling
+import train
+
 ROOT = Path(__file__).resolve().parent
 SDE_SAMPLERS = ["cps", "flow_sde", "dance_sde"]
 NAMES = {"cps": "CPS", "flow_sde": "Flow-SDE", "dance_sde": "Dance-SDE"}
@@ -72,10 +79,6 @@ def spread(xs) -> dict:
 # -- 1. sampler cost -----------------------------------------------------------------------------------------------
 @torch.no_grad()
 def section_cost(b: dict) -> dict:
-    import digits
-    import models
-    import sampling
-
     bb = models.load_digits_backbone()
     prompts = digits.prompts("train")[:32] * 2
     cond = bb.encode(prompts)
@@ -109,15 +112,14 @@ def section_cost(b: dict) -> dict:
 def _residual_noise(policy, sampler: str, eta: float, n: int, log_prob: str = "", model_kwargs=None) -> dict:
     """Final training samples of this policy: residual noise std(final - x0_hat of the last step) in latent units
     (0 for a coefficients-preserving sampler: its last step returns x0_hat) and the clean_background reward."""
-    import digits
-    import rewards
-    import train
-
     bb = policy.backbone
     prompts = (digits.prompts("train") * n)[:n]
     gens = train.generators([(999, i) for i in range(n)])
+    step = sampling.SAMPLERS[sampler]
     with torch.no_grad():
-        traj, _ = train.sample(bb, prompts, gens, 10, sampler, eta, 50, "cpu", log_prob=log_prob or None)
+        traj, _ = train.rollout(bb, prompts, gens, gens, grid=bb.sigmas(10), step=step, eta=eta, window=None,
+                                log_prob=sampling.LOG_PROBS[log_prob or sampling.DEFAULT_LOG_PROB[sampler]],
+                                micro_batch=50, device="cpu")
         images = bb.decode(traj.final)
     residual = (traj.final - traj.x0_hat).flatten(1).std(1)
     cb = rewards.REGISTRY["clean_background"]()(images, prompts)
@@ -132,8 +134,6 @@ def run_training(job: dict) -> dict:
         cached = json.loads(cache.read_text())
         if cached["argv"] == job["argv"]:  # a changed budget or setting retrains
             return cached
-    import train
-
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         out = quiet(train.main, [*job["argv"], "--output_dir", str(Path(tmp) / "run")])
@@ -177,8 +177,6 @@ def matched_flow_sde_eta(cps_eta: float = 0.7, num_steps: int = 10) -> float:
     """The Flow-SDE eta that injects the same total fresh-noise variance sum_k std_k^2 over the 10-step uniform grid
     as CPS at `cps_eta` (equal eta means different noise for each sampler: PAPER.md §8 trap 13)."""
     from scipy.optimize import brentq
-
-    import sampling
 
     grid = sampling.sigmas(num_steps)
     x = torch.zeros(1, 1)
@@ -235,8 +233,6 @@ def run_jobs(jobs: list[dict], workers: int) -> dict[str, dict]:
 def section_split(b: dict) -> dict:
     """A default-size iteration (64 samples, 2 threads, one process) with forward hooks timing the transformer."""
     from diffusers import FluxTransformer2DModel
-
-    import train
 
     spent = {"forward": 0.0}
     starts = []
@@ -298,9 +294,6 @@ def section_scaling(b: dict) -> dict:
 
 # -- 5. noise of training samples on the base model -----------------------------------------------------------------
 def section_noise_base(b: dict, out: Path) -> dict:
-    import logs
-    import models
-
     class P:  # the base model behind the same interface as a trained policy
         backbone = models.load_digits_backbone()
     rows, grid = {}, []
@@ -570,11 +563,9 @@ def main(argv: list[str] | None = None) -> Path:
     sections = set(filter(None, args.only.split(","))) or {"cost", "split", "scaling", "convergence", "noise",
                                                              "factors"}
     b = budget(args.quick)
-    import digits
-
-    digits.model_dir()  # pre-train before the workers start, once
+    models.load_digits_backbone()  # pre-train before the workers start, once
     if "factors" in sections and "image16" in b["factors"]:
-        digits.model_dir(size=16)
+        models.load_digits_backbone(size=16)
     t0 = time.perf_counter()
     res: dict = dict(budget={k: v for k, v in b.items()})
     if "cost" in sections:

@@ -10,6 +10,7 @@ import math
 import os
 import signal
 import time
+import warnings
 
 import torch
 from tqdm.auto import tqdm
@@ -38,9 +39,12 @@ class Timer(dict):
 def load_prompt_sets(cfg: Config):
     """(train, held-out) prompt sets, each (texts, metadata); --eval_prompt_file replaces the held-out split and
     --eval_prompts caps it."""
-    try:
-        train = prompts.load(cfg.prompts, "train", cfg.seed)
-        held_out = prompts.load_file(cfg.eval_prompt_file) if cfg.eval_prompt_file else \
+    try:  # an explicit evaluation file: a single training file is then used whole
+        if cfg.eval_prompt_file and not os.path.isfile(cfg.eval_prompt_file):
+            raise FileNotFoundError(f"--eval_prompt_file {cfg.eval_prompt_file}: no such file")
+        whole = cfg.eval_prompt_file and os.path.isfile(cfg.prompts)
+        train = prompts.load(cfg.prompts, "all" if whole else "train", cfg.seed)
+        held_out = prompts.load(cfg.eval_prompt_file, "all") if cfg.eval_prompt_file else \
             prompts.load(cfg.prompts, "test", cfg.seed)
     except (ValueError, OSError) as e:
         raise SystemExit("prompt error: " + plan.prompt_error(cfg, e)) from None
@@ -57,6 +61,8 @@ class Session:
         self.cfg = cfg
         self.rank, self.world, self.device = engine.setup(cfg.device, need_group=cfg.parallel == "fsdp")
         self.is_main, self.batch = self.rank == 0, plan.batch(cfg, self.world)
+        if not self.is_main:  # each distinct reward failure is reported once, by rank 0
+            warnings.filterwarnings("ignore", category=rewards.RewardWarning)
         path = engine.from_rank_zero(lambda: checkpoints.resolve(cfg.output_dir, cfg.preset, cfg.resume))
         self.folder = checkpoints.RunFolder(path, self.is_main, auto=not cfg.output_dir)
         ckpt = engine.from_rank_zero(lambda: self.folder.check(cfg.resume))
@@ -83,7 +89,7 @@ class Session:
 
     def _load(self, bf16: bool):
         cfg = self.cfg
-        opts = reward_options(cfg, [*rewards.parse_spec(cfg.reward), *rewards.parse_spec(cfg.eval_metrics)])
+        opts = reward_options(cfg)
         if cfg.model != "digits":  # weights missing: stop before loading anything, naming the files
             engine.from_rank_zero(lambda: _resolve(cfg.model))
         try:
@@ -129,7 +135,7 @@ class Session:
 
     def train_metrics(self, images, texts, meta) -> dict:
         """The held-out metrics on this iteration's (stochastic) training samples, over all ranks."""
-        out = self.metrics(images, texts, meta)
+        out = all_ranks(self.metrics, images, texts, meta)
         sums = torch.tensor([[float(torch.nansum(v)), float(torch.isfinite(v).sum())] for v in
                              out.components.values()], dtype=torch.float64)
         sums = engine.all_reduce(sums)
@@ -193,6 +199,19 @@ class Session:
         self.folder.close()
         engine.teardown()
         return dict(summary=summary, history=self.history, policy=self.policy, output_dir=self.folder.path)
+
+
+def all_ranks(reward_fn, *args):
+    """reward_fn(*args) on every rank; a RewardError on any rank is raised on all of them, so no rank waits at the
+    next collective for one that has stopped."""
+    try:
+        out, error = reward_fn(*args), None
+    except rewards.RewardError as e:
+        out, error = None, str(e)
+    errors = [e for e in engine.all_gather_objects(error) if e]
+    if errors:
+        raise rewards.RewardError(errors[0])
+    return out
 
 
 def _resolve(model: str) -> None:

@@ -38,7 +38,7 @@ import plan
 import rewards
 import sampling
 from config import parse_config, sde_window_range
-from session import Session, Timer
+from session import Session, Timer, all_ranks
 
 
 # ======================================================================================================================
@@ -91,7 +91,7 @@ def _with(ctx, fn, *args):
 
 def score(reward_fn, images, texts, meta) -> tuple[rewards.RewardOutput, torch.Tensor]:
     """2. This rank's rewards, and every rank's totals in rank order (so every rank computes the same advantages)."""
-    r = reward_fn(images, texts, meta)
+    r = all_ranks(reward_fn, images, texts, meta)
     return r, engine.all_gather_cat(r.total.to(images.device)).cpu()
 
 
@@ -169,7 +169,7 @@ def evaluate(policy, metrics, texts, meta, *, steps, per_prompt, micro_batch, gu
     mine = order[rank * per:(rank + 1) * per]
     n_mine = len(mine)
     mine += [order[-1]] * (per - n_mine) if pad else []  # FSDP2: forwards are collectives, every rank runs as many
-    sums, shown, finite = {}, [], True
+    sums, shown, finite, error = {}, [], True, None
     with policy.ema_weights(), bb.guidance_scale(guidance):
         for i in range(0, len(mine), micro_batch):
             chunk = mine[i:i + micro_batch]
@@ -181,16 +181,23 @@ def evaluate(policy, metrics, texts, meta, *, steps, per_prompt, micro_batch, gu
             images = bb.decode(sampling.rollout(velocity, x1, bb.sigmas(steps), "ode").final)
             real = [j for j in range(len(chunk)) if i + j < n_mine]
             finite &= bool(torch.isfinite(images[real]).all())
-            out = metrics(images[real], [ps[j] for j in real], [meta[chunk[j][1]] for j in real])
-            keys = metrics.group_keys([meta[chunk[j][1]] for j in real]) if hasattr(metrics, "group_keys") else {}
-            for name, v in out.components.items():
-                for j, x in enumerate(v.tolist()):
-                    if math.isfinite(x):
-                        s = sums.setdefault((name, (keys.get(name) or [None] * len(v))[j]), [0.0, 0])
-                        s[0], s[1] = s[0] + x, s[1] + 1
+            if error is None and real:  # after an error, the forwards go on (FSDP2: collectives) unscored
+                try:
+                    out = metrics(images[real], [ps[j] for j in real], [meta[chunk[j][1]] for j in real])
+                except rewards.RewardError as e:
+                    error = str(e)
+                    continue
+                keys = metrics.group_keys([meta[chunk[j][1]] for j in real])
+                for name, v in out.components.items():
+                    for j, x in enumerate(v.tolist()):
+                        if math.isfinite(x):
+                            s = sums.setdefault((name, keys[name][j]), [0.0, 0])
+                            s[0], s[1] = s[0] + x, s[1] + 1
             shown += [images[j] for j in real if chunk[j][0] < 10 and chunk[j][1] < 10]
     merged: dict = {}
-    for part in engine.all_gather_objects(sums):
+    for part, err in engine.all_gather_objects((sums, error)):  # one collective, whatever each rank evaluated
+        if err:
+            raise rewards.RewardError(err)
         for key, (total, n) in part.items():
             merged[key] = [merged.get(key, [0.0, 0])[0] + total, merged.get(key, [0.0, 0])[1] + n]
     result = {}

@@ -36,8 +36,9 @@ SHORT = ["--iterations", "1", "--eval_per_prompt", "1", "--tensorboard", "false"
     (["--reward", "aesthetic"], "unknown reward 'aesthetic'"),
     (["--reward", "digit_judge:heavy"], "is not a number"),
     (["--reward_options", "not json"], "--reward_options is not valid JSON"),
-    (["--reward_options", '{"digit_judge": 5}'], "--reward_options must be a JSON object of objects"),
-    (["--reward_options", '{"pickscore": {}}'], "--reward_options names ['pickscore'], which this run does not use"),
+    (["--reward_options", '{"digit_judge": 5}'], "--reward_options: the value for 'digit_judge' must be a JSON object"),
+    (["--reward_options", '{"pickscore": {}}'], "has options for 'pickscore', which this run does not use"),
+    (["--reward_options", '{"digit_judge": {"sharpness": 2}}'], "sharpness"),
     (["--lora_targets", "foo"], "--lora_targets foo: no linear layer of this transformer has that name"),
     (["--guidance", "3.5"], "the digits model has no guidance embedding"),
     (["--resolution", "12"], "digits models exist at sizes"),
@@ -66,7 +67,7 @@ def test_bad_paths_stop_with_one_line_and_write_nothing(tmp_path):
     with pytest.raises(SystemExit, match="names no digit"):  # the digits model reads only digits
         train.main([*SHORT, "--prompts", str(cats), "--output_dir", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()
-    with pytest.raises(SystemExit, match="prompt error: .*No such file or directory"):
+    with pytest.raises(SystemExit, match="prompt error: --eval_prompt_file .*missing.txt: no such file"):
         train.main([*SHORT, "--eval_prompt_file", str(tmp_path / "missing.txt"), "--output_dir", str(tmp_path / "r")])
 
 

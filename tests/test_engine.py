@@ -29,7 +29,8 @@ def test_plain_ema_hand_computed():
 
 def test_flow_grpo_ema_hand_computed():
     """Interval 2 and 2 training batches per optimizer step, weights w_n = n. The batch closing step n sees s = n, the
-    next step's first batch still s = n (same weights); only (s + 1) % 2 == 0 updates, with d_s = min((1+s)/(10+s), 0.9):
+    next step's first batch still s = n (same weights); only (s + 1) % 2 == 0 updates, with decay
+    d_s = min((1+s)/(10+s), 0.9):
       step 1: s=0 skip, then s=1 (w=1): e = 0 + (1 - 2/11)(1 - 0)                  = 9/11
       step 2: s=1 (w=1): e = 9/11 + (9/11)(1 - 9/11) = 117/121; then s=2 skip
       step 3: s=2 skip; then s=3 (w=3): e = 117/121 + (1 - 4/13)(3 - 117/121)"""

@@ -116,8 +116,8 @@ def test_exported_lora_reproduces_the_trained_policy_in_diffusers(tiny, tmp_path
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     # lora_alpha 12 != rank 4: the export must carry alpha, or load_lora_weights rescales the update
-    res = train.main([*LORA_RUN, "--model", str(tiny[kind]), "--prompts", str(prompts),
-                      "--output_dir", str(tmp_path / "run")])
+    res = train.main([*LORA_RUN, "--model", str(tiny[kind]), "--prompts", str(prompts), "--eval_prompt_file",
+                      str(prompts), "--output_dir", str(tmp_path / "run")])
     policy, ckpt = res["policy"], tmp_path / "run" / "checkpoints" / "iter_000002"
     bb = policy.backbone
     x1 = _noise(bb, seed=1)
@@ -154,6 +154,7 @@ def test_full_fine_tuning_exports_a_diffusers_transformer(tiny, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     res = train.main([*LORA_RUN, "--model", str(tiny["sd3.5"]), "--prompts", str(prompts), "--lora_rank", "0",
+                      "--eval_prompt_file", str(prompts),
                       "--lr", "1e-3", "--iterations", "1", "--output_dir", str(tmp_path / "run")])
     policy = res["policy"]
     assert len(policy.params) == len(list(policy.backbone.transformer.parameters()))
