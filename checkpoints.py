@@ -258,7 +258,7 @@ def _sha256(path: Path) -> str:
 
 
 def write_manifest(folder: Path) -> None:
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in ("MANIFEST.json", ".MANIFEST.tmp"))
     entries = {str(p.relative_to(folder)): dict(size=p.stat().st_size,
                                                sha256=_sha256(p) if p.stat().st_size <= HASH_LIMIT else None)
                for p in files}

@@ -244,7 +244,12 @@ class Policy:
             raise Diverged(f"the gradient norm is {norm}")
         if self.ema is not None:
             self.ema_rule.before_step(self.ema, self.params, self.steps)
-        self.opt.step()
+        try:
+            self.opt.step()
+        except RuntimeError as e:  # AdamW's step size itself overflowed (an absurd learning rate)
+            if "overflow" not in str(e):
+                raise
+            raise Diverged(f"the optimizer step overflowed ({e})") from None
         self.opt.zero_grad(set_to_none=True)
         self.steps += 1
         finite = torch.tensor([float(all(bool(torch.isfinite(_local(p)).all()) for p in self.params))])
