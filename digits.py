@@ -169,6 +169,7 @@ def model_dir(make_adapter, progress: bool = True, size: int = SIZE) -> Path:
     through `make_adapter(transformer, prompt_encoder, size)` (models.digits_adapter)."""
     if size not in PRETRAIN_STEPS:
         raise ValueError(f"digits models exist at sizes {sorted(PRETRAIN_STEPS)}, not {size}")
+    judge_dir()  # the pre-training reports its base accuracy with the judge
     key = _key(TRANSFORMER_CONFIG, PRETRAIN, PRETRAIN_STEPS[size], EMBED_DIM, size)
     path = cache_dir() / (f"digits-{key}" if size == SIZE else f"digits{size}-{key}")
     return _cached(path, lambda out: _build(out, make_adapter, progress, size),

@@ -1,4 +1,5 @@
-"""bench.py --quick end to end: every section runs and the report has its structure (never its timings)."""
+"""bench.py --quick end to end: every section runs and the report has its structure (never its timings), and a second
+invocation reuses the cached training runs."""
 import json
 
 import bench
@@ -7,20 +8,24 @@ import bench
 def test_quick_report_structure(tmp_path):
     out = tmp_path / "bench"
     report = bench.main(["--quick", "--out", str(out), "--workers", "2"]).read_text()
-    for heading in ["## 1. Sampler cost", "## 2. Where an iteration goes", "## 3. Scaling",
-                    "## 4. Convergence: the paper's claim", "## 5. Noise in training samples",
-                    "## 6. Where the claim holds, and why"]:
+    for heading in ["## 1. Sampler cost", "## 2. Speed of the default iteration", "## 3. Data-parallel efficiency",
+                    "## 5. The comparison", "### 5.1 Tuning", "### 5.3 Paired differences", "### 5.4 Image size",
+                    "### 5.5 The paper's Figure 1"]:
         assert heading in report
-    for png in ["convergence.png", "cost_and_split.png", "noise_samples_base.png"]:
+    for png in ["convergence.png", "dose_response.png", "figure1.png"]:
         assert (out / png).stat().st_size > 1000
     res = json.loads((out / "results.json").read_text())
     assert set(res["cost"]["ratio_vs_ode"]) == {"cps", "flow_sde", "dance_sde"}
-    assert abs(sum(res["split"]["fractions"].values()) - 1) < 1e-6
-    table = res["analysis"]["table"]
-    assert {"cps/0.7", "flow_sde/0.7", "dance_sde/0.7"} <= table.keys()
-    # CPS's last step returns x0_hat exactly: no residual noise, before or after training; the SDEs leave some
-    assert table["cps/0.7"]["train_residual"] == 0.0 and res["noise_base"]["cps/0.7"]["residual"] == 0.0
-    assert res["noise_base"]["flow_sde/0.7"]["residual"] > 0.01 and table["flow_sde/0.7"]["train_residual"] > 0.01
-    assert "matched_noise" in res["analysis"]["factors"]
-    # cached runs: a second invocation reuses them instead of retraining
-    assert len(list((out / "runs").glob("*.json"))) == 4
+    assert 0 < res["scaling"]["efficiency"] < 1.5 and res["speed"]["this"]["samples_per_second"] > 0
+    st = res["study"]
+    assert st["tuned"] == {"cps": 0.7, "flow_sde": 0.7, "dance_sde": 0.7}
+    # CPS's last step returns x0_hat exactly: no residual noise in its training samples; the SDEs leave some
+    assert st["groups"]["cps tuned"]["residual"]["mean"] == 0.0 and st["figure1_residual"]["cps"] == 0.0
+    assert st["groups"]["flow_sde tuned"]["residual"]["mean"] > 0.01 and st["figure1_residual"]["dance_sde"] > 0.01
+    assert {"CPS − Flow-SDE, both at η 0.7", "Flow-SDE with CPS's log-prob − with its Gaussian (η 0.7)"} <= \
+        st["comparisons"].keys()
+    runs = sorted(p.name for p in (out / "runs").iterdir())
+    assert len(runs) == st["runs"] == 8  # 3 tuning + 5 distinct report runs (tuned = 0.7 here): each trained once
+    before = {p: p.stat().st_mtime for p in (out / "runs").glob("*/result.json")}
+    bench.main(["--quick", "--out", str(out), "--only", "study"])
+    assert {p: p.stat().st_mtime for p in (out / "runs").glob("*/result.json")} == before  # cached, not retrained
