@@ -65,6 +65,13 @@ class Session:
             warnings.filterwarnings("ignore", category=rewards.RewardWarning)
         path = engine.from_rank_zero(lambda: checkpoints.resolve(cfg.output_dir, cfg.preset, cfg.resume))
         self.folder = checkpoints.RunFolder(path, self.is_main, auto=not cfg.output_dir)
+        try:
+            self._open(cfg, path)
+        except BaseException:  # release the run folder's lock (an in-process caller may start another run)
+            self.folder.close()
+            raise
+
+    def _open(self, cfg: Config, path) -> None:
         ckpt = engine.from_rank_zero(lambda: self.folder.check(cfg.resume))
         self.config = dict(dataclasses.asdict(cfg), output_dir=str(path))
         if ckpt is not None:
@@ -125,6 +132,8 @@ class Session:
     def __exit__(self, kind, error, tb) -> None:
         """A diverged model or a failing reward stops the run with the iteration and the likely cause, before
         anything of that iteration is checkpointed."""
+        if error is not None:
+            self.folder.close()
         if isinstance(error, engine.Diverged):
             raise SystemExit(f"iteration {self.iteration}: training diverged: {error}. Nothing of this iteration was "
                              f"saved. The learning rate ({self.cfg.lr}) is likely too high (or the gradient clip "

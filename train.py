@@ -159,7 +159,7 @@ def update(policy, traj, cond, adv, keep, steps, *, b: plan.Batch, perm, world, 
 
 @torch.no_grad()
 def evaluate(policy, metrics, texts, meta, *, steps, per_prompt, micro_batch, guidance, rank, world, pad,
-             autocast=contextlib.nullcontext):
+             device="cpu", autocast=contextlib.nullcontext):
     """5. Deterministic ODE samples with the EMA weights, of the held-out prompts x `per_prompt` fixed noises (the
     same for every run, sampler and iteration), streamed: encode, sample, decode and score one micro-batch at a
     time, keeping only scores and the grid's images. Returns ({'eval/<metric>': value}, grid images)."""
@@ -176,7 +176,7 @@ def evaluate(policy, metrics, texts, meta, *, steps, per_prompt, micro_batch, gu
             ps = [texts[p] for _, p in chunk]
             cond = bb.encode(ps)
             noise = generators([(10_007, p, k) for k, p in chunk])
-            x1 = torch.stack([sampling.randn(bb.latent_shape, g) for g in noise]).to(bb.device or "cpu")
+            x1 = torch.stack([sampling.randn(bb.latent_shape, g) for g in noise]).to(device)
             velocity = lambda x, t, cond=cond: _with(autocast, bb.velocity, x, t, cond)  # noqa: E731
             images = bb.decode(sampling.rollout(velocity, x1, bb.sigmas(steps), "ode").final)
             real = [j for j in range(len(chunk)) if i + j < n_mine]
@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> dict:
         held_out = functools.partial(evaluate, policy, run.metrics, *run.eval_set, steps=cfg.eval_steps,
                                      per_prompt=cfg.eval_per_prompt, micro_batch=b.micro_batch, rank=rank,
                                      world=run.world, guidance=cfg.eval_guidance, pad=policy.fsdp,
-                                     autocast=run.autocast)
+                                     device=device, autocast=run.autocast)
         grid, window, timer = bb.sigmas(cfg.num_steps), None, Timer()
         if run.start == 1:
             run.log(0, held_out())
