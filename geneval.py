@@ -45,7 +45,7 @@ Instance post-processing follows the benchmark's mmdet Mask2Former: top 100 (que
 masks upsampled to the image, score = class probability x mean mask probability inside the mask, box = the mask's
 extent.
 
-Run `python rewards.py geneval IMAGE --prompt ... --metadata '{...}'` to score files.
+Run `python scoring.py geneval IMAGE --prompt ... --metadata '{...}'` to score files.
 """
 from __future__ import annotations
 

@@ -23,8 +23,8 @@ import hub
 import lora
 import models
 import prompts
-import rewards
 import sampling
+import scoring
 from config import PRESET_GPUS, PROMPT_SOURCES, Config, validate
 
 # -- sizing a run without weights: parameter counts and a per-GPU memory estimate --------------------
@@ -349,7 +349,7 @@ def describe(cfg: Config, world: int, check_files: bool = True) -> tuple[list[st
 
 
 def _memory_lines(cfg: Config, info: ModelInfo, plan: dict, world: int) -> list[str]:
-    reward_names = [*rewards.parse_spec(cfg.reward), *rewards.parse_spec(cfg.eval_metrics)]
+    reward_names = [*scoring.parse_spec(cfg.reward), *scoring.parse_spec(cfg.eval_metrics)]
     est = memory_estimate(
         info, resolution=plan["resolution"], max_sequence_length=cfg.max_sequence_length or
         (512 if info.kind == "flux" else 256), micro_batch=cfg.micro_batch,

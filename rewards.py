@@ -1,10 +1,8 @@
 """Rewards: every reward is `fn(images, prompts, metadata=None) -> Tensor[B]`, images float (B, C, H, W) in [0, 1].
 
-A reward returns NaN for a sample it cannot score (a prompt without the text it needs, no GenEval metadata);
-`RewardModel` turns that into a `valid` mask so GRPO excludes the sample from its advantages instead of training on
-a silent 0. Several rewards combine as a weighted sum ("ocr:1,pickscore:0.5"), each component normalised first (see
-`Normaliser`) and logged separately. Failures are loud: see `RewardModel` (non-finite images, per-sample errors
-warned once and counted, `RewardError` when a component scores nothing).
+A reward returns NaN for a sample it cannot score (a prompt without the text it needs, no GenEval metadata), never a
+made-up 0. scoring.py combines rewards into a run's reward (`scoring.RewardModel`: weighted sums, invalid samples,
+loud failures, options checked at start-up).
 
 Built-in, offline rewards (no download):
   digit_judge           probability that the image shows the prompt's digit (the OCR/GenEval analogue), in [0, 1]
@@ -20,29 +18,22 @@ The paper's model-based rewards (weights from the Hugging Face hub, or local cop
   geneval_flow_grpo     Flow-GRPO's reward-server partial credit, its quirks and JPEG compression included
 
 Model weights are loaded when the factory runs (start-up), never mid-training: a missing model fails at once with
-the hub id or path tried and how to provide it. Options per reward: `RewardModel(spec, device, **{name: {option:
-value}})`, from train.py's `--reward_options '{"pickscore": {"model": "/local/dir"}}'`; `parse_options` checks them
-at config time against the factories' parameters.
+the hub id or path tried and how to provide it. A factory's keyword arguments are its options (train.py's
+`--reward_options '{"pickscore": {"model": "/local/dir"}}'`, checked at start-up against its signature).
 
-Group keys: a reward may carry `fn.group_key = callable(metadata) -> str | None`; `RewardModel.group_keys(metadata)`
-gives one key per sample and component. Log such a component as the mean over groups of the group means: for the
-GenEval rewards (key: the tag) that is the benchmark's overall score (`geneval.summarize`), not a mean over images.
+Group keys: a reward may carry `fn.group_key = callable(metadata) -> str | None`: the held-out metric is then the mean
+over groups of the group means; for the GenEval rewards (key: the tag) that is the benchmark's overall score
+(`geneval.summarize`), not a mean over images.
 
-    python rewards.py ocr sign.png --prompt 'A sign that says "OPEN LATE"'       # score image files
-    python rewards.py --scales                                                  # the built-in rewards' scales
+Score image files with `python scoring.py ocr sign.png --prompt 'A sign that says "OPEN LATE"'`.
 """
 from __future__ import annotations
 
-import inspect
 import io
-import json
-import math
 import re
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -61,7 +52,7 @@ def register(name: str):
     return deco
 
 
-def _check_images(images: Tensor) -> None:
+def check_images(images: Tensor) -> None:
     if images.ndim != 4 or not images.is_floating_point():
         raise ValueError(f"rewards take float images (B, C, H, W) in [0, 1]; got {tuple(images.shape)} "
                          f"{images.dtype}")
@@ -73,7 +64,7 @@ def _judge_reward(device, judge, score: Callable[[Tensor, Tensor], Tensor]) -> R
 
     @torch.no_grad()
     def fn(images: Tensor, prompts: list[str], metadata=None) -> Tensor:
-        _check_images(images)
+        check_images(images)
         target = torch.tensor([digits.parse_digit(p) for p in prompts], device=device)
         return score(judge(images.to(device)), target).float()
     return fn
@@ -103,12 +94,12 @@ def total_variation(images: Tensor) -> Tensor:
 def smoothness(device="cpu") -> RewardFn:
     """1 - mean |neighbour difference| (total variation), a residual-noise detector.
 
-    Scale on the 8x8 digits (`python rewards.py --scales`): clean test images 0.761 (per-image std 0.03); plus
+    Scale on the 8x8 digits (`python scoring.py --scales`): clean test images 0.761 (per-image std 0.03); plus
     Gaussian noise of std 0.05 / 0.1 / 0.2 (in [0, 1] units) 0.756 / 0.749 / 0.725; uniform noise 0.669. Digit strokes
     already have large neighbour differences at 8x8, so this is a weak detector; `clean_background` is the strong one.
     """
     def fn(images: Tensor, prompts: list[str], metadata=None) -> Tensor:
-        _check_images(images)
+        check_images(images)
         return 1 - total_variation(images.float())
     return fn
 
@@ -123,12 +114,12 @@ def background_level(images: Tensor, threshold: float = 0.25) -> Tensor:
 def clean_background(device="cpu") -> RewardFn:
     """1 - 4 * mean(pixels below 0.25): 1 for a perfectly clean background, lower when residual noise speckles it.
 
-    The noise-sensitive reward of the built-in task. Scale (`python rewards.py --scales`): clean test images 0.926
+    The noise-sensitive reward of the built-in task. Scale (`python scoring.py --scales`): clean test images 0.926
     (per-image std 0.03); plus Gaussian noise of std 0.025 / 0.05 / 0.1 in [0, 1] units: 0.875 / 0.843 / 0.786 (an
     effect of 1.7 / 2.8 / 4.7 per-image standard deviations, versus 0.1 / 0.2 / 0.4 for `smoothness`).
     """
     def fn(images: Tensor, prompts: list[str], metadata=None) -> Tensor:
-        _check_images(images)
+        check_images(images)
         return 1 - 4 * background_level(images.float().mean(1, keepdim=True))
     return fn
 
@@ -142,7 +133,7 @@ def jpeg_compressibility(device="cpu", quality: int = 95) -> RewardFn:
     from PIL import Image
 
     def fn(images: Tensor, prompts: list[str], metadata=None) -> Tensor:
-        _check_images(images)
+        check_images(images)
         arr = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         sizes = []
         for a in arr:
@@ -151,6 +142,30 @@ def jpeg_compressibility(device="cpu", quality: int = 95) -> RewardFn:
             sizes.append(-buf.tell() / 1000)
         return torch.tensor(sizes, dtype=torch.float32)
     return fn
+
+
+# -- normalisation of a weighted sum (scoring.RewardModel) ---------------------------------------------------------
+@dataclass
+class Normaliser:
+    """Fixed affine normalisation (r - shift) / scale per component, so weights compare like with like.
+
+    GRPO's advantages are invariant to one reward's scale, but a weighted *sum* is not: without this, a reward in kB
+    would drown one in [0, 1]. Defaults are each reward's typical value and spread: on the built-in task for the
+    offline rewards, on the paper's models for the others. A factory may attach its own as `fn.normaliser` (PickScore
+    does, since its scale is an option)."""
+    shift: float = 0.0
+    scale: float = 1.0
+
+
+NORMALISERS = {"digit_judge": Normaliser(0.0, 1.0), "digit_judge_accuracy": Normaliser(0.0, 1.0),
+               "smoothness": Normaliser(0.75, 0.03),
+               "clean_background": Normaliser(0.9, 0.05), "jpeg_compressibility": Normaliser(-0.6, 0.05),
+               # [0, 1] rewards whose base-model means sit mid-range (OCR 0.58, GenEval 0.63 on SD3.5-M)
+               "ocr": Normaliser(0.5, 0.3), "geneval": Normaliser(0.5, 0.3), "geneval_strict": Normaliser(0.5, 0.5),
+               "geneval_flow_grpo": Normaliser(0.5, 0.3),
+               "pickscore": Normaliser(22.0, 1.0),  # raw scale; the flow_grpo scale brings its own
+               "hpsv2": Normaliser(0.30, 0.02)}  # base FLUX 0.304, trained 0.36-0.38
+
 
 
 # -- OCR (visual text rendering; Flow-GRPO's SD3.5-M task) ------------------------------------------------------
@@ -205,7 +220,7 @@ def ocr(device="cpu", det_limit_side_len: int = 960) -> RewardFn:
                               "Det.limit_side_len": det_limit_side_len})
 
     def fn(images: Tensor, prompts: list[str], metadata=None) -> Tensor:
-        _check_images(images)
+        check_images(images)
         arr = (clip.quantise(clip.rgb(images)) * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         scores = []
         for i, prompt in enumerate(prompts):
@@ -254,7 +269,7 @@ def pickscore(device="cpu", model: str = PICKSCORE_HUB_ID, processor: str = PICK
                                "the CLIP ViT-H-14 tokenizer")
 
     def fn(images: Tensor, prompts: list[str], metadata=None) -> Tensor:
-        _check_images(images)
+        check_images(images)
         cos = clip.cosine(net, tok, images, prompts, lambda x: clip.clip_preprocess(x, **ip), device, dtype, batch_size)
         return net.logit_scale.detach().float().exp().cpu() * cos * factor
     fn.normaliser = Normaliser(22.0 * factor, 1.0 * factor)
@@ -290,7 +305,7 @@ def hpsv2(device="cpu", model: str | None = None, tokenizer: str = HPS_TOKENIZER
     size = net.config.vision_config.image_size
 
     def fn(images: Tensor, prompts: list[str], metadata=None) -> Tensor:
-        _check_images(images)
+        check_images(images)
         return clip.cosine(net, tok, images, prompts, lambda x: clip.normalise(clip.resize_max_and_pad(x, size)),
                            device, dtype, batch_size)
     return fn
@@ -332,276 +347,3 @@ def geneval_flow_grpo(device="cpu", jpeg_quality: int = 75, swap_red_blue: bool 
 
 for _factory in (geneval_reward, geneval_strict, geneval_flow_grpo):
     _factory.forwards_to = geneval.Scorer  # its parameters are the factory's other options (parse_options)
-
-
-# -- options -----------------------------------------------------------------------------------------------------
-def accepted_options(name: str) -> list[str] | None:
-    """The option names reward `name` takes: its factory's parameters but `device` (and, for a factory that
-    forwards **options, those of `factory.forwards_to`). None for a factory that takes any (**kwargs)."""
-    factory = REGISTRY[name]
-    forwards = getattr(factory, "forwards_to", None)
-    params = [p for p in inspect.signature(factory).parameters.values() if not (forwards and p.kind is p.VAR_KEYWORD)]
-    params += list(inspect.signature(forwards).parameters.values()) if forwards else []
-    if any(p.kind is p.VAR_KEYWORD for p in params):
-        return None
-    return sorted({p.name for p in params if p.name != "device" and p.kind in (p.POSITIONAL_OR_KEYWORD,
-                                                                              p.KEYWORD_ONLY)})
-
-
-def check_options(name: str, options: dict) -> None:
-    accepted = accepted_options(name)
-    unknown = sorted(set(options) - set(accepted)) if accepted is not None else []
-    if unknown:
-        raise ValueError(f"--reward_options: reward {name!r} has no option {', '.join(map(repr, unknown))}; its "
-                         f"options are: {', '.join(accepted) or '(none)'}")
-
-
-_JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "true/false",
-               type(None): "null"}
-
-
-def parse_options(text: str, names: list[str]) -> dict[str, dict]:
-    """--reward_options validated at config time: JSON, an object {reward name: {option: value}} whose names are
-    among `names` (the rewards the run uses) and whose options are parameters of that reward's factory."""
-    try:
-        opts = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--reward_options is not valid JSON: {e.msg} at line {e.lineno} column {e.colno} (char "
-                         f"{e.pos}) of {text!r}") from None
-    example = '\'{"pickscore": {"model": "/local/PickScore_v1"}}\''
-    if not isinstance(opts, dict):
-        raise ValueError(f"--reward_options must be a JSON object {{reward name: {{option: value}}}}, e.g. {example}; "
-                         f"got a JSON {_JSON_TYPES.get(type(opts), type(opts).__name__)}: {text!r}")
-    used = list(dict.fromkeys(names))
-    for name, o in opts.items():
-        if name not in used:
-            raise ValueError(f"--reward_options has options for {name!r}, which this run does not use; its rewards "
-                             f"are: {', '.join(used)}")
-        if not isinstance(o, dict):
-            raise ValueError(f"--reward_options: the value for {name!r} must be a JSON object of options, e.g. "
-                             f"{{\"{name}\": {{\"option\": value}}}}; got a JSON "
-                             f"{_JSON_TYPES.get(type(o), type(o).__name__)}: {json.dumps(o)}")
-        check_options(name, o)
-    return opts
-
-
-# -- combination and failure handling ----------------------------------------------------------------------------
-def parse_spec(spec: str) -> dict[str, float]:
-    """'digit_judge:1,smoothness:0.5' -> {'digit_judge': 1.0, 'smoothness': 0.5}; a bare name has weight 1."""
-    out: dict[str, float] = {}
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        name, _, w = part.partition(":")
-        if name not in REGISTRY:
-            raise ValueError(f"unknown reward {name!r} in {spec!r}; available: {', '.join(sorted(REGISTRY))}")
-        try:
-            out[name] = float(w) if w else 1.0
-        except ValueError:
-            raise ValueError(f"reward weight {w!r} in {spec!r} is not a number; write e.g. 'digit_judge:0.7'") from None
-        if not math.isfinite(out[name]):
-            raise ValueError(f"reward weight for {name!r} must be finite, got {w!r}")
-    if not out:
-        raise ValueError("empty reward spec; give at least one reward name, e.g. --reward digit_judge")
-    return out
-
-
-@dataclass
-class Normaliser:
-    """Fixed affine normalisation (r - shift) / scale per component, so weights compare like with like.
-
-    GRPO's advantages are invariant to one reward's scale, but a weighted *sum* is not: without this, a reward in kB
-    would drown one in [0, 1]. Defaults are each reward's typical value and spread: on the built-in task for the
-    offline rewards, on the paper's models for the others. A factory may attach its own as `fn.normaliser` (PickScore
-    does, since its scale is an option)."""
-    shift: float = 0.0
-    scale: float = 1.0
-
-
-NORMALISERS = {"digit_judge": Normaliser(0.0, 1.0), "digit_judge_accuracy": Normaliser(0.0, 1.0),
-               "smoothness": Normaliser(0.75, 0.03),
-               "clean_background": Normaliser(0.9, 0.05), "jpeg_compressibility": Normaliser(-0.6, 0.05),
-               # [0, 1] rewards whose base-model means sit mid-range (OCR 0.58, GenEval 0.63 on SD3.5-M)
-               "ocr": Normaliser(0.5, 0.3), "geneval": Normaliser(0.5, 0.3), "geneval_strict": Normaliser(0.5, 0.5),
-               "geneval_flow_grpo": Normaliser(0.5, 0.3),
-               "pickscore": Normaliser(22.0, 1.0),  # raw scale; the flow_grpo scale brings its own
-               "hpsv2": Normaliser(0.30, 0.02)}  # base FLUX 0.304, trained 0.36-0.38
-
-
-@dataclass
-class RewardOutput:
-    total: Tensor  # (B,) weighted sum of normalised components; NaN where invalid
-    components: dict[str, Tensor]  # raw (un-normalised) per-reward scores, NaN where that reward failed
-    valid: Tensor  # (B,) bool: every component scored the sample
-
-
-class RewardError(RuntimeError):
-    """A batch the rewards scored nothing of: every image non-finite, or a component that raised or returned NaN
-    for every sample. Training on it would train on nothing, so it stops the run with what to check."""
-
-
-class RewardWarning(UserWarning):
-    """Some samples of a batch could not be scored (warned once per distinct cause; see RewardModel.failures)."""
-
-
-def _describe(e: BaseException) -> str:
-    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
-
-
-class RewardModel:
-    """A weighted combination of registered rewards, with loud, per-sample failure handling.
-
-    * Images holding NaN/inf (a diverged model) are never scored: NaN for every component; all of them: RewardError.
-    * A reward that raises is retried one sample at a time; those that still raise score NaN. Each distinct cause
-      (component, exception type, message) is warned once ("reward ocr: 3 of 64 samples failed: ValueError: ...")
-      and counted in `failures` ({cause: samples}) for the trainer to log.
-    * A component that scores no sample of a non-empty batch of finite images (all raised, or all NaN: e.g. OCR on
-      prompts without quoted text) raises RewardError naming it, the cause and what to check.
-    """
-
-    def __init__(self, spec: str, device="cpu", **options):
-        self.weights = parse_spec(spec)
-        for name in self.weights:
-            check_options(name, options.get(name, {}))
-        self.fns = {name: REGISTRY[name](device=device, **options.get(name, {})) for name in self.weights}
-        self.normalisers = {name: getattr(fn, "normaliser", None) or NORMALISERS.get(name, Normaliser())
-                            for name, fn in self.fns.items()}
-        self.failures: dict[str, int] = {}  # "who: Type: message" -> number of samples it cost, over all calls
-
-    def _count(self, who: str, cause: str, k: int, n: int, what: str = "samples failed", depth: int = 4) -> None:
-        key = f"{who}: {cause}"
-        if key not in self.failures:  # depth: the warning points at the line that called the RewardModel
-            warnings.warn(f"reward {who}: {k} of {n} {what}: {cause} (reported once; later ones are counted in "
-                          f"RewardModel.failures)", RewardWarning, stacklevel=depth)
-        self.failures[key] = self.failures.get(key, 0) + k
-
-    def _score(self, name: str, images: Tensor, prompts: list[str], metadata) -> Tensor:
-        fn, n = self.fns[name], len(prompts)
-        try:
-            return fn(images, prompts, metadata).detach().float().cpu().reshape(n)
-        except Exception:  # isolate the failing sample(s): score one at a time, NaN for those that still fail
-            pass
-        out, errors = torch.full((n,), float("nan")), {}
-        for i in range(n):
-            try:
-                out[i] = fn(images[i:i + 1], prompts[i:i + 1], None if metadata is None else metadata[i:i + 1]
-                            ).detach().float().reshape(1)[0]
-            except Exception as e:
-                errors.setdefault(_describe(e), []).append(e)
-        if errors and not torch.isfinite(out).any():
-            causes = "; ".join(f"{len(v)} x {k}" for k, v in errors.items())
-            rest = n - sum(map(len, errors.values()))
-            raise RewardError(f"reward {name!r} failed for all {n} samples of the batch ({causes}"
-                              f"{f'; {rest} returned NaN' if rest else ''}). Check its options (--reward_options), "
-                              f"that its model loaded, and its inputs; the first failure's traceback is above."
-                              ) from next(iter(errors.values()))[0]
-        for cause, errs in errors.items():
-            self._count(name, cause, len(errs), n)
-        return out
-
-    def __call__(self, images: Tensor, prompts: list[str], metadata: list | None = None) -> RewardOutput:
-        _check_images(images)
-        n = len(prompts)
-        if len(images) != n:
-            raise ValueError(f"{len(images)} images but {n} prompts")
-        finite = torch.isfinite(images.flatten(1)).all(1).cpu() if n else torch.ones(0, dtype=torch.bool)
-        keep = finite.nonzero()[:, 0].tolist()
-        if n and not keep:
-            raise RewardError(f"all {n} images contain NaN or inf: the model diverged, nothing can be scored. Lower "
-                              f"the learning rate or clip_range, check the sampler's eta, or resume from an earlier "
-                              f"checkpoint.")
-        if len(keep) < n:
-            self._count("inputs", "images with NaN/inf values, not scored", n - len(keep), n, "images not finite", 3)
-            images, prompts = images[keep], [prompts[i] for i in keep]
-            metadata = None if metadata is None else [metadata[i] for i in keep]
-        comps = {}
-        for name in self.weights:
-            scores = self._score(name, images, prompts, metadata)
-            if keep and not torch.isfinite(scores).any():
-                raise RewardError(f"reward {name!r} returned NaN for all {len(keep)} (finite) images of the batch: "
-                                  f"it found nothing to score, so this run would train on nothing. Check that the "
-                                  f"prompts carry what it needs (ocr: text in double quotes or metadata 'text'; "
-                                  f"geneval*: GenEval metadata, from prompts.load('geneval') or a GenEval .jsonl).")
-            comps[name] = torch.full((n,), float("nan"))
-            comps[name][keep] = scores
-        if len(self.weights) == 1:  # a single reward trains on its own scale (as the paper's runs do)
-            (name, w), = self.weights.items()
-            total = w * comps[name]
-        else:
-            total = torch.zeros(n)
-            for name, w in self.weights.items():
-                nrm = self.normalisers[name]
-                total = total + w * (comps[name] - nrm.shift) / nrm.scale
-        valid = torch.isfinite(total)
-        return RewardOutput(total=torch.where(valid, total, torch.nan), components=comps, valid=valid)
-
-    def group_keys(self, metadata: list) -> dict[str, list[str | None]]:
-        """Per component, one group key per sample: `fn.group_key(metadata[i])` for a reward that has one (the
-        GenEval rewards: the tag), else None. Log such a component as the mean over groups of the group means."""
-        return {name: [key(m) for m in metadata] if (key := getattr(fn, "group_key", None)) else [None] * len(metadata)
-                for name, fn in self.fns.items()}
-
-
-def nan_mean(x: Tensor) -> float:
-    x = x[torch.isfinite(x)]
-    return float(x.mean()) if x.numel() else float("nan")
-
-
-# -- command line: score image files; the built-in rewards' scales -----------------------------------------------
-def score_files(spec: str, paths: list, prompt: str, options: dict | None = None, metadata: dict | None = None,
-                device="cpu") -> list[dict]:
-    """Score image files against one prompt: [{"image": path, "total": ..., <reward>: ...}, ...]."""
-    from PIL import Image
-
-    model, rows = RewardModel(spec, device, **(options or {})), []
-    for path in paths:  # one at a time: files may differ in size
-        with Image.open(path) as im:
-            image = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)[None]
-        out = model(image, [prompt], None if metadata is None else [metadata])
-        rows.append({"image": str(path), "total": float(out.total[0]),
-                     **{k: float(v[0]) for k, v in out.components.items()}})
-    return rows
-
-
-def print_scales() -> None:
-    """The noise-sensitive rewards on the clean digits and with added noise (the numbers in their docstrings)."""
-    imgs, _ = digits.load("test")
-    g = torch.Generator().manual_seed(0)
-    for name in ("clean_background", "smoothness", "jpeg_compressibility"):
-        fn = REGISTRY[name]()
-        row = [f"clean {float(fn(imgs, []).mean()):.3f}"]
-        for s in (0.025, 0.05, 0.1, 0.2):
-            noisy = (imgs + s * torch.randn(imgs.shape, generator=g)).clamp(0, 1)
-            row.append(f"+N(0,{s}) {float(fn(noisy, []).mean()):.3f}")
-        row.append(f"uniform {float(fn(torch.rand(imgs.shape, generator=g), []).mean()):.3f}")
-        print(f"{name:>22}: " + "  ".join(row))
-
-
-def main(argv=None) -> None:
-    import argparse
-
-    p = argparse.ArgumentParser(description="Score image files with a reward (or a weighted spec such as "
-                                "'ocr:1,pickscore:0.5'), or print the built-in rewards' scales.")
-    p.add_argument("reward", nargs="?", help=f"reward spec; one of {', '.join(sorted(REGISTRY))}")
-    p.add_argument("images", nargs="*", help="image files (PNG, JPEG, ...)")
-    p.add_argument("--prompt", default="", help="the prompt every image is scored against")
-    p.add_argument("--options", default="{}", help='per-reward options as JSON, e.g. \'{"pickscore": {"model": '
-                   '"/local/PickScore_v1"}}\'')
-    p.add_argument("--metadata", default=None, help="per-prompt metadata as JSON (GenEval: tag/include/exclude)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--scales", action="store_true", help="print the built-in noise rewards' scales on the digits")
-    args = p.parse_args(argv)
-    if args.scales:
-        return print_scales()
-    if not args.reward or not args.images:
-        p.error("give a reward and at least one image file (or --scales)")
-    try:
-        options = parse_options(args.options, list(parse_spec(args.reward)))
-    except ValueError as e:
-        p.error(str(e).replace("--reward_options", "--options"))
-    rows = score_files(args.reward, args.images, args.prompt, options,
-                       None if args.metadata is None else json.loads(args.metadata), args.device)
-    for row in rows:
-        print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else str(v) for k, v in row.items()))
-
-
-if __name__ == "__main__":
-    main()

@@ -22,7 +22,7 @@ import logs
 import models
 import plan
 import prompts
-import rewards
+import scoring
 from config import RESUMABLE_CHANGES, Config, reward_options, validate
 
 
@@ -62,7 +62,7 @@ class Session:
         self.rank, self.world, self.device = engine.setup(cfg.device, need_group=cfg.parallel == "fsdp")
         self.is_main, self.batch = self.rank == 0, plan.batch(cfg, self.world)
         if not self.is_main:  # each distinct reward failure is reported once, by rank 0
-            warnings.filterwarnings("ignore", category=rewards.RewardWarning)
+            warnings.filterwarnings("ignore", category=scoring.RewardWarning)
         path = engine.from_rank_zero(lambda: checkpoints.resolve(cfg.output_dir, cfg.preset, cfg.resume))
         self.folder = checkpoints.RunFolder(path, self.is_main, auto=not cfg.output_dir)
         try:
@@ -105,8 +105,8 @@ class Session:
                                                 guidance=cfg.guidance, max_sequence_length=cfg.max_sequence_length,
                                                 shift=cfg.shift, offload=cfg.offload,
                                                 dtype=torch.bfloat16 if bf16 else torch.float32)
-                reward_fn = rewards.RewardModel(cfg.reward, device=self.device, **opts)
-                metrics = rewards.RewardModel(cfg.eval_metrics, device=self.device, **opts)
+                reward_fn = scoring.RewardModel(cfg.reward, device=self.device, **opts)
+                metrics = scoring.RewardModel(cfg.eval_metrics, device=self.device, **opts)
             for texts, _ in (self.train_set, self.eval_set):
                 backbone.check_prompts(texts)
             ema = engine.EMA(cfg.ema_decay, cfg.ema_rule, max(1, self.batch.samples_per_update // cfg.micro_batch))
@@ -139,7 +139,7 @@ class Session:
                              f"saved. The learning rate ({self.cfg.lr}) is likely too high (or the gradient clip "
                              f"max_grad_norm {self.cfg.max_grad_norm} too loose); resume from the last checkpoint "
                              "with a smaller --lr") from None
-        if isinstance(error, rewards.RewardError):
+        if isinstance(error, scoring.RewardError):
             raise SystemExit(f"iteration {self.iteration}: {error}") from None
 
     def train_metrics(self, images, texts, meta) -> dict:
@@ -158,7 +158,7 @@ class Session:
                        reward_std=float(finite.std()) if len(finite) > 1 else 0.0,
                        invalid=int(engine.all_reduce(torch.tensor([int((~r.valid).sum())])).item()), **stats)
             if len(r.components) > 1:
-                row.update({f"reward/{k}": rewards.nan_mean(engine.all_gather_cat(v.to(self.device)).cpu())
+                row.update({f"reward/{k}": scoring.nan_mean(engine.all_gather_cat(v.to(self.device)).cpu())
                             for k, v in r.components.items()})
         row.update({**(train_metrics or {}), **(ev[0] if ev else {})})
         row.update({f"time/{k}": v for k, v in (timer or {}).items()})
@@ -215,11 +215,11 @@ def all_ranks(reward_fn, *args):
     next collective for one that has stopped."""
     try:
         out, error = reward_fn(*args), None
-    except rewards.RewardError as e:
+    except scoring.RewardError as e:
         out, error = None, str(e)
     errors = [e for e in engine.all_gather_objects(error) if e]
     if errors:
-        raise rewards.RewardError(errors[0])
+        raise scoring.RewardError(errors[0])
     return out
 
 

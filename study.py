@@ -31,8 +31,8 @@ from tqdm.auto import tqdm
 
 import digits
 import models
-import rewards
 import sampling
+import scoring
 import train
 
 ROOT = Path(__file__).resolve().parent
@@ -121,7 +121,7 @@ def residual_noise(backbone, sampler: str, eta: float, n: int, log_prob: str = "
                             log_prob=sampling.LOG_PROBS[log_prob or sampling.DEFAULT_LOG_PROB[sampler]],
                             micro_batch=64, device="cpu")
     images = backbone.decode(traj.final)
-    cb = rewards.RewardModel("clean_background")(images, texts).total
+    cb = scoring.RewardModel("clean_background")(images, texts).total
     return dict(residual=float((traj.final - traj.x0_hat).flatten(1).std(1).mean()),
                 clean_background=float(cb.mean()))
 

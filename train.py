@@ -35,8 +35,8 @@ import engine
 import grpo
 import lora
 import plan
-import rewards
 import sampling
+import scoring
 from config import parse_config, sde_window_range
 from session import Session, Timer, all_ranks
 
@@ -89,7 +89,7 @@ def _with(ctx, fn, *args):
         return fn(*args)
 
 
-def score(reward_fn, images, texts, meta) -> tuple[rewards.RewardOutput, torch.Tensor]:
+def score(reward_fn, images, texts, meta) -> tuple[scoring.RewardOutput, torch.Tensor]:
     """2. This rank's rewards, and every rank's totals in rank order (so every rank computes the same advantages)."""
     r = all_ranks(reward_fn, images, texts, meta)
     return r, engine.all_gather_cat(r.total.to(images.device)).cpu()
@@ -184,7 +184,7 @@ def evaluate(policy, metrics, texts, meta, *, steps, per_prompt, micro_batch, gu
             if error is None and real:  # after an error, the forwards go on (FSDP2: collectives) unscored
                 try:
                     out = metrics(images[real], [ps[j] for j in real], [meta[chunk[j][1]] for j in real])
-                except rewards.RewardError as e:
+                except scoring.RewardError as e:
                     error = str(e)
                     continue
                 keys = metrics.group_keys([meta[chunk[j][1]] for j in real])
@@ -197,7 +197,7 @@ def evaluate(policy, metrics, texts, meta, *, steps, per_prompt, micro_batch, gu
     merged: dict = {}
     for part, err in engine.all_gather_objects((sums, error)):  # one collective, whatever each rank evaluated
         if err:
-            raise rewards.RewardError(err)
+            raise scoring.RewardError(err)
         for key, (total, n) in part.items():
             merged[key] = [merged.get(key, [0.0, 0])[0] + total, merged.get(key, [0.0, 0])[1] + n]
     result = {}

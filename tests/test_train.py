@@ -23,6 +23,7 @@ import models
 import plan
 import rewards
 import sampling
+import scoring
 import session
 import train
 
@@ -192,7 +193,7 @@ def test_evaluation_is_streamed_and_capped(backbone, monkeypatch):
     """Evaluation samples, decodes and scores one micro-batch at a time: the largest batch it ever holds and the
     images it keeps (the grid's) do not grow with the number of held-out prompts."""
     policy = _policy(backbone)
-    metrics = rewards.RewardModel("digit_judge_accuracy")
+    metrics = scoring.RewardModel("digit_judge_accuracy")
     seen = []
     rollout = sampling.rollout
     monkeypatch.setattr(sampling, "rollout", lambda v, x1, *a, **k: seen.append(len(x1)) or rollout(v, x1, *a, **k))
