@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -174,6 +175,11 @@ def section_main_job(out: Path) -> dict:
                 raise RuntimeError(f"the Quickstart failed:\n{p.stderr[-2000:]}")
             run = sorted(Path(tmp).glob("runs/tiny/run-*"))[-1]
             rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+            last = max(r["iteration"] for r in rows)
+            for src, dst in (("reward_curve.png", "curve"), ("images/eval_00000.png", "eval_base"),
+                             (f"images/eval_{last:05d}.png", "eval_trained"),
+                             (f"images/train_{last:05d}.png", "train_samples")):
+                shutil.copy(run / src, out / f"quickstart_{dst}.png")  # the README shows what the Quickstart draws
             evals = [r for r in rows if study.METRIC in r]
             res[kind] = dict(wall=wall, base=evals[0][study.METRIC], trained=evals[-1][study.METRIC],
                              first_ratio_max_dev=max(r.get("first_ratio_max_dev") or 0 for r in rows))

@@ -240,11 +240,10 @@ def test_resume_after_kill_is_bitwise_exact(pretrained, tmp_path):
     assert [r.get("reward") for r in la] == [r.get("reward") for r in lb]
     assert "kl" not in la[1]  # beta = 0: no KL is computed, none is logged
     # the resumed run refuses a changed config, and a fresh run refuses to overwrite
-    p = _run([sys.executable, "train.py", *FAST, "--output_dir", str(killed), "--resume", "true", "--lr", "1"],
-             check=False)
-    assert p.returncode != 0 and "different config" in p.stderr
-    p = _run([sys.executable, "train.py", *FAST, "--output_dir", str(killed)], check=False)
-    assert p.returncode != 0 and "--resume" in p.stderr
+    with pytest.raises(SystemExit, match="--resume with a different config: {'lr': "):
+        train.main([*FAST, "--output_dir", str(killed), "--resume", "true", "--lr", "1"])
+    with pytest.raises(SystemExit, match="already holds a run .*pass --resume true"):
+        train.main([*FAST, "--output_dir", str(killed)])
 
 
 def test_torchrun_two_ranks_stay_identical(pretrained, tmp_path):
