@@ -99,9 +99,11 @@ def test_prompt_embeddings_are_cached_per_unique_prompt(tiny):
     assert torch.equal(a["prompt_embeds"][0], a["prompt_embeds"][2])
     assert torch.equal(b["prompt_embeds"][1], a["prompt_embeds"][0])
     assert a["neg_prompt_embeds"].shape[0] == 3  # one (view) row per sample, so train.py can slice by sample
-    bb.cache_limit = 1
+    one = bb.cache_nbytes // 2  # "x" and "y": the same shapes, so each holds half
+    bb.cache_bytes = one
     bb.encode(["z"])
     assert list(bb._cache) == ["z"]  # least recently used embeddings are dropped beyond the limit
+    assert bb.cache_nbytes == one
 
 
 LORA_RUN = ["--resolution", str(RES), "--max_sequence_length", str(MSL), "--reward", "clean_background",
