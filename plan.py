@@ -130,8 +130,8 @@ def describe(cfg: Config, world: int, check_files: bool = True) -> tuple[list[st
                 trained_steps=k, forwards_per_update=b.forwards_per_update(k))
     lines.append(f"  schedule ({cfg.num_steps} steps): {' '.join(f'{float(t):.4f}' for t in grid)}"
                  + ("; the transformer gets int(1000 t)/1000 (DanceGRPO)" if cfg.quantize_timesteps else ""))
-    lines.append(f"  eval: ODE, {cfg.eval_steps} steps, {cfg.eval_per_prompt} image(s) per held-out prompt, EMA "
-                 f"weights, every {cfg.eval_every} iterations")
+    lines.append(f"  eval: ODE, {cfg.eval_steps} steps, {cfg.eval_per_prompt} image(s) per held-out prompt, "
+                 f"{'EMA' if cfg.ema_decay > 0 else 'live (no EMA)'} weights, every {cfg.eval_every} iterations")
     lines.append(f"  trained steps per sample: {k} of {cfg.num_steps} ({cfg.timesteps})")
     lines.append(f"  batch on {world} GPU(s): {cfg.prompts_per_iter} prompts x {cfg.group_size} = {b.samples} images "
                  f"per iteration; per GPU {b.prompts_per_rank} prompts = {b.samples_per_rank} images; {b.updates} "
@@ -179,8 +179,8 @@ def _memory_lines(cfg: Config, info: ModelInfo, plan: dict, world: int) -> list[
     names = ", ".join(f"{n} x{reward_names.count(n)}" if reward_names.count(n) > 1 else n
                       for n in dict.fromkeys(reward_names))
     fits = int(cfg.embedding_cache_gb * 1024 / est["embedding_mib"])
-    acc = ("DDP gradient buckets" if not fsdp else "FSDP2: blocks in reduce-scatter (grads stay sharded)"
-           if cfg.lora_rank == 0 else "FSDP2: unsharded LoRA grads until the last micro-batch")
+    acc = ("DDP buckets" if not fsdp else "FSDP2: blocks being reduce-scattered" if cfg.lora_rank == 0 else
+           "FSDP2: unsharded LoRA grads until the last micro-batch")
     rows = [(f"transformer weights, {prec}{shard}", g["weights"]),
             ("  all-gathered root + 2 blocks while a forward runs (FSDP2)", g["gathered"]),
             (f"trained weights + grads + AdamW m, v{' + EMA' if cfg.ema_decay > 0 else ''}, fp32{shard}",
