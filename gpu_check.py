@@ -96,9 +96,10 @@ def stand_in_pipeline(kind: str, *, tiny: bool, dtype: torch.dtype, device: str,
 
     known = memory.KNOWN_MODELS[HUB_IDS[kind]]
     tr_cfg = dict(TINY[kind] if tiny else known["transformer"])
-    if depth and not tiny:
-        tr_cfg.update(num_layers=depth[0], num_single_layers=depth[1])
     flux = kind.startswith("flux")
+    if depth and not tiny:  # fewer blocks at the real width (SD3: depth[0] joint blocks, its dual ones among them)
+        tr_cfg.update(num_layers=depth[0], **dict(num_single_layers=depth[1]) if flux else dict(
+            dual_attention_layers=[i for i in tr_cfg["dual_attention_layers"] if i < depth[0]]))
     t5_dim = tr_cfg["joint_attention_dim"]
     clip_dims = ([tr_cfg["pooled_projection_dim"]] if flux else [tr_cfg["pooled_projection_dim"] * 3 // 8,
                                                                   tr_cfg["pooled_projection_dim"] * 5 // 8])
@@ -155,7 +156,7 @@ def stand_in_pipeline(kind: str, *, tiny: bool, dtype: torch.dtype, device: str,
 
 # -- one preset --------------------------------------------------------------------------------------------------
 def preset_args(preset: str, model: str, prompts: Path, out: Path, *, tiny: bool, iterations: int, device: str,
-                resolution: int = 0) -> list[str]:
+                resolution: int = 0, precision: str = "") -> list[str]:
     """The preset at a reduced batch: one prompt, a group of one rollout forward (the preset's micro_batch samples),
     one update, a short evaluation of one held-out image, clean_background as the reward."""
     cfg = parse_config(["--preset", preset])
@@ -171,7 +172,7 @@ def preset_args(preset: str, model: str, prompts: Path, out: Path, *, tiny: bool
                  "--num_steps", "4", "--eval_steps", "2"]
     elif resolution:
         args += ["--resolution", str(resolution)]
-    return args + ["--device", device]
+    return args + ["--device", device] + (["--precision", precision] if precision and not tiny else [])
 
 
 def _sync(device: torch.device) -> None:
@@ -222,13 +223,15 @@ def utilisation(policy, autocast, micro_batch: int, repeat: int) -> dict:
 
 def run_preset(preset: str, args, workdir: Path) -> dict:
     device = torch.device(args.device)
-    cfg0 = parse_config(["--preset", preset])
+    cfg0 = parse_config(["--preset", preset] + (["--precision", args.precision] if args.precision else []))
     dtype = torch.float32 if args.tiny else engine.precision(cfg0.precision, device).dtype
     depth = args.depth or (args.dance_depth if preset == "flux-dev-hpsv2" else "")
     depth = tuple(int(d) for d in depth.split(",")) if depth and not args.tiny else None
+    base = 0
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)  # what an earlier preset left (should be ~0)
     t0 = time.perf_counter()
     pipe = stand_in_pipeline(kind_of(preset), tiny=args.tiny, dtype=dtype, device=str(device), depth=depth)
     model = hub.register_pipeline(preset, pipe)
@@ -236,13 +239,13 @@ def run_preset(preset: str, args, workdir: Path) -> dict:
     prompts = workdir / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     argv = preset_args(preset, model, prompts, workdir / preset, tiny=args.tiny, iterations=args.iterations,
-                       device=args.device, resolution=args.resolution)
+                       device=args.device, resolution=args.resolution, precision=args.precision)
     cfg = parse_config(argv)
     estimate = plan.describe(cfg, 1, check_files=False)[1]
     teardown, engine.teardown = engine.teardown, lambda: None  # keep FSDP2's group for the measurements below
     try:
         res = train.main(argv)
-        peak = torch.cuda.max_memory_allocated(device) / memory.GB if device.type == "cuda" else math.nan
+        peak = (torch.cuda.max_memory_allocated(device) - base) / memory.GB if device.type == "cuda" else math.nan
         reserved = torch.cuda.max_memory_reserved(device) / memory.GB if device.type == "cuda" else math.nan
         ckpt = sorted((workdir / preset / "checkpoints").glob("iter_*"))
         rows = [r for r in res["history"] if r["iteration"] >= 1]
@@ -259,6 +262,7 @@ def run_preset(preset: str, args, workdir: Path) -> dict:
                params=mem["params"], trained=mem["trainable_params"], samples=b.samples_per_rank,
                micro_batch=cfg.micro_batch, forward_batch=mem["forward_batch"],
                checkpointing=cfg.gradient_checkpointing, built_s=built, peak_gb=peak, reserved_gb=reserved,
+               leftover_gb=base / memory.GB,
                estimate_gb=est["peak_checkpointing"] if cfg.gradient_checkpointing else est["peak"],
                first_ratio_dev=rows[0]["first_ratio_max_dev"], clipfrac=rows[0]["clipfrac"],
                rollout_images_s=b.samples_per_rank / last["time/rollout"],
@@ -287,6 +291,9 @@ def report(results: list[dict], device_name: str, peak_tflops: float | None, sec
              "/ dry-run estimate | first-update ratio - 1 | clipfrac | rollout img/s | trained terms/s | MFU "
              "rollout fwd | MFU training fwd+bwd | checkpoint |", "|" + "---|" * 12]
     for r in results:
+        if "error" in r:
+            lines.append(f"| `{r['preset']}` | failed: {r['error']} |" + " |" * 10)
+            continue
         ratio = r["peak_gb"] / r["estimate_gb"] if r["estimate_gb"] else math.nan
         depth = f", {r['depth'][0]}+{r['depth'][1]} blocks" if r["depth"] else ""
         lines.append(
@@ -296,6 +303,10 @@ def report(results: list[dict], device_name: str, peak_tflops: float | None, sec
             f"{r['clipfrac']:.3f} | {r['rollout_images_s']:.2f} | {r['terms_s']:.2f} | "
             f"{pct(r['flops'], r['forward_s']):.0f}% | {pct(3 * r['flops'], r['train_s']):.0f}% | "
             f"{'yes' if r['checkpoint'] else 'NO'} |")
+    lines += ["", "| preset | built (s) | peak reserved GiB | left over by the previous preset GiB |",
+              "|---|---|---|---|",
+              *(f"| `{r['preset']}` | {r['built_s']:.1f} | {r['reserved_gb']:.1f} | {r['leftover_gb']:.2f} |"
+                for r in results if "error" not in r)]
     lines += ["", "Method:",
               "- peak: torch.cuda.max_memory_allocated over building the pipeline and the whole run (two evaluations, "
               "the rollouts, the updates, the checkpoint); the estimate is the dry run's (plan.describe) for the same "
@@ -316,10 +327,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--out", default="results/gpu.md", help="the report")
     p.add_argument("--iterations", type=int, default=0, help="GRPO iterations per preset, the last one timed (0: 2 "
                    "on a GPU, the first warms up; 1 with --tiny)")
-    p.add_argument("--dance_depth", default="2,4", help="flux-dev-hpsv2: double,single blocks at FLUX.1-dev's width")
+    p.add_argument("--dance_depth", default="1,2", help="flux-dev-hpsv2: double,single blocks at FLUX.1-dev's width")
     p.add_argument("--depth", default="", help="every preset: 'D,S' blocks at the real width (a CPU check of shapes)")
     p.add_argument("--resolution", type=int, default=0, help="override the presets' resolution (0: theirs)")
     p.add_argument("--device", default="", help="'cuda' (default) or 'cpu' (--tiny: cpu)")
+    p.add_argument("--precision", default="", help="override the presets' precision (bf16, fp16, fp32)")
     p.add_argument("--peak_tflops", type=float, default=0.0, help="the GPU's dense bf16 peak (0: from its name)")
     args = p.parse_args(argv)
     args.iterations = args.iterations or (1 if args.tiny else 2)
@@ -332,12 +344,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
     name = torch.cuda.get_device_name(0) if cuda else "cpu"
     peak = (args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)) if cuda else None
     t0, results = time.perf_counter(), []
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="gpu_check-") as tmp:
         for preset in args.presets.split(","):
-            results.append(run_preset(preset, args, Path(tmp)))
+            try:
+                results.append(run_preset(preset, args, Path(tmp)))
+            except (Exception, SystemExit) as e:  # one preset failing (OOM, ...) must not lose the others
+                if args.tiny:
+                    raise
+                results.append(dict(preset=preset, error=f"{type(e).__name__}: {str(e)[:400]}"))
+                hub.IN_MEMORY.clear()
+                gc.collect()
+                torch.cuda.empty_cache()
             print(f"gpu_check: {preset} done ({time.perf_counter() - t0:.0f} s)", flush=True)
+            # written after every preset: a run stopped by a time limit keeps what it measured
+            Path(args.out).write_text(report(results, name, peak, time.perf_counter() - t0, args.tiny))
     text = report(results, name, peak, time.perf_counter() - t0, args.tiny)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
     print(text)
     return results

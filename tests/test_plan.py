@@ -167,3 +167,25 @@ def test_dry_run_reads_a_local_folder_like_the_loader(tiny, capsys):
     assert "weights: available" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="must be a multiple of 8"):
         train.main(["--dry_run", "true", "--model", str(tiny["flux-dev"]), "--resolution", "36"])
+
+
+def test_presets_state_their_precision_and_dance_follows_one_script(capsys):
+    """SD3.5 presets run Flow-GRPO's fp16 mixed precision, FLUX bf16; --precision is validated. flux-dev-hpsv2
+    follows DanceGRPO's 16-GPU script throughout (scripts/finetune/finetune_flux_grpo.sh): one prompt per GPU on 16,
+    4 samples per update (3 updates of a GPU's 12), max_grad_norm 1.0, no EMA, checkpoints every 40 steps, and the
+    transformer gets int(1000 t)/1000."""
+    for name in config.PRESETS:
+        cfg = config.parse_config(["--preset", name])
+        want = "auto" if name == "tiny" else "fp16" if name.startswith("sd3.5") else "bf16"
+        assert cfg.precision == want, name
+    for bad in ("fp8", "half"):
+        with pytest.raises(SystemExit, match="precision must be 'auto', 'bf16', 'fp16' or 'fp32'"):
+            train.main(["--preset", "sd3.5-ocr", "--precision", bad, "--dry_run", "true"])
+    train.main(["--preset", "sd3.5-ocr", "--precision", "fp32", "--dry_run", "true"])
+    assert "8 GPU(s); fp32;" in capsys.readouterr().out
+    dance = config.parse_config(["--preset", "flux-dev-hpsv2"])
+    b = plan.batch(dance, 16)
+    assert (b.prompts_per_rank, b.samples_per_rank, b.updates, b.samples_per_update) == (1, 12, 3, 4)
+    assert (dance.max_grad_norm, dance.ema_decay, dance.lr, dance.checkpoint_every, dance.iterations) == \
+        (1.0, 0.0, 1e-5, 40, 300)
+    assert dance.quantize_timesteps and dance.lora_rank == 0 and dance.micro_batch == 1 and dance.precision == "bf16"
