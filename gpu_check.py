@@ -301,7 +301,8 @@ def report(results: list[dict], device_name: str, peak_tflops: float | None, sec
             lines.append(f"| `{r['preset']}` | failed: {r['error']} |" + " |" * 10)
             continue
         ratio = r["peak_gb"] / r["estimate_gb"] if r["estimate_gb"] else math.nan
-        depth = f", {r['depth'][0]}+{r['depth'][1]} blocks" if r["depth"] else ""
+        depth = "" if not r["depth"] else f", {r['depth'][0]} blocks" if r["preset"].startswith("sd3") else \
+            f", {r['depth'][0]}+{r['depth'][1]} blocks"
         lines.append(
             f"| `{r['preset']}` | {r['precision']} | {_count(r['params'])}{depth} ({_count(r['trained'])}) | "
             f"{r['samples']}, {r['micro_batch']}{' (x2 CFG)' if r['forward_batch'] != r['micro_batch'] else ''} | "
