@@ -51,6 +51,10 @@ class Config:
     max_sequence_length: int = F(0, "T5 tokens per prompt; 0 = the pipeline's default (FLUX 512, SD3 256)")
     shift: float = F(0.0, "timestep shift override: 0 = the model's schedule (SD3.5 static 3, FLUX.1-dev "
                      "resolution-dependent, schnell none); s > 0 = static shift s (DanceGRPO: 3)")
+    quantize_timesteps: bool = F(False, "give the transformer DanceGRPO's int(1000 t)/1000 (and its fp32 inputs) "
+                                 "while the sampler uses the exact t")
+    embedding_cache_gb: float = F(8.0, "host RAM per rank for cached prompt embeddings (GiB); the least recently "
+                                  "used are dropped beyond it")
     # sampling
     sampler: str = F("cps", "rollout sampler: " + ", ".join(sampling.SAMPLERS))
     eta: float = F(0.7, "noise level; its meaning differs per sampler (PAPER.md §8 trap 13)")
@@ -75,8 +79,8 @@ class Config:
     kl_form: str = F("", "'mse' (FlowCPS), 'flow_grpo' or 'gaussian' (exact), see grpo.KL_FORMS; empty = the "
                      "sampler's own codebase (grpo.DEFAULT_KL_FORM: Flow-SDE 'flow_grpo', CPS 'mse')")
     updates_per_iter: int = F(2, "optimizer steps per iteration (the batch is split into this many chunks)")
-    micro_batch: int = F(144, "per rank and forward: (sample, trained step) terms in training, samples in rollouts "
-                         "and evaluation")
+    micro_batch: int = F(144, "per rank and forward: (sample, trained step) terms in a training forward (an "
+                         "update's kept pairs, flattened), samples in a rollout or evaluation forward")
     # optimisation
     lr: float = F(1e-3, "AdamW learning rate")
     weight_decay: float = F(1e-4, "AdamW weight decay")
@@ -92,8 +96,9 @@ class Config:
                       "optimizer state sharded per transformer block)")
     gradient_checkpointing: bool = F(False, "recompute each transformer block in backward: less activation memory, "
                                      "~1/3 more training compute")
-    precision: str = F("auto", "'auto': bf16 frozen weights + bf16 autocast on CUDA, fp32 on CPU; 'fp32': fp32 "
-                       "everywhere (trained weights and sampler math are always fp32)")
+    precision: str = F("auto", "'bf16': bf16 frozen weights + bf16 autocast; 'fp16': fp16 frozen weights + fp16 "
+                       "autocast + dynamic loss scaling; 'fp32'; 'auto' = bf16 on CUDA, fp32 on CPU (trained weights, "
+                       "sampler math and the VAE are always fp32)")
     offload: bool = F(False, "keep text encoders and VAE on the CPU; they visit the GPU only to encode new prompts "
                       "and to decode")
     dry_run: bool = F(False, "resolve and validate the config, print the batch arithmetic and a per-GPU memory "
@@ -114,21 +119,31 @@ class Config:
 
 # The paper's settings (PAPER.md §5.2: Flow-GRPO's released configs, which the FlowCPS commit left unchanged; §5.3:
 # DanceGRPO's scripts). Global batch = prompts_per_iter x group_size, fixed; micro_batch = the configs' images per GPU
-# per forward; the number of micro-batches per update adapts to the world size (validate() checks divisibility).
+# per forward, here (sample, trained step) terms per training forward and samples per rollout/eval forward; the
+# number of forwards per update adapts to the world size (plan.batch checks divisibility). Provenance of each value:
+# docs/SCALE.md "Presets" ([CODE-CPS] config/base.py + config/grpo.py, [CODE-DG] scripts/finetune/*.sh).
 _FLOW_GRPO = dict(
     resolution=512, max_sequence_length=128,  # Flow-GRPO encodes prompts (and the negative "") with 128 T5 tokens
     sampler="cps", group_size=24, prompts_per_iter=48, updates_per_iter=2, advantage="flow_grpo", adv_clip=5.0,
     timesteps="ordered", timestep_fraction=0.99, clip_range=1e-4, lr=3e-4, weight_decay=1e-4, max_grad_norm=1.0,
     ema_decay=0.9, ema_rule="flow_grpo", eval_per_prompt=1, iterations=1000, checkpoint_every=30)
+# SD3.5: config/base.py's mixed_precision "fp16" (fp16 autocast, loss scaling; Flow-GRPO's FAQ prefers fp16 for its
+# smaller sampling/training mismatch) and base.py's noise_level 0.7, read as CPS's eta.
 _SD35 = dict(_FLOW_GRPO, model="stabilityai/stable-diffusion-3.5-medium", num_steps=10, eval_steps=40, guidance=4.5,
              eval_guidance=4.5, micro_batch=9, eta=0.7, lora_rank=32, lora_alpha=64.0,
-             lora_targets=",".join(ATTENTION_TARGETS), parallel="ddp", eval_every=60)
+             lora_targets=",".join(ATTENTION_TARGETS), parallel="ddp", eval_every=60, precision="fp16")
+# FLUX: pickscore_flux's mixed_precision "bf16" (fp16 gives invalid FLUX images, Flow-GRPO's FAQ) and noise_level 0.9,
+# Flow-SDE's eta in Flow-GRPO, which the FlowCPS fork left unchanged and so reads as CPS's eta (no source says which
+# eta the paper's FLUX CPS runs used; reviewer 1 reports 0.7 for CPS). train_flux.py has no zero-advantage filter.
 _FLUX = dict(_FLOW_GRPO, guidance=3.5, eval_guidance=3.5, micro_batch=3, eta=0.9, beta=0.0, lora_rank=64,
-             lora_alpha=128.0, lora_targets=",".join(FLUX_TARGETS), parallel="fsdp",
-             reward="pickscore", eval_metrics="pickscore", prompts="flow_grpo/dataset/pickscore", eval_every=30)
+             lora_alpha=128.0, lora_targets=",".join(FLUX_TARGETS), parallel="fsdp", precision="bf16",
+             drop_zero_adv=False, reward="pickscore", eval_metrics="pickscore", prompts="flow_grpo/dataset/pickscore",
+             eval_every=30)
 PRESETS: dict[str, dict] = {
     "tiny": {},  # the defaults: built-in digits model, CPS eta 0.7, ~3 min on 2 CPU cores
-    # Flow-GRPO's reward server's GenEval rule (rewards.geneval_flow_grpo) trains; the benchmark's rule evaluates
+    # Flow-GRPO's reward server's GenEval rule (rewards.geneval_flow_grpo) trains; the benchmark's rule evaluates.
+    # prompts: this project's generated GenEval-like / OCR sets (offline defaults); the paper's are Flow-GRPO's
+    # dataset/geneval and dataset/ocr folders: --prompts /path/flow_grpo/dataset/geneval (docs/SCALE.md)
     "sd3.5-geneval": dict(_SD35, prompts="geneval", reward="geneval_flow_grpo", eval_metrics="geneval_strict,geneval",
                           beta=0.04),
     "sd3.5-ocr": dict(_SD35, prompts="ocr", reward="ocr", eval_metrics="ocr", beta=0.04),
@@ -138,18 +153,22 @@ PRESETS: dict[str, dict] = {
     # No FLUX.1-schnell config was released; the paper's table has it (4 steps, S-ZH). No guidance embedding.
     "flux-schnell-pickscore": dict(_FLUX, model="black-forest-labs/FLUX.1-schnell", num_steps=4, eval_steps=4,
                                    guidance=-1.0, eval_guidance=-1.0),
-    # DanceGRPO's FLUX.1-dev HPSv2.1 recipe (16-GPU script): full fine-tuning, shift-3 uniform 16-step grid, groups of
-    # 12 with one initial noise, a random 60% of the steps, group-std advantages, 3 updates per iteration, no KL.
-    # Sampler: CPS at eta 0.7 (the paper's CPS-on-Dance run); the Dance-GRPO baseline is --sampler dance_sde --eta 0.3.
+    # DanceGRPO's FLUX.1-dev HPSv2.1 recipe, its 16-GPU script (scripts/finetune/finetune_flux_grpo.sh) throughout:
+    # full fine-tuning in bf16, shift-3 uniform 16-step grid at 720 px, 512 T5 tokens, groups of 12 with one initial
+    # noise, a random 60% of the 15 steps before the last, group-std advantages, no KL; --train_batch_size 1 (one
+    # prompt per GPU: 16 prompts), --gradient_accumulation_steps 4 (4 samples per update: 3 updates of a GPU's 12),
+    # --max_grad_norm 1.0, no --use_ema (the 8-GPU script's EMA 0.995 and max_grad_norm 0.01 go with its batch 2 and
+    # accumulation 12), checkpoints every 40 steps; the transformer gets int(1000 t)/1000. Sampler: CPS at eta 0.7
+    # (the paper's CPS-on-Dance run); the Dance-GRPO baseline is --sampler dance_sde --eta 0.3.
     "flux-dev-hpsv2": dict(
         model="black-forest-labs/FLUX.1-dev", resolution=720, max_sequence_length=512, num_steps=16, eval_steps=16,
-        shift=3.0, guidance=3.5, eval_guidance=3.5, sampler="cps", eta=0.7, reward_image="x0_hat",
-        same_noise_in_group=True, group_size=12, prompts_per_iter=16, updates_per_iter=3, micro_batch=1,
-        advantage="dance", adv_clip=5.0, drop_zero_adv=False, timesteps="random", timestep_fraction=0.6,
-        clip_range=1e-4, beta=0.0, lr=1e-5, weight_decay=1e-4, max_grad_norm=1.0, lora_rank=0, ema_decay=0.995,
-        parallel="fsdp", gradient_checkpointing=True, reward="hpsv2", eval_metrics="hpsv2",
-        prompts="DanceGRPO/assets/prompts.txt", eval_per_prompt=1, eval_every=50, iterations=300,
-        checkpoint_every=50),
+        shift=3.0, quantize_timesteps=True, guidance=3.5, eval_guidance=3.5, sampler="cps", eta=0.7,
+        reward_image="x0_hat", same_noise_in_group=True, group_size=12, prompts_per_iter=16, updates_per_iter=3,
+        micro_batch=1, advantage="dance", adv_clip=5.0, drop_zero_adv=False, timesteps="random",
+        timestep_fraction=0.6, clip_range=1e-4, beta=0.0, lr=1e-5, weight_decay=1e-4, max_grad_norm=1.0, lora_rank=0,
+        ema_decay=0.0, precision="bf16", parallel="fsdp", gradient_checkpointing=True, reward="hpsv2",
+        eval_metrics="hpsv2", prompts="DanceGRPO/assets/prompts.txt", eval_per_prompt=1, eval_every=50,
+        iterations=300, checkpoint_every=40),
 }
 # GPUs each preset's numbers assume (the dry run's default world size). The paper's configs used 32 GPUs, but 48
 # prompts do not split over 32 ranks with every group on one rank; 8 GPUs is Flow-GRPO's `*_8gpu` layout.
@@ -161,7 +180,7 @@ PROMPT_SOURCES = {"flow_grpo/dataset/pickscore": "git clone https://github.com/y
                   "DanceGRPO/assets/prompts.txt": "git clone https://github.com/XueZeyue/DanceGRPO (assets/prompts.txt "
                   "holds the HPDv2 prompts)"}
 RESUMABLE_CHANGES = {"iterations", "resume", "kill_at", "eval_every", "checkpoint_every", "keep_checkpoints",
-                     "tensorboard", "device", "output_dir", "dry_run", "dry_run_gpus"}
+                     "tensorboard", "device", "output_dir", "dry_run", "dry_run_gpus", "embedding_cache_gb"}
 
 
 # -- configuration -----------------------------------------------------------------------------------------------
@@ -254,7 +273,9 @@ def validate(cfg: Config) -> None:
         except ValueError as e:
             need(False, str(e))
     need(cfg.parallel in ("ddp", "fsdp"), f"parallel must be 'ddp' or 'fsdp' (got {cfg.parallel!r})")
-    need(cfg.precision in ("auto", "fp32"), f"precision must be 'auto' or 'fp32' (got {cfg.precision!r})")
+    need(cfg.precision in ("auto", "bf16", "fp16", "fp32"),
+         f"precision must be 'auto', 'bf16', 'fp16' or 'fp32' (got {cfg.precision!r})")
+    need(cfg.embedding_cache_gb >= 0, f"embedding_cache_gb must be >= 0 (got {cfg.embedding_cache_gb})")
     need(cfg.lora_rank >= 0 and (cfg.lora_rank == 0 or cfg.lora_alpha > 0), "lora_rank must be >= 0 (0 = full "
          "fine-tuning) and lora_alpha > 0")
     need(cfg.lora_rank == 0 or all(t.strip() for t in cfg.lora_targets.split(",")),

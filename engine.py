@@ -3,14 +3,16 @@ wrapped for DDP or sharded by FSDP2, with fp32 master weights, AdamW and the EMA
 the algorithm and calls into this file.
 
     rank, world, device = engine.setup("auto", need_group=False)   # torchrun sets RANK/WORLD_SIZE; else a world of 1
-    policy = engine.Policy(backbone, device, world, lora=(8, 16.0, targets), lr=1e-3, ...)
-    with engine.grad_sync(policy.module, last_micro_batch): loss.backward()
+    prec = engine.precision("auto", device)                         # frozen-weight dtype, autocast, loss scaling
+    policy = engine.Policy(backbone, device, world, lora=(8, 16.0, targets), lr=1e-3, precision=prec, ...)
+    with engine.grad_sync(policy.module, last_micro_batch): policy.backward(loss)
     grad_norm = policy.step(max_grad_norm)                          # clip, AdamW, EMA; stops on non-finite values
     with policy.ema_weights(): ...                                  # evaluate / export the EMA weights
 """
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import socket
 import warnings
@@ -126,17 +128,85 @@ def agree(error: str | None) -> None:
 
 
 def grad_sync(model, enabled: bool):
-    """Skip the gradient all-reduce on all but the last micro-batch of an update (DDP no_sync / FSDP2)."""
+    """Skip the gradient all-reduce on all but the last micro-batch of an update (DDP no_sync / FSDP2
+    set_requires_gradient_sync), except under FSDP2 full fine-tuning (`Policy` marks the module keep_grads_sharded):
+    there a skipped reduce-scatter leaves each rank an unsharded fp32 gradient of the whole model (FLUX.1-dev:
+    44 GiB), so every micro-batch is reduce-scattered into the shard, where FSDP2 accumulates it (the same sum)."""
     if hasattr(model, "no_sync"):
         return nullcontext() if enabled else model.no_sync()
     if hasattr(model, "set_requires_gradient_sync"):
-        model.set_requires_gradient_sync(enabled)
+        model.set_requires_gradient_sync(enabled or bool(getattr(model, "keep_grads_sharded", False)))
     return nullcontext()
 
 
 def _local(t: Tensor) -> Tensor:
     """This rank's shard of an FSDP2 DTensor (element-wise maths needs no communication); plain tensors as is."""
     return t.to_local() if hasattr(t, "to_local") else t
+
+
+# -- precision ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Precision:
+    """What --precision means on a device. `dtype` is the frozen weights' (transformer, text encoders) and the
+    autocast dtype; trained weights are fp32 masters, the sampler maths fp32 and the VAE fp32 whatever it is.
+
+    bf16: bf16 frozen weights under bf16 autocast (Flow-GRPO's FLUX configs, DanceGRPO).
+    fp16: fp16 frozen weights under fp16 autocast, with dynamic loss scaling (`LossScaler`), as accelerate runs
+          Flow-GRPO's SD3 configs (mixed_precision "fp16"; there the frozen weights stay fp32 and autocast casts them
+          to fp16 op by op: the matmuls see the same fp16 operands, only the memory differs).
+    fp32: everything fp32 (the CPU default)."""
+    name: str
+    device_type: str
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.name]
+
+    def autocast(self):
+        """The context the transformer's forwards run in (rollouts, training, evaluation)."""
+        if self.name == "fp32":
+            return nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    @property
+    def loss_scaling(self) -> bool:
+        return self.name == "fp16"
+
+
+def precision(name: str, device: torch.device) -> Precision:
+    """--precision on `device`: 'auto' is bf16 on CUDA and fp32 on the CPU; 'bf16', 'fp16', 'fp32' as named (the
+    CPU runs them too, slowly: that is how the tests exercise them)."""
+    if name == "auto":
+        name = "bf16" if device.type == "cuda" else "fp32"
+    if name not in ("bf16", "fp16", "fp32"):
+        raise ValueError(f"precision must be 'auto', 'bf16', 'fp16' or 'fp32' (got {name!r})")
+    return Precision(name, device.type)
+
+
+@dataclass
+class LossScaler:
+    """Dynamic loss scaling for fp16 (torch.amp.GradScaler's rule and defaults, which accelerate uses): the loss is
+    multiplied by `scale` before backward so that small gradients survive fp16; the optimizer step divides them back.
+    A step whose gradients overflowed is skipped and the scale halved; after `interval` good steps it doubles."""
+    scale: float = 2.0 ** 16
+    good_steps: int = 0
+    interval: int = 2000
+
+    def unscale(self, params: list[Tensor]) -> bool:
+        """Divide the gradients by the scale in place; True when they are finite on every rank."""
+        grads = [_local(p.grad) for p in params if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, 1.0 / self.scale)
+        finite = torch.tensor([float(all(bool(torch.isfinite(g).all()) for g in grads))])
+        return all_reduce(finite, "min").item() == 1
+
+    def update(self, finite: bool) -> None:
+        if not finite:
+            self.scale, self.good_steps = self.scale / 2, 0
+            return
+        self.good_steps += 1
+        if self.good_steps == self.interval:
+            self.scale, self.good_steps = self.scale * 2, 0
 
 
 # -- the EMA ---------------------------------------------------------------------------------------------------------
@@ -180,13 +250,16 @@ class Policy:
     """The backbone + what trains (a LoRA, or every transformer weight), the module to call for gradients (the
     transformer, its DDP wrapper, or the transformer sharded in place by FSDP2), AdamW and the EMA.
 
-    lora: (rank, alpha, targets), or None for full fine-tuning. mixed_bf16: FSDP2 all-gathers in bf16 and reduces
-    gradients in fp32 (CUDA); otherwise weights are gathered as they are stored."""
+    lora: (rank, alpha, targets), or None for full fine-tuning. precision (default fp32): under bf16 / fp16 FSDP2
+    all-gathers the weights in that dtype and reduces gradients in fp32; fp16 adds dynamic loss scaling (`backward`
+    scales, `step` unscales and skips a step whose gradients overflowed)."""
 
     def __init__(self, backbone, device: torch.device, world: int, *, lora: tuple[int, float, list[str]] | None,
-                 parallel: str = "ddp", gradient_checkpointing: bool = False, mixed_bf16: bool = False,
+                 parallel: str = "ddp", gradient_checkpointing: bool = False, precision: Precision | None = None,
                  lr: float = 1e-3, weight_decay: float = 1e-4, ema: EMA | None = None, seed: int = 0):
         self.backbone, self.fsdp, self.ema_rule = backbone, parallel == "fsdp", ema
+        self.precision = precision or Precision("fp32", device.type)
+        self.scaler = LossScaler() if self.precision.loss_scaling else None
         tr = backbone.transformer
         torch.manual_seed(seed)  # identical LoRA init on every rank (DDP also broadcasts it)
         if lora is not None:
@@ -200,8 +273,10 @@ class Policy:
         self.names = [n for n, p in tr.named_parameters() if p.requires_grad]
         self.module = tr
         if self.fsdp:  # fp32 masters are made block by block inside, so 12B weights are never all fp32 at once
-            self._shard(tr, device, world, mixed_bf16)
+            self._shard(tr, device, world, self.precision.dtype if self.precision.name != "fp32" else None)
             self.params = [p for p in tr.parameters() if p.requires_grad]  # now DTensors holding this rank's shard
+            # full fine-tuning: reduce-scatter every micro-batch (engine.grad_sync), so gradients stay sharded
+            tr.keep_grads_sharded = lora is None
         else:
             _fp32_masters(self.params)
             if world > 1:
@@ -209,11 +284,14 @@ class Policy:
 
                 self.module = DistributedDataParallel(tr, device_ids=[device.index] if device.type == "cuda" else
                                                       None)
-        self.opt = torch.optim.AdamW(self.params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay, eps=1e-8)
+        # full fine-tuning: the per-tensor AdamW, whose temporaries are one tensor's (the multi-tensor one allocates
+        # a 4 B/param square root of v for all of them at once: 44 GiB for FLUX.1-dev unsharded)
+        self.opt = torch.optim.AdamW(self.params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay, eps=1e-8,
+                                     foreach=False if lora is None else None)
         self.ema = [p.detach().clone() for p in self.params] if ema is not None else None
         self.steps = 0  # optimizer steps so far (the EMA's s; checkpointed)
 
-    def _shard(self, tr, device: torch.device, world: int, mixed_bf16: bool) -> None:
+    def _shard(self, tr, device: torch.device, world: int, mixed: torch.dtype | None) -> None:
         """FSDP2: fully_shard each transformer block (FLUX: transformer_blocks + single_transformer_blocks; SD3:
         transformer_blocks), then the root for the remaining embedders and output layers."""
         from torch.distributed.device_mesh import init_device_mesh
@@ -223,11 +301,11 @@ class Policy:
         # its hooks; none follows (tests/test_scale.py checks FSDP2 against DDP and a single process).
         warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
         mesh = init_device_mesh(device.type, (world,))
-        # cast_forward_inputs=False: bf16 autocast decides the compute dtype, as under DDP. FSDP2's own input cast
+        # cast_forward_inputs=False: autocast decides the compute dtype, as under DDP. FSDP2's own input cast
         # is not re-applied when activation checkpointing recomputes a block (FLUX's fp32 rotary embeddings came
         # back fp32, and torch.utils.checkpoint refused the mismatch; seen on an H200 with torch 2.11).
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if mixed_bf16 else None,
-                                  reduce_dtype=torch.float32 if mixed_bf16 else None, cast_forward_inputs=False)
+        mp = MixedPrecisionPolicy(param_dtype=mixed, reduce_dtype=torch.float32 if mixed else None,
+                                  cast_forward_inputs=False)
         for block in models.transformer_blocks(tr):
             _fp32_masters([p for p in block.parameters() if p.requires_grad])
             fully_shard(block, mesh=mesh, mp_policy=mp)
@@ -235,17 +313,31 @@ class Policy:
         fully_shard(tr, mesh=mesh, mp_policy=mp)
 
     # -- one optimizer step ----------------------------------------------------------------------------------------
+    def backward(self, loss: Tensor) -> None:
+        """loss.backward(), the loss multiplied by the fp16 loss scale first (accumulates into the gradients)."""
+        (loss * self.scaler.scale if self.scaler is not None else loss).backward()
+
     def step(self, max_grad_norm: float) -> float:
         """Clip the accumulated gradients, AdamW, EMA; returns the gradient norm before clipping. Raises Diverged
-        (before the weights change) if the gradients are not finite, and after the step if the weights are not."""
-        norm = torch.nn.utils.clip_grad_norm_(self.params, max_grad_norm)
+        (before the weights change) if the gradients are not finite, and after the step if the weights are not.
+        fp16: gradients that overflowed skip the step instead (returns inf) and halve the loss scale; the step still
+        counts for the EMA schedule, as in Flow-GRPO (accelerate counts an optimizer step the scaler skipped)."""
+        skip = False
+        if self.scaler is not None:
+            finite = self.scaler.unscale(self.params)
+            self.scaler.update(finite)
+            if not finite and self.scaler.scale < 1:
+                raise Diverged("the gradients are not finite even at a loss scale below 1")
+            skip = not finite
+        norm = math.inf if skip else torch.nn.utils.clip_grad_norm_(self.params, max_grad_norm)
         norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        if not torch.isfinite(torch.tensor(norm)):
+        if not skip and not math.isfinite(norm):
             raise Diverged(f"the gradient norm is {norm}")
         if self.ema is not None:
             self.ema_rule.before_step(self.ema, self.params, self.steps)
         try:
-            self.opt.step()
+            if not skip:
+                self.opt.step()
         except RuntimeError as e:  # AdamW's step size itself overflowed (an absurd learning rate)
             if "overflow" not in str(e):
                 raise
@@ -282,7 +374,15 @@ class Policy:
         """Trained weights, EMA, AdamW and the step counter, as plain tensors (not under FSDP2: see sharded_state)."""
         return dict(params={n: p.detach().cpu() for n, p in zip(self.names, self.params)},
                     ema=None if self.ema is None else {n: e.cpu() for n, e in zip(self.names, self.ema)},
-                    optimizer=self.opt.state_dict(), steps=self.steps)
+                    optimizer=self.opt.state_dict(), steps=self.steps, loss_scale=self._scale_state().tolist())
+
+    def _scale_state(self) -> Tensor:
+        s = self.scaler
+        return torch.tensor([s.scale, float(s.good_steps)] if s is not None else [], dtype=torch.float64)
+
+    def _load_scale(self, values) -> None:
+        if self.scaler is not None and len(values) == 2:
+            self.scaler.scale, self.scaler.good_steps = float(values[0]), int(values[1])
 
     def load_state(self, st: dict) -> None:
         with torch.no_grad():
@@ -293,6 +393,7 @@ class Policy:
                     e.copy_(st["ema"][n])
         self.opt.load_state_dict(st["optimizer"])
         self.steps = int(st.get("steps", 0))
+        self._load_scale(st.get("loss_scale", []))
 
     # FSDP2: torch.distributed.checkpoint writes each rank's shards of the trained weights, AdamW state and EMA; no
     # rank ever holds the whole model (frozen base weights are not saved: they are the pretrained ones).
@@ -302,6 +403,8 @@ class Policy:
         model_sd, optim_sd = get_state_dict(self.module, [self.opt],
                                             options=StateDictOptions(ignore_frozen_params=True))
         state = {"model": model_sd, "optim": optim_sd}
+        if self.scaler is not None:  # fp16's loss scale and its good-step count, replicated
+            state["loss_scale"] = self._scale_state()
         if self.ema is not None:
             state["ema"] = dict(zip(self.names, self.ema))
         return state
@@ -319,6 +422,8 @@ class Policy:
         dcp.load(state, checkpoint_id=str(path))  # in place, into this rank's shards (the EMA included)
         set_state_dict(self.module, [self.opt], model_state_dict=state["model"], optim_state_dict=state["optim"],
                        options=StateDictOptions(ignore_frozen_params=True, strict=False))
+        if "loss_scale" in state:
+            self._load_scale(state["loss_scale"].tolist())
 
 
 def _fp32_masters(params) -> None:

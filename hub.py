@@ -16,6 +16,18 @@ GATED = {"black-forest-labs/FLUX.1-dev", "stabilityai/stable-diffusion-3.5-mediu
 
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+# Pipelines built in memory, by the name a run gives as --model (gpu_check.py: FLUX.1-dev / SD3.5-Medium with random
+# weights, nothing downloaded). load_backbone wraps the object itself; plan.model_info reads its configs.
+IN_MEMORY: dict[str, object] = {}
+MEMORY_PREFIX = "memory:"
+
+
+def register_pipeline(name: str, pipeline) -> str:
+    """Make a FluxPipeline / StableDiffusion3Pipeline object loadable as --model `memory:<name>`; returns that."""
+    if type(pipeline).__name__ not in PIPELINES:
+        raise ValueError(f"unsupported pipeline {type(pipeline).__name__}; supported: {', '.join(PIPELINES)}")
+    IN_MEMORY[MEMORY_PREFIX + name] = pipeline
+    return MEMORY_PREFIX + name
 # What a training run needs from a hub repo: the diffusers folders only (FLUX.1-dev's repo also holds a 23.8 GB
 # single-file checkpoint and SD3.5's a ComfyUI `text_encoders/` folder, which we never read).
 DOWNLOAD_PATTERNS = ["model_index.json", "scheduler/*", "transformer/*", "vae/*", "text_encoder/*", "text_encoder_2/*",
@@ -64,9 +76,15 @@ def _how_to_get(model: str, local_dir: str) -> str:
             f"--model {local_dir}.")
 
 
-def resolve_model(model: str, download: bool = True) -> tuple[Path, str]:
+def resolve_model(model: str, download: bool = True) -> tuple[Path | None, str]:
     """'owner/name' (hub id, looked up in the Hugging Face cache, downloaded if online and `download`) or a local
-    diffusers folder -> (folder, kind). Raises ValueError naming the missing files and how to provide them."""
+    diffusers folder -> (folder, kind); a registered in-memory pipeline -> (None, kind). Raises ValueError naming the
+    missing files and how to provide them."""
+    if model in IN_MEMORY:
+        return None, PIPELINES[type(IN_MEMORY[model]).__name__]
+    if model.startswith(MEMORY_PREFIX):
+        raise ValueError(f"--model {model}: no pipeline of that name was built in this process "
+                         "(hub.register_pipeline; gpu_check.py builds them)")
     path = Path(model).expanduser()
     if path.exists() or not HUB_ID.match(model):
         if not path.is_dir():

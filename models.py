@@ -15,13 +15,13 @@ transformer via peft, and `adapter_disabled` gives the reference policy for the 
     default CPU run exercises the exact code path FLUX.1 uses;
   * SD3Adapter, kind "sd3": SD3 / SD3.5 (three text encoders, true classifier-free guidance, static shift 3).
 
-`load_backbone(model, device, **options)` takes "digits", a hub id or a local diffusers folder (found by hub.py), and
-detects FLUX vs SD3 from model_index.json. plan.py sizes a run without loading weights (`train.py --dry_run true`).
+What they share (embedding cache, guidance switching, offloading, timesteps, fp32 decode) is adapter.Adapter.
+`load_backbone(model, device, **options)` takes "digits", a hub id or a local diffusers folder (found by hub.py), or
+a pipeline built in memory and registered with hub.register_pipeline (gpu_check.py's random-weight FLUX.1-dev and
+SD3.5), and detects FLUX vs SD3 from model_index.json (the pipeline's class). plan.py sizes a run without loading
+weights (`train.py --dry_run true`).
 """
 from __future__ import annotations
-
-import contextlib
-from collections import OrderedDict
 
 import torch
 from torch import Tensor, nn
@@ -29,163 +29,16 @@ from torch import Tensor, nn
 import digits
 import hub
 import sampling
-
-# Flow-GRPO's LoRA targets for FLUX/SD3 attention (PAPER.md §5.2). SD3.5's second (MMDiT-X) attention is named
-# "attn2" and is not matched, as in Flow-GRPO.
-ATTENTION_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-                     "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
-# Flow-GRPO's FLUX.1 targets: attention plus both feed-forward networks of the double-stream blocks.
-FLUX_TARGETS = ATTENTION_TARGETS + ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
+from adapter import DEFAULT_CACHE_BYTES, Adapter
 
 DEFAULT_GUIDANCE = {"flux": 3.5, "sd3": 4.5}  # the paper's values (PAPER.md §1.4); diffusers' SD3 default is 7.0
-# Scheduler options the adapters' closed-form schedules (sampling.sigmas) do not reproduce: refuse, never guess.
-_UNSUPPORTED_SCHEDULER = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "shift_terminal",
-                          "invert_sigmas", "stochastic_sampling")
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The adapters
 
 
-class _Adapter:
-    """What FLUX and SD3 share: the per-prompt embedding cache, guidance switching, offloading and chunked decode.
-
-    Subclasses set kind, latent_shape and implement _encode_batch, velocity, sigmas and _latents_for_vae.
-    """
-
-    kind = ""
-
-    def _init_common(self, transformer: nn.Module, encode_prompt, vae: nn.Module | None, *, guidance: float | None,
-                     scheduler_config: dict | None, shift: float, device, offload: bool, text_encoders,
-                     cache_limit: int, decode_batch: int):
-        self.transformer, self.encode_prompt, self.vae = transformer, encode_prompt, vae
-        self.guidance = guidance
-        self.scheduler_config = dict(scheduler_config or {})
-        for key in _UNSUPPORTED_SCHEDULER:
-            if self.scheduler_config.get(key):
-                raise ValueError(f"the scheduler option {key}={self.scheduler_config[key]!r} is not supported: the "
-                                 "sampler computes the schedule in closed form (sampling.sigmas)")
-        if int(self.scheduler_config.get("num_train_timesteps", sampling.NUM_TRAIN_TIMESTEPS)) != \
-                sampling.NUM_TRAIN_TIMESTEPS:
-            raise ValueError("only schedulers with num_train_timesteps = 1000 are supported")
-        self.shift = float(shift)  # > 0 overrides the scheduler's shift (DanceGRPO's static 3 on FLUX)
-        self.device = torch.device(device) if device is not None else None
-        self.offload = bool(offload) and self.device is not None and self.device.type != "cpu"
-        self.text_encoders = [m for m in text_encoders if m is not None]
-        self.cache_limit, self.decode_batch = cache_limit, decode_batch
-        # Embeddings live on the CPU (a 25k-prompt set at 128 T5 tokens would need ~25 GB of GPU memory) and the
-        # least recently used ones are dropped beyond cache_limit; encode() returns them on self.device.
-        self._cache: OrderedDict[str, dict[str, Tensor]] = OrderedDict()
-        self._shared: dict[str, Tensor] = {}  # per-batch constants (FLUX txt_ids, SD3's empty-prompt embedding)
-
-    # -- conditioning ---------------------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _on_device(self, modules):
-        """Offloading: frozen encoders / VAE visit the GPU only while they run."""
-        if not self.offload:
-            yield
-            return
-        for m in modules:
-            m.to(self.device)
-        try:
-            yield
-        finally:
-            for m in modules:
-                m.to("cpu")
-
-    def _encode_batch(self, prompts: list[str]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """(per-prompt tensors with batch dim, shared tensors) for a list of unique prompts."""
-        raise NotImplementedError
-
-    def _store(self, t: Tensor) -> Tensor:
-        return t.detach().to("cpu", copy=True) if self.device is not None else t.detach()
-
-    def _out(self, t: Tensor) -> Tensor:
-        return t.to(self.device) if self.device is not None else t
-
-    def encode(self, prompts: list[str], cache: bool = True) -> dict:
-        """Prompt embeddings for a batch; with cache=True each unique prompt is encoded once (frozen encoders).
-
-        Every tensor has the batch as its first dim except FLUX's txt_ids (L, 3), which is shared."""
-        if not cache:
-            rows, shared = self._encode_batch(prompts)
-            return {**rows, **shared}
-        todo = list(dict.fromkeys(p for p in prompts if p not in self._cache))
-        if todo:
-            with torch.no_grad(), self._on_device(self.text_encoders):
-                rows, shared = self._encode_batch(todo)
-            for i, p in enumerate(todo):
-                self._cache[p] = {k: self._store(v[i:i + 1]) for k, v in rows.items()}
-            self._shared.update({k: self._store(v) for k, v in shared.items()})
-        for p in prompts:
-            self._cache.move_to_end(p)
-        out = {k: self._out(torch.cat([self._cache[p][k] for p in prompts])) for k in self._cache[prompts[0]]}
-        out.update({k: self._out(v) for k, v in self._shared.items()})
-        while len(self._cache) > self.cache_limit:
-            self._cache.popitem(last=False)
-        return self._expand_shared(out, len(prompts))
-
-    def _expand_shared(self, cond: dict, batch: int) -> dict:
-        return cond
-
-    shared_keys: tuple[str, ...] = ()  # conditioning tensors without a batch dim (FLUX's txt_ids)
-
-    def select(self, cond: dict, rows: Tensor) -> dict:
-        """The conditioning of the samples `rows` (indices into cond's batch); shared tensors pass as they are."""
-        return {k: v if k in self.shared_keys else v[rows] for k, v in cond.items()}
-
-    def check_prompts(self, prompts: list[str]) -> None:
-        """Raise ValueError naming a prompt this model cannot condition on (before any work); real text encoders
-        take any text, the digits model's one-token encoder needs a digit (digits.parse_digit)."""
-        if self.prompt_check is not None:
-            for p in dict.fromkeys(prompts):
-                self.prompt_check(p)
-
-    prompt_check = None
-
-    @contextlib.contextmanager
-    def guidance_scale(self, scale: float | None):
-        """Temporarily sample with another guidance (evaluation's eval_guidance); None or < 0 keeps the current."""
-        old = self.guidance
-        if scale is not None and scale >= 0 and self.guidance is not None:
-            self.guidance = float(scale)
-        try:
-            yield
-        finally:
-            self.guidance = old
-
-    @property
-    def dtype(self) -> torch.dtype:
-        # The base weights' dtype (bf16 on CUDA, fp32 on CPU); LoRA / fully trained weights are fp32 masters.
-        return next(self.transformer.parameters()).dtype
-
-    # -- latents -> images ----------------------------------------------------------------------------------------
-    def _vae_factors(self) -> tuple[float, float]:
-        if self.vae is None:
-            return 1.0, 0.0
-        return float(self.vae.config.scaling_factor), float(self.vae.config.shift_factor or 0.0)
-
-    def _latents_for_vae(self, x: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    def decode(self, x: Tensor) -> Tensor:
-        """Latents -> images in [0, 1]: (unpack), latents / scaling + shift, VAE decode, x/2 + 1/2, as the pipelines.
-
-        The VAE runs in chunks of decode_batch: at 512 px one image's decoder activations are ~0.5 GB."""
-        lat = self._latents_for_vae(x)
-        scale, shift = self._vae_factors()
-        lat = lat / scale + shift
-        if self.vae is None:
-            return (lat.float() / 2 + 0.5).clamp(0, 1)
-        out = []
-        with self._on_device([self.vae]):
-            for i in range(0, len(lat), self.decode_batch):
-                chunk = lat[i:i + self.decode_batch].to(self.vae.device, self.vae.dtype)
-                out.append(self.vae.decode(chunk, return_dict=False)[0].float())
-        return (torch.cat(out).to(x.device) / 2 + 0.5).clamp(0, 1)
-
-
-class FluxAdapter(_Adapter):
+class FluxAdapter(Adapter):
     """FLUX.1 (dev, schnell) and the built-in digits model: 2x2-packed latents, position ids, timestep = t.
 
     encode_prompt(prompts) -> (prompt_embeds (B, L, D), pooled (B, P), text_ids (L, 3)), as FluxPipeline's.
@@ -199,8 +52,8 @@ class FluxAdapter(_Adapter):
 
     def __init__(self, transformer: nn.Module, encode_prompt, vae: nn.Module | None = None, *, height: int, width: int,
                  guidance: float | None = None, scheduler_config: dict | None = None, shift: float = 0.0,
-                 device=None, offload: bool = False, text_encoders=(), cache_limit: int = 8192,
-                 decode_batch: int = 8, prompt_check=None):
+                 device=None, offload: bool = False, text_encoders=(), cache_bytes: int = DEFAULT_CACHE_BYTES,
+                 decode_batch: int = 8, prompt_check=None, quantize_timesteps: bool = False):
         self.prompt_check = prompt_check
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
         step = 2 * self.vae_scale_factor
@@ -213,7 +66,8 @@ class FluxAdapter(_Adapter):
                              "(e.g. 3.5)")
         self._init_common(transformer, encode_prompt, vae, guidance=guidance if has_guidance else None,
                           scheduler_config=scheduler_config, shift=shift, device=device, offload=offload,
-                          text_encoders=text_encoders, cache_limit=cache_limit, decode_batch=decode_batch)
+                          text_encoders=text_encoders, cache_bytes=cache_bytes, decode_batch=decode_batch,
+                          quantize_timesteps=quantize_timesteps)
         if self.scheduler_config.get("time_shift_type", "exponential") != "exponential":
             raise ValueError("only FLUX's exponential time shift is supported (scheduler time_shift_type)")
         self.height, self.width = height, width
@@ -229,15 +83,19 @@ class FluxAdapter(_Adapter):
     # -- the velocity field -------------------------------------------------------------------------------------
     def velocity(self, x: Tensor, t: Tensor, cond: dict, model: nn.Module | None = None) -> Tensor:
         """v_theta(x_t, t, c) for packed latents x (B, L, C) and t (B,) in [0, 1] (FLUX's timestep is t itself:
-        the pipeline passes timestep/1000 with timestep = 1000 t). Returned in fp32 for the sampler."""
+        the pipeline passes timestep/1000 with timestep = 1000 t). Returned in fp32 for the sampler.
+
+        Latents and t go in the weights' dtype, as FluxPipeline and Flow-GRPO's pipeline pass them (diffusers casts
+        the timestep to the latents' dtype); with quantize_timesteps in fp32, as DanceGRPO passes them, so its
+        time embedding sees int(1000 t)/1000 exactly (autocast still runs the layers in bf16)."""
         model = model or self.transformer
-        dtype = self.dtype
+        dtype = torch.float32 if self.quantize_timesteps else self.dtype
         guidance = None
         if self.guidance is not None:
             guidance = torch.full((x.shape[0],), self.guidance, device=x.device, dtype=torch.float32)
-        out = model(hidden_states=x.to(dtype), timestep=t.to(dtype), guidance=guidance,
-                    pooled_projections=cond["pooled"].to(x.device, dtype),
-                    encoder_hidden_states=cond["prompt_embeds"].to(x.device, dtype),
+        out = model(hidden_states=x.to(dtype), timestep=self.model_t(t).to(dtype), guidance=guidance,
+                    pooled_projections=cond["pooled"].to(x.device, self.dtype),
+                    encoder_hidden_states=cond["prompt_embeds"].to(x.device, self.dtype),
                     txt_ids=cond["txt_ids"].to(x.device), img_ids=self.img_ids.to(x.device), return_dict=False)[0]
         return out.float()
 
@@ -255,7 +113,7 @@ class FluxAdapter(_Adapter):
         return pack_latents(images * 2 - 1)
 
 
-class SD3Adapter(_Adapter):
+class SD3Adapter(Adapter):
     """SD3 / SD3.5 (StableDiffusion3Pipeline components): latents (B, C, H/8, W/8), timestep = 1000 t, and true
     classifier-free guidance v = v_uncond + w (v_cond - v_uncond) with the empty prompt as the negative, in one
     batched forward of 2B, both when sampling and when recomputing log-probs (PAPER.md §1.4, trap 10).
@@ -268,7 +126,8 @@ class SD3Adapter(_Adapter):
 
     def __init__(self, transformer: nn.Module, encode_prompt, vae: nn.Module, *, height: int, width: int,
                  guidance: float = 4.5, scheduler_config: dict | None = None, shift: float = 0.0, device=None,
-                 offload: bool = False, text_encoders=(), cache_limit: int = 8192, decode_batch: int = 8):
+                 offload: bool = False, text_encoders=(), cache_bytes: int = DEFAULT_CACHE_BYTES,
+                 decode_batch: int = 8, quantize_timesteps: bool = False):
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         patch = transformer.config.patch_size
         step = self.vae_scale_factor * patch
@@ -277,7 +136,8 @@ class SD3Adapter(_Adapter):
                              f"{self.vae_scale_factor} x patch {patch}); got {height}x{width}.")
         self._init_common(transformer, encode_prompt, vae, guidance=float(guidance),
                           scheduler_config=scheduler_config, shift=shift, device=device, offload=offload,
-                          text_encoders=text_encoders, cache_limit=cache_limit, decode_batch=decode_batch)
+                          text_encoders=text_encoders, cache_bytes=cache_bytes, decode_batch=decode_batch,
+                          quantize_timesteps=quantize_timesteps)
         if self.scheduler_config.get("use_dynamic_shifting"):
             raise ValueError("SD3 schedulers with use_dynamic_shifting are not supported (SD3.5 uses a static shift)")
         self.height, self.width = height, width
@@ -307,11 +167,14 @@ class SD3Adapter(_Adapter):
 
     def velocity(self, x: Tensor, t: Tensor, cond: dict, model: nn.Module | None = None) -> Tensor:
         """v_theta(x_t, t, c) with CFG for latents x (B, C, h, w), t (B,) in [0, 1]; fp32. The transformer gets
-        timestep = 1000 t in fp32, exactly the scheduler's `timesteps` (sigmas * 1000)."""
+        timestep = 1000 t in fp32, exactly the scheduler's `timesteps` (sigmas * 1000); with quantize_timesteps
+        int(1000 t)."""
         model = model or self.transformer
         dtype = self.dtype
         emb, pooled = cond["prompt_embeds"].to(x.device, dtype), cond["pooled"].to(x.device, dtype)
         timestep = t.float() * sampling.NUM_TRAIN_TIMESTEPS
+        if self.quantize_timesteps:
+            timestep = torch.floor(timestep)
         w = self.guidance
         if w is None or w <= 1:
             return model(hidden_states=x.to(dtype), timestep=timestep, encoder_hidden_states=emb,
@@ -405,33 +268,45 @@ def load_digits_backbone(device: str | torch.device = "cpu", size: int | None = 
 
 def load_backbone(model: str, device: str | torch.device = "cpu", *, resolution: int = 0, guidance: float = -1.0,
                   max_sequence_length: int = 0, shift: float = 0.0, offload: bool = False,
-                  dtype: torch.dtype = torch.float32, decode_batch: int = 8) -> _Adapter:
-    """'digits', a hub id or a local diffusers folder -> an adapter on `device` (transformer, text encoders and VAE
-    frozen, in eval mode, in `dtype`; text encoders and VAE on the CPU between uses if `offload`).
+                  dtype: torch.dtype = torch.float32, decode_batch: int = 8, cache_bytes: int = DEFAULT_CACHE_BYTES,
+                  quantize_timesteps: bool = False) -> Adapter:
+    """'digits', a hub id, a local diffusers folder or a pipeline registered in memory (hub.register_pipeline) ->
+    an adapter on `device` (transformer, text encoders and VAE frozen, in eval mode; transformer and text encoders
+    in `dtype`, the VAE in fp32; text encoders and VAE on the CPU between uses if `offload`).
 
     resolution 0 = the pipeline's default (default_sample_size x vae_scale_factor); guidance -1 = the paper's value
     for the model (FLUX.1-dev 3.5, SD3.5 4.5; none for schnell and digits); max_sequence_length 0 = the pipeline's
-    default (FLUX 512, SD3 256); shift 0 = the scheduler's own schedule. The digits model ignores the options that
-    have no meaning for it (text length, offloading, dtype)."""
+    default (FLUX 512, SD3 256); shift 0 = the scheduler's own schedule; cache_bytes bounds the host RAM of cached
+    prompt embeddings; quantize_timesteps gives the transformer DanceGRPO's int(1000 t)/1000. The digits model
+    ignores the options that have no meaning for it (text length, offloading, dtype, cache)."""
     if model == "digits":
         if guidance >= 0:
             raise ValueError("the digits model has no guidance embedding; leave --guidance at -1")
         backbone = load_digits_backbone(device, size=resolution or None)
-        backbone.shift = float(shift)
+        backbone.shift, backbone.quantize_timesteps = float(shift), bool(quantize_timesteps)
         return backbone
     folder, kind = hub.resolve_model(model)
     from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
-    cls = {"flux": FluxPipeline, "sd3": StableDiffusion3Pipeline}[kind]
-    pipe = cls.from_pretrained(folder, dtype=dtype)
+    if folder is None:  # built in memory (gpu_check.py): cast as from_pretrained would have loaded it
+        pipe = hub.IN_MEMORY[model]
+        for name in ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3"):
+            if getattr(pipe, name, None) is not None:
+                getattr(pipe, name).to(dtype)
+        pipe.vae.to(torch.float32)
+    else:
+        cls = {"flux": FluxPipeline, "sd3": StableDiffusion3Pipeline}[kind]
+        pipe = cls.from_pretrained(folder, dtype={"default": dtype, "vae": torch.float32})
     return adapter_from_pipeline(pipe, device, resolution=resolution, guidance=guidance,
                                  max_sequence_length=max_sequence_length, shift=shift, offload=offload,
-                                 decode_batch=decode_batch)
+                                 decode_batch=decode_batch, cache_bytes=cache_bytes,
+                                 quantize_timesteps=quantize_timesteps)
 
 
 def adapter_from_pipeline(pipe, device: str | torch.device = "cpu", *, resolution: int = 0, guidance: float = -1.0,
                           max_sequence_length: int = 0, shift: float = 0.0, offload: bool = False,
-                          decode_batch: int = 8) -> _Adapter:
+                          decode_batch: int = 8, cache_bytes: int = DEFAULT_CACHE_BYTES,
+                          quantize_timesteps: bool = False) -> Adapter:
     """Wrap a loaded FluxPipeline / StableDiffusion3Pipeline (the same object `pipe(...)` samples with)."""
     kind = hub.PIPELINES.get(type(pipe).__name__)
     if kind is None:
@@ -447,7 +322,8 @@ def adapter_from_pipeline(pipe, device: str | torch.device = "cpu", *, resolutio
             m.to("cpu" if offload else device)
     size = resolution or pipe.default_sample_size * pipe.vae_scale_factor
     common = dict(height=size, width=size, scheduler_config=dict(pipe.scheduler.config), shift=shift, device=device,
-                  offload=offload, text_encoders=encoders, decode_batch=decode_batch)
+                  offload=offload, text_encoders=encoders, decode_batch=decode_batch, cache_bytes=cache_bytes,
+                  quantize_timesteps=quantize_timesteps)
     if kind == "flux":
         has_guidance = bool(pipe.transformer.config.guidance_embeds)
         if guidance >= 0 and not has_guidance:

@@ -207,6 +207,8 @@ def cpws(x: Tensor, v: Tensor, t, t_next, eta: float):
     """Flow-CPWS, Eq. 15 (coefficients-preserving with Wiener-scaled noise): keep Flow-SDE's fresh noise
     c = sigma_t sqrt(Dt) and shrink the x1_hat coefficient so that the total noise is exactly t':
     a = 1 - t',  b = sqrt(t'^2 - sigma_t^2 Dt).  Theorem 1: Flow-SDE's b is its first-order Taylor expansion.
+    Provenance: a reconstruction (PAPER.md §2.7, this project's derivation): the paper's Eq. 15 was not read; the
+    form follows the reviewers' quotes and the authors' notebook (cell 3 plots sqrt(t^2 - x) against t - x/(2t)).
 
     Undefined where t'^2 < sigma_t^2 Dt (always at t' = 0, and near the end of short schedules): raises ValueError.
     """

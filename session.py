@@ -78,9 +78,9 @@ class Session:
             saved = checkpoints.load_state(ckpt / "training_state.pt")["config"]
             checkpoints.check_config(saved, self.config, RESUMABLE_CHANGES, dataclasses.asdict(Config()))
         self.train_set, self.eval_set = load_prompt_sets(cfg)
-        bf16 = self.device.type == "cuda" and cfg.precision == "auto"
-        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
-        self.policy, self.reward_fn, self.metrics = self._load(bf16)
+        self.precision = engine.precision(cfg.precision, self.device)  # frozen-weight dtype, autocast, loss scaling
+        self.autocast = self.precision.autocast
+        self.policy, self.reward_fn, self.metrics = self._load(self.precision)
         self.folder.start(self.config, fresh=ckpt is None)  # the first write
         # trained weights, EMA, AdamW m and v (fp32) and the two exports: ~6 x 4 bytes per trained parameter
         self.folder.warn_if_disk_is_short(24 * sum(p.numel() for p in self.policy.params) * self.world
@@ -94,7 +94,7 @@ class Session:
             print(f"output: {path}" + (f" (resumed from {ckpt.name})" if ckpt else ""))
         self.logger = logs.Logger(path, self.is_main, cfg.tensorboard, self.history)
 
-    def _load(self, bf16: bool):
+    def _load(self, prec: engine.Precision):
         cfg = self.cfg
         opts = reward_options(cfg)
         if cfg.model != "digits":  # weights missing: stop before loading anything, naming the files
@@ -103,8 +103,9 @@ class Session:
             with engine.rank_zero_first():  # rank 0 fills caches (digits pre-training, downloads) first
                 backbone = models.load_backbone(cfg.model, device=self.device, resolution=cfg.resolution,
                                                 guidance=cfg.guidance, max_sequence_length=cfg.max_sequence_length,
-                                                shift=cfg.shift, offload=cfg.offload,
-                                                dtype=torch.bfloat16 if bf16 else torch.float32)
+                                                shift=cfg.shift, offload=cfg.offload, dtype=prec.dtype,
+                                                cache_bytes=int(cfg.embedding_cache_gb * 2 ** 30),
+                                                quantize_timesteps=cfg.quantize_timesteps)
                 reward_fn = scoring.RewardModel(cfg.reward, device=self.device, **opts)
                 metrics = scoring.RewardModel(cfg.eval_metrics, device=self.device, **opts)
             for texts, _ in (self.train_set, self.eval_set):
@@ -113,7 +114,7 @@ class Session:
             policy = engine.Policy(
                 backbone, self.device, self.world, parallel=cfg.parallel, lr=cfg.lr, weight_decay=cfg.weight_decay,
                 lora=(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets.split(",")) if cfg.lora_rank else None,
-                gradient_checkpointing=cfg.gradient_checkpointing, mixed_bf16=bf16,
+                gradient_checkpointing=cfg.gradient_checkpointing, precision=prec,
                 ema=ema if cfg.ema_decay > 0 else None, seed=cfg.seed)
         except ValueError as e:  # a resolution the model cannot split, a prompt it cannot read, unknown LoRA targets
             raise SystemExit(f"config error: {e}") from None

@@ -21,7 +21,10 @@ import torch
 
 from sampling import SAMPLERS, dance_sde, flow_grpo_sigma, flow_sde, ode, rollout, sigmas
 
-# The values PAPER.md §3.2 gives (re-computed there from the authors' notebook), to 4 decimals.
+# The values PAPER.md §3.2 gives, to 4 decimals. Provenance: the authors' notebook (FlowCPS
+# scripts/analysis/sde_noise_level.ipynb) printed only Flow-SDE at N = 16, eta = 0.7 (FIG2_LEVELS_N16_ETA07 and its
+# accumulated error .5359); every other entry, and SD35_LEVELS_ETA07, is PAPER.md's re-computation with the notebook's
+# formula (a derivation, not a published number; the paper's own Figure-2 values were not read).
 # (sampler, N, eta) -> (final-step residual noise level, accumulated error), uniform grid (shift 1).
 FIG2_REFERENCE = {
     ("flow_sde", 4, 0.3): (0.0879, 0.2618), ("flow_sde", 4, 0.5): (0.1502, 0.4626),
@@ -75,7 +78,8 @@ def noise_level(name: str, t: float, t_next: float, eta: float) -> float:
 
 def eq10_noise_level(t: float, t_next: float, sigma_t: float) -> float:
     """Eq. 10, closed form for Flow-SDE (sigma_t = eta sqrt(t/(1-t))) and Dance-SDE (sigma_t = eta):
-    sqrt((t - Dt)^2 + (sigma_t Dt)^2 / t + (sigma_t^2 Dt / (2t))^2) >= t - Dt."""
+    sqrt((t - Dt)^2 + (sigma_t Dt)^2 / t + (sigma_t^2 Dt / (2t))^2) >= t - Dt. (The reviews quote Eq. 10; this
+    expanded form is PAPER.md's algebra, checked against the implemented steps below.)"""
     dt = t - t_next
     return math.sqrt(t_next**2 + (sigma_t * dt) ** 2 / t + (sigma_t**2 * dt / (2 * t)) ** 2)
 
@@ -83,7 +87,9 @@ def eq10_noise_level(t: float, t_next: float, sigma_t: float) -> float:
 def theorem1_error(t: float, dt: float, sigma_t: float) -> float:
     """Theorem 1's noise-level error of Flow-SDE: sqrt((sigma_t Dt)^2 / t + (sigma_t^2 Dt / (2t))^2).
 
-    It is the excess over the ideal level, sqrt(level^2 - t'^2); first order in Dt, so O(1/N) per step."""
+    It is the excess over the ideal level, sqrt(level^2 - t'^2); first order in Dt, so O(1/N) per step.
+    Provenance: this project's derivation from Eq. 10 (PAPER.md §2.7); the paper states Theorem 1 in words only, as
+    far as the reviews quote it."""
     return math.sqrt((sigma_t * dt) ** 2 / t + (sigma_t**2 * dt / (2 * t)) ** 2)
 
 

@@ -149,7 +149,7 @@ def update(policy, traj, cond, adv, keep, steps, *, b: plan.Batch, perm, world, 
             with engine.grad_sync(policy.module, f == n_fwd - 1):
                 logp, logp_old, a, kl = terms_of(policy, traj, cond, r, k, adv)
                 loss, st = loss_of(logp, logp_old, a, kl, n_terms=n_terms, world=world)
-                (loss * weight).backward()
+                policy.backward(loss * weight)  # loss.backward(), fp16: loss-scaled
             if weight:
                 tally.terms(loss, st, kl, len(r), first_update=u == 0)
         tally.add("grad_norm", policy.step(max_grad_norm))

@@ -1,11 +1,14 @@
-"""engine.py: the EMA rules against hand-computed values and against Flow-GRPO's training loop written out, and the
-optimizer step's stop on non-finite gradients (before the weights change)."""
+"""engine.py: the EMA rules against hand-computed values and against Flow-GRPO's training loop written out, the
+optimizer step's stop on non-finite gradients (before the weights change), the precisions, fp16 loss scaling (the
+applied gradient is the unscaled one; overflow skips the step) and an fp16 training run on the CPU."""
 import pytest
+import tiny_pipelines
 import torch
 
 import config
 import engine
 import models
+import train
 
 
 def _run_ema(rule: engine.EMA, weights: list[float]) -> list[float]:
@@ -73,3 +76,89 @@ def test_non_finite_gradients_stop_before_the_step():
     with pytest.raises(engine.Diverged, match="gradient norm is nan"):
         policy.step(1.0)
     assert all(torch.equal(a, p.detach()) for a, p in zip(before, policy.params)) and policy.steps == 0
+
+
+def test_precision_names():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert engine.precision("auto", cpu).dtype == torch.float32
+    assert engine.precision("auto", cuda).dtype == torch.bfloat16
+    fp16 = engine.precision("fp16", cpu)
+    assert fp16.dtype == torch.float16 and fp16.loss_scaling and not engine.precision("bf16", cpu).loss_scaling
+    with fp16.autocast():
+        assert torch.get_autocast_dtype("cpu") == torch.float16 and torch.is_autocast_enabled("cpu")
+    with engine.precision("fp32", cpu).autocast():
+        assert not torch.is_autocast_enabled("cpu")
+    with pytest.raises(ValueError, match="precision must be"):
+        engine.precision("fp8", cpu)
+
+
+def _digits_policy(prec):
+    bb = models.load_digits_backbone()
+    return engine.Policy(bb, torch.device("cpu"), 1, lora=(4, 4.0, config.ATTENTION_TARGETS), precision=prec,
+                         ema=engine.EMA(0.9), seed=3)
+
+
+def _loss(policy):
+    bb = policy.backbone
+    x = torch.randn(4, *bb.latent_shape, generator=torch.Generator().manual_seed(1))
+    return bb.velocity(x, torch.full((4,), 0.5), bb.encode(["a 3"] * 4), policy.module).square().mean()
+
+
+def test_fp16_loss_scaling_applies_the_unscaled_gradient():
+    """backward scales by 2^16 (exact: a power of two), step divides back: the update equals the unscaled one
+    bitwise. An overflow skips the step (weights unchanged, returns inf), halves the scale and still counts the step
+    (Flow-GRPO's global_step); good steps double the scale every `interval`; below scale 1 the run has diverged."""
+    cpu = torch.device("cpu")
+    plain, scaled = _digits_policy(None), _digits_policy(engine.precision("fp16", cpu))
+    with torch.no_grad():
+        for p, q in zip(plain.params, scaled.params):
+            p.normal_(0, 0.05, generator=torch.Generator().manual_seed(p.numel()))
+            q.copy_(p)
+    plain.backward(_loss(plain))
+    scaled.backward(_loss(scaled))
+    assert scaled.scaler.scale == 2.0 ** 16
+    assert all(torch.equal(q.grad, p.grad * 2.0 ** 16) for p, q in zip(plain.params, scaled.params))
+    assert scaled.step(1.0) == plain.step(1.0)
+    assert all(torch.equal(p, q) for p, q in zip(plain.params, scaled.params))
+    before = [p.detach().clone() for p in scaled.params]
+    scaled.backward(_loss(scaled))
+    scaled.params[0].grad[0, 0] = float("inf")
+    assert scaled.step(1.0) == float("inf") and scaled.steps == 2 and scaled.scaler.scale == 2.0 ** 15
+    assert all(torch.equal(a, p) for a, p in zip(before, scaled.params)) and scaled.params[0].grad is None
+    scaled.scaler.interval = 2
+    for _ in range(2):
+        scaled.backward(_loss(scaled))
+        scaled.step(1.0)
+    assert scaled.scaler.scale == 2.0 ** 16 and scaled.scaler.good_steps == 0
+    assert scaled.state()["loss_scale"] == [2.0 ** 16, 0.0]  # checkpointed, so a resume continues exactly
+    scaled.scaler.scale = 1.0
+    scaled.backward(_loss(scaled))
+    scaled.params[0].grad[0, 0] = float("nan")
+    with pytest.raises(engine.Diverged, match="below 1"):
+        scaled.step(1.0)
+
+
+def test_fp16_training_run_on_the_cpu(tmp_path):
+    """--precision fp16 end to end on the tiny SD3.5-style pipeline (CFG, KL), on the CPU: fp16 frozen transformer
+    and text encoders, fp32 LoRA masters and VAE, on-policy at every first update (rollout and training run the same
+    fp16 autocast), loss-scaled gradients that train, and the loss scale in the checkpoint."""
+    tiny = tiny_pipelines.cached()
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\na blue dog\ntwo birds\na green apple\n")
+    res = train.main(["--model", str(tiny["sd3.5"]), "--prompts", str(prompts), "--eval_prompt_file", str(prompts),
+                      "--precision", "fp16", "--device", "cpu", "--resolution", "32", "--max_sequence_length", "16",
+                      "--reward", "clean_background", "--eval_metrics", "clean_background", "--iterations", "1",
+                      "--eval_every", "1", "--eval_per_prompt", "1", "--eval_prompts", "1", "--prompts_per_iter", "1",
+                      "--group_size", "2", "--updates_per_iter", "1", "--micro_batch", "4", "--num_steps", "3",
+                      "--eval_steps", "2", "--lora_rank", "4", "--beta", "0.01", "--lr", "0.05", "--tensorboard",
+                      "false", "--output_dir", str(tmp_path / "r")])
+    policy, rows = res["policy"], res["history"]
+    bb = policy.backbone
+    frozen = [p for p in bb.transformer.parameters() if not p.requires_grad]
+    assert all(p.dtype == torch.float16 for p in frozen) and all(p.dtype == torch.float32 for p in policy.params)
+    assert bb.vae.dtype == torch.float32  # T5 keeps its `wo` layers fp32 (transformers' _keep_in_fp32_modules)
+    assert all(m.get_input_embeddings().weight.dtype == torch.float16 for m in bb.text_encoders)
+    assert all(r["first_ratio_max_dev"] == 0.0 for r in rows[1:])
+    assert any(float(p.abs().max()) > 0 for n, p in zip(policy.names, policy.params) if "lora_B" in n)  # it trained
+    state = torch.load(tmp_path / "r" / "checkpoints" / "iter_000001" / "training_state.pt", weights_only=True)
+    assert state["loss_scale"] == [policy.scaler.scale, float(policy.scaler.good_steps)]

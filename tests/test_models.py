@@ -99,9 +99,11 @@ def test_prompt_embeddings_are_cached_per_unique_prompt(tiny):
     assert torch.equal(a["prompt_embeds"][0], a["prompt_embeds"][2])
     assert torch.equal(b["prompt_embeds"][1], a["prompt_embeds"][0])
     assert a["neg_prompt_embeds"].shape[0] == 3  # one (view) row per sample, so train.py can slice by sample
-    bb.cache_limit = 1
+    one = bb.cache_nbytes // 2  # "x" and "y": the same shapes, so each holds half
+    bb.cache_bytes = one
     bb.encode(["z"])
     assert list(bb._cache) == ["z"]  # least recently used embeddings are dropped beyond the limit
+    assert bb.cache_nbytes == one
 
 
 LORA_RUN = ["--resolution", str(RES), "--max_sequence_length", str(MSL), "--reward", "clean_background",
@@ -218,3 +220,76 @@ def test_unknown_lora_targets_name_the_valid_ones(tiny):
     bb = _load(tiny, "flux-dev")
     with pytest.raises(ValueError, match=r"--lora_targets attn.to_qq: .* valid names \(per block\): .*attn.to_q"):
         lora.add_lora(bb.transformer, 4, 4.0, ["attn.to_qq", "attn.to_k"])
+
+
+def test_embedding_cache_is_bounded_by_bytes(tiny):
+    """The cache drops least recently used prompts once their embeddings exceed cache_bytes (not a prompt count:
+    one FLUX prompt at 512 T5 tokens is 4 MiB in bf16), and load_backbone takes the bound."""
+    bb = models.load_backbone(str(tiny["flux-dev"]), "cpu", resolution=RES, max_sequence_length=MSL,
+                              cache_bytes=10 ** 9)
+    assert bb.cache_bytes == 10 ** 9
+    bb.encode(["a"])
+    one = bb.cache_nbytes  # prompt_embeds (1, 16, 32) + pooled (1, 32), fp32
+    assert one == (MSL * 32 + 32) * 4
+    bb.cache_bytes = int(2.5 * one)  # room for two prompts
+    bb.encode(["b"])
+    bb.encode(["c"])
+    assert list(bb._cache) == ["b", "c"] and bb.cache_nbytes == 2 * one  # "a", the least recently used, went
+    bb.encode(["b"])  # b is used again: c is now the least recently used
+    bb.encode(["d", "e"])  # a batch larger than the cache is still encoded whole, then trimmed
+    assert list(bb._cache) == ["d", "e"] and bb.cache_nbytes == 2 * one
+    before = bb.encode(["d", "e"])["prompt_embeds"]
+    assert torch.equal(bb.encode(["e", "d"])["prompt_embeds"], before.flip(0))
+    bb.cache_bytes = 0  # nothing kept, the embeddings are still returned
+    assert bb.encode(["f"])["prompt_embeds"].shape == (1, MSL, 32) and not bb._cache and bb.cache_nbytes == 0
+
+
+def test_transformer_gets_dances_quantised_timestep_and_the_sampler_the_exact_one(tiny):
+    """quantize_timesteps: the FLUX transformer sees int(1000 t)/1000, DanceGRPO's train_grpo_flux.py
+    `int(sigma * 1000)` then `timesteps / 1000` (a long tensor / 1000: fp32), while the sampler steps on the exact
+    grid; SD3's transformer, which takes 1000 t, gets int(1000 t)."""
+    bb = models.load_backbone(str(tiny["flux-dev"]), "cpu", resolution=RES, max_sequence_length=MSL, shift=3.0,
+                              quantize_timesteps=True)
+    exact = models.load_backbone(str(tiny["flux-dev"]), "cpu", resolution=RES, max_sequence_length=MSL, shift=3.0)
+    grid = bb.sigmas(16)
+    # by hand: DanceGRPO's grid t = 3u / (1 + 2u), u = 1, 15/16, ..., 0 (PAPER.md §1.3), times 1000, truncated
+    hand = [1000, 978, 954, 928, 900, 868, 833, 794, 750, 700, 642, 576, 500, 409, 300, 166]
+    assert grid.tolist()[:16] == pytest.approx([3 * u / (1 + 2 * u) for u in [1 - k / 16 for k in range(16)]],
+                                                abs=1e-6)
+    seen = []
+    bb.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["timestep"].clone()), with_kwargs=True)
+    cond = bb.encode(PROMPTS[:2])
+    x1 = torch.randn(2, *bb.latent_shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        final = sampling.rollout(lambda x, t: bb.velocity(x, t, cond), x1, grid, "ode").final
+    assert torch.equal(torch.stack([s[0] for s in seen]), torch.tensor(hand) / 1000)
+    # the sampler: Euler steps with the exact t, the velocity of the quantised t (through the un-quantised adapter)
+    x = x1.clone()
+    with torch.no_grad():
+        for k in range(16):
+            x = x + (grid[k + 1] - grid[k]) * exact.velocity(x, torch.full((2,), hand[k]) / 1000, cond)
+        plain = sampling.rollout(lambda x, t: exact.velocity(x, t, cond), x1, grid, "ode").final
+    assert torch.equal(final, x)
+    assert (plain - final).abs().max() > 1e-6  # quantising changes the samples
+    sd3 = models.load_backbone(str(tiny["sd3.5"]), "cpu", resolution=RES, max_sequence_length=MSL,
+                               quantize_timesteps=True)
+    seen.clear()
+    sd3.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["timestep"].clone()), with_kwargs=True)
+    t = sd3.sigmas(10)[:3]
+    with torch.no_grad():
+        sd3.velocity(torch.zeros(3, *sd3.latent_shape), t, sd3.encode(PROMPTS))
+    assert torch.equal(seen[0], torch.floor(torch.cat([t, t]) * 1000)) and seen[0][1] == 960  # CFG: 2B, t = .9601
+
+
+def test_vae_decodes_in_fp32_whatever_the_precision(tiny):
+    """Flow-GRPO keeps the VAE fp32 so reward images are not half-precision decodes: with bf16 frozen weights the
+    VAE is still the saved fp32 one (loaded as fp32, not rounded through bf16) and decodes as the fp32 pipeline."""
+    half = models.load_backbone(str(tiny["flux-dev"]), "cpu", resolution=RES, max_sequence_length=MSL,
+                                dtype=torch.bfloat16)
+    full = _load(tiny, "flux-dev")
+    assert half.dtype == torch.bfloat16 and half.vae.dtype == torch.float32
+    assert all(p.dtype == torch.bfloat16 for m in half.text_encoders for p in m.parameters())
+    ref = dict(full.vae.named_parameters())
+    assert all(torch.equal(p, ref[n]) for n, p in half.vae.named_parameters())
+    x = _noise(full)
+    assert torch.equal(half.decode(x), full.decode(x))

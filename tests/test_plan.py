@@ -1,6 +1,9 @@
 """plan.py: every preset resolves, validates and plans on CPU (--dry_run) for the world sizes its batch arithmetic
 allows; the memory estimate scales as documented; the documented parameter counts are those of the released configs;
 a local folder plans like the loader reads it. No weights are loaded."""
+import json
+from pathlib import Path
+
 import pytest
 import tiny_pipelines
 import torch
@@ -41,6 +44,11 @@ def test_every_preset_plans_on_cpu_without_weights(preset, capsys):
         assert 0 < mem["peak_checkpointing"] < mem["peak"]
     out = capsys.readouterr().out
     assert "per-GPU memory estimate" in out and "weights: model" in out  # and that they are not downloaded
+    for term in ("gradient accumulation buffers", "rollout buffers", "evaluation, streamed", "VAE weights, fp32",
+                 "host RAM per rank: prompt-embedding cache <= 8 GiB", "(sample, step) terms per GPU, flattened",
+                 "AdamW step"):
+        assert term in out, term
+    assert f"{world} GPU(s); {cfg.precision};" in out  # each preset names its precision (fp16 / bf16)
     key = ("dance" if preset == "flux-dev-hpsv2" else "sd3.5" if preset.startswith("sd3.5") else
            "flux-schnell" if "schnell" in preset else "flux-dev")
     assert p["sigmas"] == pytest.approx(SIGMAS[key], abs=1e-4)
@@ -65,6 +73,62 @@ def test_memory_estimates_scale_as_documented():
     assert off["gb"]["peak"] < sd3["gb"]["peak"] - 9 and off["gb"]["text_encoders"] == sd3["gb"]["text_encoders"]
     dance = est("--preset", "flux-dev-hpsv2")
     assert dance["trainable_params"] == dance["params"] and dance["gb"]["trainable"] > 10  # full fine-tuning
+
+
+def test_memory_estimate_counts_what_the_run_holds():
+    """FSDP2 full fine-tuning: gradients stay sharded (engine.grad_sync), so what remains of the accumulation is the
+    blocks being reduce-scattered, not the 44 GiB fp32 gradient of the whole model; FSDP2 LoRA keeps its unsharded
+    fp32 gradients until the last micro-batch; DDP its buckets. Rollout buffers grow with the samples per GPU; the
+    embedding cache is host RAM, bounded by --embedding_cache_gb."""
+    est = lambda *a: train.main(["--dry_run", "true", *a])["plan"]["memory"]  # noqa: E731
+    dance = est("--preset", "flux-dev-hpsv2", "--dry_run_gpus", "16")
+    whole_grad = dance["params"] * 4 / plan.GB  # what the old accumulation held on every rank
+    assert whole_grad > 44 and dance["gb"]["accumulation"] < whole_grad / 10
+    assert dance["gb"]["trainable"] == pytest.approx(dance["params"] * 16 / 16 / plan.GB)  # no EMA (16-GPU script)
+    flux = est("--preset", "flux-dev-pickscore", "--dry_run_gpus", "8")
+    assert flux["gb"]["accumulation"] == pytest.approx(flux["trainable_params"] * 4 / plan.GB)
+    sd3 = est("--preset", "sd3.5-geneval", "--dry_run_gpus", "8")
+    assert sd3["gb"]["accumulation"] == pytest.approx(sd3["trainable_params"] * 4 / plan.GB)  # DDP buckets
+    sd3_1 = est("--preset", "sd3.5-geneval", "--dry_run_gpus", "1")
+    assert sd3_1["gb"]["rollout_buffers"] == pytest.approx(8 * sd3["gb"]["rollout_buffers"])  # 1152 vs 144 samples
+    # 144 samples x (11 latents + x0_hat: 16 x 64 x 64 fp32; 205 x 4096 + 2048 fp16 embeddings; 3 x 512 x 512 fp32)
+    assert sd3["gb"]["rollout_buffers"] == pytest.approx(
+        144 * (12 * 16 * 64 * 64 * 4 + (205 * 4096 + 2048) * 2 + 3 * 512 * 512 * 4) / plan.GB)
+    assert sd3["embedding_mib"] == pytest.approx((205 * 4096 + 2048) * 2 / 2 ** 20)
+    small = est("--preset", "sd3.5-geneval", "--embedding_cache_gb", "0.5")
+    assert small["gb"]["embedding_cache"] == 0.5 and small["gb"]["peak"] == sd3["gb"]["peak"]  # host RAM only
+    fp32 = est("--preset", "sd3.5-geneval", "--precision", "fp32")
+    assert fp32["gb"]["weights"] == pytest.approx(2 * sd3["gb"]["weights"])
+    assert fp32["gb"]["vae"] == sd3["gb"]["vae"]  # the VAE is fp32 in every precision
+
+
+def test_docs_memory_table_is_the_dry_runs():
+    """docs/SCALE.md's memory table is `python plan.py`'s output (regenerate it with that command)."""
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "SCALE.md").read_text()
+    assert plan.memory_table() in doc
+
+
+def test_flow_grpo_prompt_folders_plan_for_the_presets(tmp_path, capsys):
+    """The paper's prompt sets are Flow-GRPO's dataset/ocr (train.txt, test.txt: prompts with the text in quotes)
+    and dataset/geneval (train_metadata.jsonl, test_metadata.jsonl: GenEval metadata rows); --prompts FOLDER
+    takes them (these rows are written here in the same layout)."""
+    ocr = tmp_path / "ocr"
+    ocr.mkdir()
+    (ocr / "train.txt").write_text('A sign that reads "Open Late" above a door\nA mug printed with "Hello"\n')
+    (ocr / "test.txt").write_text('A poster titled "Summer Sale" in bold letters\n')
+    gen = tmp_path / "geneval"
+    gen.mkdir()
+    row = lambda tag, prompt, inc: json.dumps(dict(tag=tag, include=inc, prompt=prompt))  # noqa: E731
+    (gen / "train_metadata.jsonl").write_text("\n".join([
+        row("counting", "a photo of three cups", [{"class": "cup", "count": 3}]),
+        row("position", "a photo of a cat left of a dog", [{"class": "dog", "count": 1},
+                                                          {"class": "cat", "count": 1, "position": ["left of", 0]}])]))
+    (gen / "test_metadata.jsonl").write_text(row("colors", "a photo of a red car",
+                                                 [{"class": "car", "count": 1, "color": "red"}]) + "\n")
+    for preset, folder, counts in (("sd3.5-ocr", ocr, "2 train / 1 held-out"),
+                                   ("sd3.5-geneval", gen, "2 train / 1 held-out")):
+        train.main(["--preset", preset, "--prompts", str(folder), "--dry_run", "true"])
+        assert f"prompts: {counts}" in capsys.readouterr().out
 
 
 def test_documented_parameter_counts_match_the_released_configs():
@@ -103,3 +167,25 @@ def test_dry_run_reads_a_local_folder_like_the_loader(tiny, capsys):
     assert "weights: available" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="must be a multiple of 8"):
         train.main(["--dry_run", "true", "--model", str(tiny["flux-dev"]), "--resolution", "36"])
+
+
+def test_presets_state_their_precision_and_dance_follows_one_script(capsys):
+    """SD3.5 presets run Flow-GRPO's fp16 mixed precision, FLUX bf16; --precision is validated. flux-dev-hpsv2
+    follows DanceGRPO's 16-GPU script throughout (scripts/finetune/finetune_flux_grpo.sh): one prompt per GPU on 16,
+    4 samples per update (3 updates of a GPU's 12), max_grad_norm 1.0, no EMA, checkpoints every 40 steps, and the
+    transformer gets int(1000 t)/1000."""
+    for name in config.PRESETS:
+        cfg = config.parse_config(["--preset", name])
+        want = "auto" if name == "tiny" else "fp16" if name.startswith("sd3.5") else "bf16"
+        assert cfg.precision == want, name
+    for bad in ("fp8", "half"):
+        with pytest.raises(SystemExit, match="precision must be 'auto', 'bf16', 'fp16' or 'fp32'"):
+            train.main(["--preset", "sd3.5-ocr", "--precision", bad, "--dry_run", "true"])
+    train.main(["--preset", "sd3.5-ocr", "--precision", "fp32", "--dry_run", "true"])
+    assert "8 GPU(s); fp32;" in capsys.readouterr().out
+    dance = config.parse_config(["--preset", "flux-dev-hpsv2"])
+    b = plan.batch(dance, 16)
+    assert (b.prompts_per_rank, b.samples_per_rank, b.updates, b.samples_per_update) == (1, 12, 3, 4)
+    assert (dance.max_grad_norm, dance.ema_decay, dance.lr, dance.checkpoint_every, dance.iterations) == \
+        (1.0, 0.0, 1e-5, 40, 300)
+    assert dance.quantize_timesteps and dance.lora_rank == 0 and dance.micro_batch == 1 and dance.precision == "bf16"

@@ -6,7 +6,9 @@
     checkpoint continues bit for bit;
   * SD3.5-style under DDP with true CFG: the ranks stay identical and on-policy at the first update;
   * DanceGRPO-style full fine-tuning under FSDP2 in one process: its sharded checkpoint consolidates with torch's
-    `dcp_to_torch` into the diffusers transformer, matches the unsharded run and resumes bit for bit.
+    `dcp_to_torch` into the diffusers transformer, matches the unsharded run and resumes bit for bit;
+  * FSDP2 full fine-tuning on 2 ranks keeps each rank's gradient at its shard while an update accumulates
+    (tests/fsdp_grads_check.py), with the same gradient as the old accumulation and as one process.
 Each launch costs ~10 s, mostly imports.
 """
 import json
@@ -16,11 +18,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import fsdp_grads_check as check
 import pytest
 import tiny_pipelines
 import torch
 from safetensors.torch import load_file
 
+import models
 import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,9 +50,9 @@ def prompts(tmp_path):
     return str(path)
 
 
-def _torchrun(*args):
+def _torchrun(*args, script="tests/scale_check.py"):
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "tests/scale_check.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                        script, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
                        timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if p.returncode != 0:
         raise AssertionError(f"torchrun failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
@@ -167,3 +171,29 @@ def test_fsdp2_full_fine_tuning_consolidates_and_resumes(tiny, prompts, tmp_path
             assert all(torch.equal(full[part][k], again[part][k]) for k in full[part]), part
     finally:
         torch.set_num_threads(n)
+
+
+def test_fsdp2_full_fine_tuning_keeps_gradients_sharded(tiny, tmp_path):
+    """Two micro-batches per rank, accumulated as train.update does. With the reduce-scatter skipped before the last
+    micro-batch (the old rule), FSDP2 kept an unsharded gradient of the whole model on every rank (FLUX.1-dev:
+    44 GiB); now each rank holds its shard only, and the accumulated gradient is unchanged."""
+    _torchrun(tiny["flux-dev"], tmp_path, script="tests/fsdp_grads_check.py")
+    res = torch.load(tmp_path / "grads.pt", weights_only=False)
+    shards = [r["new"]["shard"] for r in res["stats"]]
+    model = res["stats"][0]["new"]["model"]
+    assert sum(shards) == model and max(shards) < 0.55 * model  # two disjoint halves of the transformer
+    for r in res["stats"]:  # per rank, after the first micro-batch
+        new, old = r["new"], r["old"]
+        assert new["unsharded"] == 0 and new["sharded"] == new["shard"]  # the shard: a DTensor grad's local part
+        assert old["unsharded"] == old["model"] and old["sharded"] == 0  # the old rule: the whole model, unsharded
+    new, old = res["grads_new"], res["grads_old"]
+    assert max(float((a - b).abs().max()) for a, b in zip(new, old)) < 1e-6
+    # one process: the mean over the ranks of each rank's summed micro-batch gradients (what FSDP2 applies)
+    bb = models.load_backbone(str(tiny["flux-dev"]), "cpu", resolution=check.RES, max_sequence_length=check.MSL)
+    tr = bb.transformer.requires_grad_(True)
+    for rank in range(2):
+        for x, t, cond in check.batches(bb, rank):
+            (check.loss_of(bb, tr, x, t, cond) / 2).backward()
+    ref = [p.grad for p in tr.parameters()]
+    assert len(ref) == len(new) and all(a.shape == b.shape for a, b in zip(ref, new))
+    assert max(float((a - b).abs().max()) for a, b in zip(ref, new)) < 1e-6

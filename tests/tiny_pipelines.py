@@ -10,13 +10,15 @@ which one each argument satisfies.
 from __future__ import annotations
 
 import os
-import string
 import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project, when run as a script
 
 import torch  # noqa: E402
+
+import gpu_check  # noqa: E402  (its in-memory tokenizers)
 
 CLIP_LEN = 16  # CLIP tokens (model_max_length): the pipelines pad CLIP prompts to this; small keeps SD3's context short
 KINDS = ("flux-dev", "flux-schnell", "sd3.5")
@@ -24,19 +26,7 @@ KINDS = ("flux-dev", "flux-schnell", "sd3.5")
 
 def _tokenizers():
     """A char-level CLIP BPE and a T5 Unigram tokenizer from in-memory vocabularies (no sentencepiece, no files)."""
-    from tokenizers import pre_tokenizers
-    from transformers import CLIPTokenizer, T5Tokenizer
-
-    chars = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab: dict[str, int] = {}
-    for tok in ["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars]:
-        vocab.setdefault(tok, len(vocab))
-    clip = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=CLIP_LEN)  # model_max_length must be set
-    pieces = ([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
-              + [(c, -2.0) for c in string.ascii_letters + string.digits + string.punctuation]
-              + [("\u2581" + c, -1.5) for c in string.ascii_lowercase])
-    t5 = T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
-    return clip, t5
+    return gpu_check.tokenizers(CLIP_LEN)
 
 
 def _clip(cls, hidden: int = 32):

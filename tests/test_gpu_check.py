@@ -1,0 +1,46 @@
+"""gpu_check.py, what a CPU can check of it: the stand-in pipelines of the GPU run have the released architectures
+(built on the meta device: no memory), and `--tiny` runs every preset's GRPO iteration through train.main on tiny
+shapes (the same code path the GPU run takes: in-memory pipeline, Session, update, checkpoint, the report)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import gpu_check
+import memory
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("kind", ["flux-dev", "sd3.5"])
+def test_stand_ins_have_the_released_architectures(kind):
+    pipe = gpu_check.stand_in_pipeline(kind, tiny=False, dtype=torch.bfloat16, device="meta")
+    known = memory.KNOWN_MODELS[gpu_check.HUB_IDS[kind]]
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert n(pipe.transformer) == {"flux-dev": 11_901_408_320, "sd3.5": 2_243_171_520}[kind]
+    assert n(pipe.vae) == known["vae"] and pipe.vae_scale_factor == 8 and pipe.vae.dtype == torch.float32
+    assert pipe.transformer.dtype == torch.bfloat16
+    t5 = pipe.text_encoder_2 if kind == "flux-dev" else pipe.text_encoder_3
+    assert t5.config.d_model == 4096
+    if kind == "flux-dev":  # FLUX: CLIP-L's pooled 768
+        assert pipe.text_encoder.config.hidden_size == 768 and pipe.transformer.config.guidance_embeds
+    else:  # SD3: CLIP-L 768 + CLIP-G 1280 = the pooled 2048; their hidden states fit T5's 4096
+        assert [pipe.text_encoder.config.projection_dim, pipe.text_encoder_2.config.projection_dim] == [768, 1280]
+    depth = gpu_check.stand_in_pipeline("flux-dev", tiny=False, dtype=torch.bfloat16, device="meta", depth=(2, 4))
+    assert len(depth.transformer.transformer_blocks) == 2 and len(depth.transformer.single_transformer_blocks) == 4
+
+
+def test_tiny_gpu_check_runs_every_preset(tmp_path):
+    out = tmp_path / "gpu.md"
+    p = subprocess.run([sys.executable, "gpu_check.py", "--tiny", "--out", str(out)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = [r for r in out.read_text().splitlines() if r.startswith("| `") and r.count("|") == 13]  # the main table
+    assert [r.split("`")[1] for r in rows] == gpu_check.PRESETS
+    for r in rows:
+        cells = [c.strip() for c in r.split("|")[1:-1]]
+        assert cells[5] == "0.0e+00" and cells[-1] == "yes", r  # on-policy first update; a checkpoint was written
+        assert float(cells[7]) > 0 and float(cells[8]) > 0  # throughput measured
