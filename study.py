@@ -39,8 +39,8 @@ ROOT = Path(__file__).resolve().parent
 NAMES = {"cps": "CPS", "flow_sde": "Flow-SDE", "dance_sde": "Dance-SDE", "ode": "ODE"}
 METRIC = "eval/digit_judge_accuracy"
 # The modules whose code decides a training run's numbers (the cache key includes their text).
-TRAINING_CODE = ["train.py", "session.py", "engine.py", "sampling.py", "grpo.py", "models.py", "digits.py",
-                 "rewards.py", "config.py", "plan.py", "lora.py", "prompts.py", "clip.py", "geneval.py"]
+TRAINING_CODE = ["train.py", "session.py", "engine.py", "sampling.py", "grpo.py", "models.py", "adapter.py", "lora.py",
+                 "digits.py", "rewards.py", "scoring.py", "config.py", "prompts.py"]
 # Per-run GRPO settings of every comparison (one process, one thread): 8 prompts x 8 samples per iteration.
 RUN_ARGS = ["--prompts_per_iter", "8", "--group_size", "8", "--updates_per_iter", "2", "--tensorboard", "false"]
 DANCE_ARGS = ["--advantage", "dance", "--timesteps", "random", "--timestep_fraction", "0.6"]
