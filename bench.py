@@ -21,6 +21,7 @@ Training runs are cached under <out>/runs/ by argv and code version, so an inter
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -113,44 +114,49 @@ def _per_iteration(rows: list[dict]) -> list[float]:
     return [sum(v for k, v in r.items() if k.startswith("time/") and k != "time/eval" and v) for r in rows]
 
 
-def section_speed(b: dict, baseline: str | None, out: Path) -> dict:
-    """The default iteration (64 samples, one process, 2 threads): samples/s and the split of its time; with a
-    baseline commit, the same measured on it in the same run, interleaved (worktree + its own digits cache)."""
+def section_speed(b: dict, trees: dict[str, Path], out: Path) -> dict:
+    """The default iteration (64 samples, one process, 2 threads): samples/s and the split of its time, for this
+    commit and (--baseline) another one, interleaved on this machine, each with its own digits cache."""
+    seconds, split = {k: [] for k in trees}, {}
+    for _ in range(max(1, b["repeats"] // 3)):
+        for k, tree in trees.items():
+            rows = _loop_times(tree, b["speed_iterations"], str(out / f"cache-{k}"))
+            seconds[k] += _per_iteration(rows)
+            if k == "this":
+                split = {p: float(np.median([r.get(f"time/{p}", 0.0) for r in rows]))
+                         for p in ("rollout", "reward", "train")}
+    res = {k: dict(seconds_per_iteration=spread(v), samples_per_second=64 / statistics.median(v))
+           for k, v in seconds.items()}
+    res["split"] = split
+    if "baseline" in trees:
+        res["speedup"] = res["this"]["samples_per_second"] / res["baseline"]["samples_per_second"]
+    return res
+
+
+@contextlib.contextmanager
+def code_trees(baseline: str):
+    """{'this': this checkout} and, with a baseline commit, {'baseline': a temporary git worktree of it}."""
     trees = {"this": ROOT}
     if baseline:
         trees["baseline"] = Path(tempfile.mkdtemp(prefix="bench-baseline-"))
         subprocess.run(["git", "worktree", "add", "--detach", str(trees["baseline"]), baseline], cwd=ROOT, check=True,
                        capture_output=True)
-    caches = {k: str(out / f"cache-{k}") for k in trees}
-    seconds, split = {k: [] for k in trees}, {}
     try:
-        for _ in range(max(1, b["repeats"] // 3)):
-            for k, tree in trees.items():
-                rows = _loop_times(tree, b["speed_iterations"], caches[k])
-                seconds[k] += _per_iteration(rows)
-                if k == "this":
-                    split = {p: float(np.median([r.get(f"time/{p}", 0.0) for r in rows]))
-                             for p in ("rollout", "reward", "train")}
+        yield trees
     finally:
         if baseline:
-            subprocess.run(["git", "worktree", "remove", "--force", str(trees["baseline"])], cwd=ROOT)
-    res = {k: dict(seconds_per_iteration=spread(v), samples_per_second=64 / statistics.median(v))
-           for k, v in seconds.items()}
-    res["split"] = split
-    if baseline:
-        res["baseline_ref"] = baseline
-        res["speedup"] = res["this"]["samples_per_second"] / res["baseline"]["samples_per_second"]
-    return res
+            subprocess.run(["git", "worktree", "remove", "--force", str(trees["baseline"])], cwd=ROOT,
+                           capture_output=True)
 
 
 # -- scaling -------------------------------------------------------------------------------------------------------
-def section_scaling(b: dict, out: Path) -> dict:
+def section_scaling(b: dict, out: Path, tree: Path = ROOT, name: str = "this") -> dict:
     """Images/s of N processes x 1 thread (torchrun, 32 samples per process per iteration) against N x that of one
     process x 1 thread: the data-parallel efficiency itself. One process x 2 threads for reference."""
     res = {}
     for nproc, threads in ((1, 1), (2, 1), (1, 2)):
-        extra = ["--prompts_per_iter", str(4 * nproc), "--group_size", "8"]
-        rows = _loop_times(ROOT, b["scaling_iterations"], str(out / "cache-this"), threads, nproc, extra)
+        extra = ["--prompts_per_iter", str(4 * nproc), "--group_size", "8"]  # each code's own default micro-batch
+        rows = _loop_times(tree, b["scaling_iterations"], str(out / f"cache-{name}"), threads, nproc, extra)
         per = _per_iteration(rows)
         res[f"{nproc}x{threads}"] = dict(processes=nproc, threads=threads, images_per_iteration=32 * nproc,
                                          seconds=spread(per), images_per_second=32 * nproc / statistics.median(per))
@@ -159,7 +165,7 @@ def section_scaling(b: dict, out: Path) -> dict:
 
 
 # -- the Quickstart ------------------------------------------------------------------------------------------------
-def section_main_job(out: Path) -> dict:
+def section_main_job(out: Path, tree: Path = ROOT, name: str = "this") -> dict:
     """`torchrun --standalone --nproc_per_node=2 train.py` in a fresh folder: cold (empty digits cache, so the
     pre-training is included) and warm."""
     res = {}
@@ -168,8 +174,9 @@ def section_main_job(out: Path) -> dict:
         for kind in ("cold", "warm"):
             t0 = time.perf_counter()
             p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                                str(ROOT / "train.py")], cwd=tmp, capture_output=True, text=True, env=env,
-                               timeout=1800)
+                                str(tree / "train.py"), *(["--output_dir", f"runs/tiny/run-{kind}"] if name ==
+                                                          "baseline" else [])], cwd=tmp, capture_output=True,
+                               text=True, env=env, timeout=1800)
             wall = time.perf_counter() - t0
             if p.returncode:
                 raise RuntimeError(f"the Quickstart failed:\n{p.stderr[-2000:]}")
@@ -179,7 +186,8 @@ def section_main_job(out: Path) -> dict:
             for src, dst in (("reward_curve.png", "curve"), ("images/eval_00000.png", "eval_base"),
                              (f"images/eval_{last:05d}.png", "eval_trained"),
                              (f"images/train_{last:05d}.png", "train_samples")):
-                shutil.copy(run / src, out / f"quickstart_{dst}.png")  # the README shows what the Quickstart draws
+                if name == "this":  # the README shows what the Quickstart draws
+                    shutil.copy(run / src, out / f"quickstart_{dst}.png")
             evals = [r for r in rows if study.METRIC in r]
             res[kind] = dict(wall=wall, base=evals[0][study.METRIC], trained=evals[-1][study.METRIC],
                              first_ratio_max_dev=max(r.get("first_ratio_max_dev") or 0 for r in rows))
@@ -270,12 +278,21 @@ def main(argv: list[str] | None = None) -> Path:
         b["report_seeds"] = [int(s) for s in args.seeds.split(",")]
     models.load_digits_backbone()  # pre-train before the workers start, once
     t0, res = time.perf_counter(), dict(budget=b, quick=args.quick)
-    for name, fn in (("cost", lambda: section_cost(b)), ("speed", lambda: section_speed(b, args.baseline, out)),
-                     ("scaling", lambda: section_scaling(b, out)), ("main_job", lambda: section_main_job(out)),
-                     ("study", lambda: section_study(b, out, args.workers))):
-        if name in sections:
-            print(f"[bench] {name}", flush=True)
-            res[name] = fn()
+    earlier = out / "results.json"
+    if earlier.exists() and args.only:  # a partial run keeps the other sections of the last report
+        kept = json.loads(earlier.read_text())
+        if kept.get("quick") == args.quick:
+            res = {**kept, **res}
+    with code_trees(args.baseline) as trees:
+        for name, fn in (("cost", lambda: section_cost(b)), ("speed", lambda: section_speed(b, trees, out)),
+                         ("scaling", lambda: {k: section_scaling(b, out, t, k) for k, t in trees.items()}),
+                         ("main_job", lambda: {k: section_main_job(out, t, k) for k, t in trees.items()}),
+                         ("study", lambda: section_study(b, out, args.workers))):
+            if name in sections:
+                print(f"[bench] {name}", flush=True)
+                res[name] = fn()
+    if args.baseline:
+        res["baseline_ref"] = args.baseline
     res["wall"] = time.perf_counter() - t0
     res["machine"] = f"{os.cpu_count()} CPU cores, torch {torch.__version__}, " + (
         torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU")
