@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> Path:
     res["machine"] = f"{os.cpu_count()} CPU cores, torch {torch.__version__}, " + (
         torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU")
     (out / "results.json").write_text(json.dumps(res, indent=1, default=str))
-    path = report.write(res, out)
+    path = report.write(json.loads((out / "results.json").read_text()), out)
     print(path.read_text())
     print(f"[bench] report: {path} (and figures in {out}/)")
     return path

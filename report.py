@@ -29,6 +29,7 @@ def diff(d: dict) -> str:
 
 
 def write(res: dict, out: Path) -> Path:
+    """res as results.json holds it (JSON keys are strings)."""
     quick = res["quick"]
     L = [f"# Flow-CPS benchmark report{' (quick mode: smoke-test budgets, not results)' if quick else ''}", "",
          f"Machine: {res['machine']}. Command: `python bench.py{' --quick' if quick else ''}`; this invocation took "
@@ -112,8 +113,8 @@ def study_section(st: dict, b: dict) -> list[str]:
     for label, g in st["groups"].items():
         if "@" in label:
             continue
-        L.append(f"| {label} | " + " | ".join(ci(g["acc"][k]) for k in budgets) + f" | {ci(g['auc'])} | " +
-                 " | ".join(ci(g["reach"][t], 1) for t in b["thresholds"]) + f" | {ci(g['residual'], 4)} |")
+        L.append(f"| {label} | " + " | ".join(ci(g["acc"][str(k)]) for k in budgets) + f" | {ci(g['auc'])} | " +
+                 " | ".join(ci(g["reach"][str(t)], 1) for t in b["thresholds"]) + f" | {ci(g['residual'], 4)} |")
     L += ["", "![convergence](convergence.png)", "", "### 5.3 Paired differences (report seeds)", "",
           "| comparison | measure | difference [95% CI] | p | MDD | verdict | per seed |",
           "|---|---|---|---|---|---|---|"]
@@ -122,12 +123,14 @@ def study_section(st: dict, b: dict) -> list[str]:
             L.append(f"| {name} | {measure} | {diff(d)} |")
     L += ["", "### 5.4 Image size: CPS − Flow-SDE against the number of image tokens", "",
           "| size | tokens | η | AUC difference [95% CI] | p | MDD | verdict | per seed | final accuracy difference "
-          "| residual noise CPS / Flow-SDE |", "|---|---|---|---|---|---|---|---|---|---|"]
+          "| residual noise CPS / Flow-SDE | minutes per run |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in st["dose"]:
         res_c, res_f = (v["mean"] for v in r["residual"].values())
+        tag = "" if r["size"] == 8 else f" @{r['size']}"
+        wall = st["groups"][("cps tuned" if r["kind"] == "tuned" else "cps 0.7") + tag]["wall"] / 60
         L.append(f"| {r['size']}×{r['size']} | {r['tokens']} | {'tuned' if r['kind'] == 'tuned' else '0.7'} | "
                  f"{diff(r['auc'])} | {r['final']['diff']:+.4f} [{r['final']['lo']:+.4f}, {r['final']['hi']:+.4f}] | "
-                 f"{f(res_c, 4)} / {f(res_f, 4)} |")
+                 f"{f(res_c, 4)} / {f(res_f, 4)} | {wall:.1f} |")
     L += ["", "![dose-response](dose_response.png)", "", "### 5.5 The paper's Figure 1, from a trained model", "",
           "Final training samples of the CPS-trained model (first report seed, largest size), the same prompts and "
           "initial noises, drawn with each sampler at its tuned η. Residual noise std(final − last x0_hat): " +
