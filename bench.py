@@ -54,8 +54,8 @@ def budget(quick: bool) -> dict:
                     noise=16, size_run={})
     return dict(repeats=7, speed_iterations=12, scaling_iterations=10, tuning_seeds=[0, 1, 2],
                 report_seeds=[100, 101, 102, 103, 104, 105],
-                etas={"cps": [0.15, 0.3, 0.5, 0.7, 0.9], "flow_sde": [0.3, 0.5, 0.7, 0.9, 1.2],
-                      "dance_sde": [0.1, 0.3, 0.5, 0.7]}, sizes=[8, 16, 24],
+                etas={"cps": [0.15, 0.3, 0.5, 0.7, 0.9], "flow_sde": [0.3, 0.5, 0.7, 0.9, 1.2, 1.5],
+                      "dance_sde": [0.1, 0.3, 0.5, 0.7, 0.9, 1.2]}, sizes=[8, 16, 24],
                 run=dict(iterations=80, eval_every=10, eval_per_prompt=50), budgets=[20, 40, 80],
                 thresholds=[0.90, 0.95], noise=200, size_run={16: dict(eval_every=20), 24: dict(eval_every=20)})
 
