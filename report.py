@@ -131,6 +131,11 @@ def study_section(st: dict, b: dict) -> list[str]:
         L.append(f"| {r['size']}×{r['size']} | {r['tokens']} | {'tuned' if r['kind'] == 'tuned' else '0.7'} | "
                  f"{diff(r['auc'])} | {r['final']['diff']:+.4f} [{r['final']['lo']:+.4f}, {r['final']['hi']:+.4f}] | "
                  f"{f(res_c, 4)} / {f(res_f, 4)} | {wall:.1f} |")
+    skipped = [s for s in b["sizes"] if s not in b.get("equal_sizes", b["sizes"])]
+    if skipped:
+        L += ["", "The equal-η pair (η 0.7) ran at " + ", ".join(f"{s}×{s}" for s in b["equal_sizes"]) + "; at " +
+              ", ".join(f"{s}×{s}" for s in skipped) + " only the tuned pair, to fit the CPU budget (minutes per run "
+              "in the table)."]
     L += ["", "![dose-response](dose_response.png)", "", "### 5.5 The paper's Figure 1, from a trained model", "",
           "Final training samples of the CPS-trained model (first report seed, largest size), the same prompts and "
           "initial noises, drawn with each sampler at its tuned η. Residual noise std(final − last x0_hat): " +
