@@ -58,8 +58,8 @@ def budget(quick: bool) -> dict:
                       "dance_sde": [0.1, 0.3, 0.5, 0.7, 0.9, 1.2]}, sizes=[8, 16, 24],
                 run=dict(iterations=80, eval_every=10, eval_per_prompt=50), budgets=[20, 40, 80],
                 thresholds=[0.90, 0.95], noise=200, size_run={16: dict(eval_every=20), 24: dict(eval_every=20)},
-                # the equal-eta pair (0.7) where the CPU budget allows: a 24x24 run is ~8 process-minutes
-                equal_sizes=[8, 16])
+                # the equal-eta pair (0.7) at every size (a 24x24 run is ~8 process-minutes)
+                equal_sizes=[8, 16, 24])
 
 
 def spread(xs) -> dict:
