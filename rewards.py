@@ -25,21 +25,25 @@ Group keys: a reward may carry `fn.group_key = callable(metadata) -> str | None`
 over groups of the group means; for the GenEval rewards (key: the tag) that is the benchmark's overall score
 (`geneval.summarize`), not a mean over images.
 
-Score image files with `python scoring.py ocr sign.png --prompt 'A sign that says "OPEN LATE"'`.
+Score image files with `python rewards.py ocr sign.png --prompt 'A sign that says "OPEN LATE"'`.
 """
 from __future__ import annotations
 
+import argparse
+import inspect
 import io
+import json
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
-import clip
-import digits
-import geneval
+from flow_cps import clip, digits, geneval
 
 RewardFn = Callable[..., Tensor]
 REGISTRY: dict[str, Callable[..., RewardFn]] = {}  # name -> factory(device, **options) -> reward fn
@@ -94,7 +98,7 @@ def total_variation(images: Tensor) -> Tensor:
 def smoothness(device="cpu") -> RewardFn:
     """1 - mean |neighbour difference| (total variation), a residual-noise detector.
 
-    Scale on the 8x8 digits (`python scoring.py --scales`): clean test images 0.761 (per-image std 0.03); plus
+    Scale on the 8x8 digits (`python rewards.py --scales`): clean test images 0.761 (per-image std 0.03); plus
     Gaussian noise of std 0.05 / 0.1 / 0.2 (in [0, 1] units) 0.756 / 0.749 / 0.725; uniform noise 0.669. Digit strokes
     already have large neighbour differences at 8x8, so this is a weak detector; `clean_background` is the strong one.
     """
@@ -114,7 +118,7 @@ def background_level(images: Tensor, threshold: float = 0.25) -> Tensor:
 def clean_background(device="cpu") -> RewardFn:
     """1 - 4 * mean(pixels below 0.25): 1 for a perfectly clean background, lower when residual noise speckles it.
 
-    The noise-sensitive reward of the built-in task. Scale (`python scoring.py --scales`): clean test images 0.926
+    The noise-sensitive reward of the built-in task. Scale (`python rewards.py --scales`): clean test images 0.926
     (per-image std 0.03); plus Gaussian noise of std 0.025 / 0.05 / 0.1 in [0, 1] units: 0.875 / 0.843 / 0.786 (an
     effect of 1.7 / 2.8 / 4.7 per-image standard deviations, versus 0.1 / 0.2 / 0.4 for `smoothness`).
     """
@@ -130,8 +134,6 @@ def jpeg_compressibility(device="cpu", quality: int = 95) -> RewardFn:
 
     Meant for real images (DDPO: 512 px, ~-100 kB). At 8x8 the JPEG header dominates (-0.394 kB clean, -0.395 uniform
     noise), so it is blind on the built-in digits."""
-    from PIL import Image
-
     def fn(images: Tensor, prompts: list[str], metadata=None) -> Tensor:
         check_images(images)
         arr = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
@@ -166,6 +168,89 @@ NORMALISERS = {"digit_judge": Normaliser(0.0, 1.0), "digit_judge_accuracy": Norm
                "pickscore": Normaliser(22.0, 1.0),  # raw scale; the flow_grpo scale brings its own
                "hpsv2": Normaliser(0.30, 0.02)}  # base FLUX 0.304, trained 0.36-0.38
 
+
+
+# -- options -----------------------------------------------------------------------------------------------------
+def accepted_options(name: str) -> list[str] | None:
+    """The option names reward `name` takes: its factory's parameters but `device` (and, for a factory that
+    forwards **options, those of `factory.forwards_to`). None for a factory that takes any (**kwargs)."""
+    factory = REGISTRY[name]
+    forwards = getattr(factory, "forwards_to", None)
+    params = [p for p in inspect.signature(factory).parameters.values() if not (forwards and p.kind is p.VAR_KEYWORD)]
+    params += list(inspect.signature(forwards).parameters.values()) if forwards else []
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return sorted({p.name for p in params if p.name != "device" and p.kind in (p.POSITIONAL_OR_KEYWORD,
+                                                                              p.KEYWORD_ONLY)})
+
+
+def check_options(name: str, options: dict) -> None:
+    accepted = accepted_options(name)
+    unknown = sorted(set(options) - set(accepted)) if accepted is not None else []
+    if unknown:
+        raise ValueError(f"--reward_options: reward {name!r} has no option {', '.join(map(repr, unknown))}; its "
+                         f"options are: {', '.join(accepted) or '(none)'}")
+
+
+_JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "true/false",
+               type(None): "null"}
+
+
+def parse_options(text: str, names: list[str]) -> dict[str, dict]:
+    """--reward_options validated at config time: JSON, an object {reward name: {option: value}} whose names are
+    among `names` (the rewards the run uses) and whose options are parameters of that reward's factory."""
+    try:
+        opts = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--reward_options is not valid JSON: {e.msg} at line {e.lineno} column {e.colno} (char "
+                         f"{e.pos}) of {text!r}") from None
+    example = '\'{"pickscore": {"model": "/local/PickScore_v1"}}\''
+    if not isinstance(opts, dict):
+        raise ValueError(f"--reward_options must be a JSON object {{reward name: {{option: value}}}}, e.g. {example}; "
+                         f"got a JSON {_JSON_TYPES.get(type(opts), type(opts).__name__)}: {text!r}")
+    used = list(dict.fromkeys(names))
+    for name, o in opts.items():
+        if name not in used:
+            raise ValueError(f"--reward_options has options for {name!r}, which this run does not use; its rewards "
+                             f"are: {', '.join(used)}")
+        if not isinstance(o, dict):
+            raise ValueError(f"--reward_options: the value for {name!r} must be a JSON object of options, e.g. "
+                             f"{{\"{name}\": {{\"option\": value}}}}; got a JSON "
+                             f"{_JSON_TYPES.get(type(o), type(o).__name__)}: {json.dumps(o)}")
+        check_options(name, o)
+    return opts
+
+
+
+def parse_spec(spec: str) -> dict[str, float]:
+    """'digit_judge:1,smoothness:0.5' -> {'digit_judge': 1.0, 'smoothness': 0.5}; a bare name has weight 1."""
+    out: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, w = part.partition(":")
+        if name not in REGISTRY:
+            raise ValueError(f"unknown reward {name!r} in {spec!r}; available: {', '.join(sorted(REGISTRY))}")
+        try:
+            out[name] = float(w) if w else 1.0
+        except ValueError:
+            raise ValueError(f"reward weight {w!r} in {spec!r} is not a number; write e.g. 'digit_judge:0.7'") from None
+        if not math.isfinite(out[name]):
+            raise ValueError(f"reward weight for {name!r} must be finite, got {w!r}")
+    if not out:
+        raise ValueError("empty reward spec; give at least one reward name, e.g. --reward digit_judge")
+    return out
+
+def combine(weights: dict[str, float], components: dict[str, Tensor], normalisers: dict[str, Normaliser]) -> Tensor:
+    """The reward a run trains on: a single reward on its own scale (as the paper's runs), a weighted sum of
+    normalised components otherwise. NaN wherever a component is NaN."""
+    if len(weights) == 1:
+        (name, w), = weights.items()
+        return w * components[name]
+    return sum(w * (components[name] - normalisers[name].shift) / normalisers[name].scale
+               for name, w in weights.items())
+
+
+def normaliser(name: str, fn: RewardFn) -> Normaliser:
+    return getattr(fn, "normaliser", None) or NORMALISERS.get(name, Normaliser())
 
 
 # -- OCR (visual text rendering; Flow-GRPO's SD3.5-M task) ------------------------------------------------------
@@ -347,3 +432,65 @@ def geneval_flow_grpo(device="cpu", jpeg_quality: int = 75, swap_red_blue: bool 
 
 for _factory in (geneval_reward, geneval_strict, geneval_flow_grpo):
     _factory.forwards_to = geneval.Scorer  # its parameters are the factory's other options (parse_options)
+
+
+# -- command line: score image files; the built-in rewards' scales -----------------------------------------------
+def score_files(spec: str, paths: list, prompt: str, options: dict | None = None, metadata: dict | None = None,
+                device="cpu") -> list[dict]:
+    """Score image files against one prompt: [{"image": path, "total": ..., <reward>: ...}, ...]. A reward that
+    fails raises (a run's reward, flow_cps.scoring.RewardModel, isolates and counts failures instead)."""
+    weights, options = parse_spec(spec), options or {}
+    fns = {name: REGISTRY[name](device=device, **options.get(name, {})) for name in weights}
+    rows = []
+    for path in paths:  # one at a time: files may differ in size
+        with Image.open(path) as im:
+            image = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)[None]
+        comps = {name: fn(image, [prompt], None if metadata is None else [metadata]).float().cpu().reshape(1)
+                 for name, fn in fns.items()}
+        total = combine(weights, comps, {name: normaliser(name, fn) for name, fn in fns.items()})
+        rows.append({"image": str(path), "total": float(total[0]), **{k: float(v[0]) for k, v in comps.items()}})
+    return rows
+
+
+def print_scales() -> None:
+    """The noise-sensitive rewards on the clean digits and with added noise (the numbers in their docstrings)."""
+    imgs, _ = digits.load("test")
+    g = torch.Generator().manual_seed(0)
+    for name in ("clean_background", "smoothness", "jpeg_compressibility"):
+        fn = REGISTRY[name]()
+        row = [f"clean {float(fn(imgs, []).mean()):.3f}"]
+        for s in (0.025, 0.05, 0.1, 0.2):
+            noisy = (imgs + s * torch.randn(imgs.shape, generator=g)).clamp(0, 1)
+            row.append(f"+N(0,{s}) {float(fn(noisy, []).mean()):.3f}")
+        row.append(f"uniform {float(fn(torch.rand(imgs.shape, generator=g), []).mean()):.3f}")
+        print(f"{name:>22}: " + "  ".join(row))
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description="Score image files with a reward (or a weighted spec such as "
+                                "'ocr:1,pickscore:0.5'), or print the built-in rewards' scales.")
+    p.add_argument("reward", nargs="?", help=f"reward spec; one of {', '.join(sorted(REGISTRY))}")
+    p.add_argument("images", nargs="*", help="image files (PNG, JPEG, ...)")
+    p.add_argument("--prompt", default="", help="the prompt every image is scored against")
+    p.add_argument("--options", default="{}", help='per-reward options as JSON, e.g. \'{"pickscore": {"model": '
+                   '"/local/PickScore_v1"}}\'')
+    p.add_argument("--metadata", default=None, help="per-prompt metadata as JSON (GenEval: tag/include/exclude)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--scales", action="store_true", help="print the built-in noise rewards' scales on the digits")
+    args = p.parse_args(argv)
+    if args.scales:
+        return print_scales()
+    if not args.reward or not args.images:
+        p.error("give a reward and at least one image file (or --scales)")
+    try:
+        options = parse_options(args.options, list(parse_spec(args.reward)))
+    except ValueError as e:
+        p.error(str(e).replace("--reward_options", "--options"))
+    rows = score_files(args.reward, args.images, args.prompt, options,
+                       None if args.metadata is None else json.loads(args.metadata), args.device)
+    for row in rows:
+        print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else str(v) for k, v in row.items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -2,7 +2,7 @@
 
     torchrun --standalone --nproc_per_node=2 train.py          # the built-in tiny FLUX on digits, CPU, ~1.5 min
     python train.py --sampler flow_sde --eta 0.7               # the paper's baseline sampler, one flag
-    python train.py --help                                     # every option, with its meaning (config.py)
+    python train.py --help                                     # every option, with its meaning (flow_cps/config.py)
     python train.py --preset flux-dev-pickscore --dry_run true # batch arithmetic + per-GPU memory, loads nothing
     torchrun --nproc_per_node=8 train.py --preset sd3.5-geneval                # the paper's settings (config.PRESETS)
 
@@ -18,8 +18,8 @@ Deliberate choices, where the peers differ:
     reproducible, independent of the world size's slicing, and a resumed run continues exactly;
   * invalid samples (a reward returned NaN) are excluded from advantages and loss and counted, never scored 0;
   * the loss is a mean over all kept (sample, step) terms of the whole world, whatever the ranks and micro-batches.
-The plumbing lives elsewhere: engine.py (distributed, Policy, EMA), checkpoints.py (run folder), plan.py (batch
-arithmetic, memory), models.py (FLUX / SD3 / digits adapters), logs.py (metrics, figures).
+The plumbing lives in the flow_cps package: engine (distributed, Policy, EMA), checkpoints (run folder), plan (batch
+arithmetic, memory), models (FLUX / SD3 / digits adapters), logs (metrics, figures).
 """
 from __future__ import annotations
 
@@ -31,14 +31,11 @@ import sys
 import numpy as np
 import torch
 
-import engine
 import grpo
-import lora
-import plan
 import sampling
-import scoring
-from config import parse_config, sde_window_range
-from session import Session, Timer, all_ranks
+from flow_cps import engine, lora, plan, scoring
+from flow_cps.config import parse_config, sde_window_range
+from flow_cps.session import Session, Timer, all_ranks
 
 
 # ======================================================================================================================

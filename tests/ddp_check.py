@@ -6,8 +6,8 @@ import sys
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import lora  # noqa: E402
 import train  # noqa: E402
+from flow_cps import lora  # noqa: E402
 
 result = train.main(sys.argv[1:])
 out = sys.argv[sys.argv.index("--output_dir") + 1]

@@ -14,8 +14,10 @@ import torch
 from torch.distributed.fsdp import FSDPModule
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import engine  # noqa: E402
-import models  # noqa: E402
+from flow_cps import (
+    engine,  # noqa: E402
+    models,  # noqa: E402
+)
 
 RES, MSL = 32, 16
 

@@ -8,8 +8,8 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import lora  # noqa: E402
 import train  # noqa: E402
+from flow_cps import lora  # noqa: E402
 
 destroy = dist.destroy_process_group
 dist.destroy_process_group = lambda *a, **k: None  # keep the group alive for the gather below

@@ -2,7 +2,7 @@
 invocation reuses the cached training runs."""
 import json
 
-import bench
+from tools import bench
 
 
 def test_quick_report_structure(tmp_path):

@@ -22,7 +22,7 @@ from clip_fixtures import (
     tiny_tokenizer,
 )
 
-import clip
+from flow_cps import clip
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red cat", "two dogs on a sofa"]
@@ -90,7 +90,7 @@ def test_hps_resize_pads_to_square():
 def test_importing_the_reward_modules_warns_nothing():
     """A fresh interpreter: importing rewards (which imports clip, geneval, digits) and prompts loads no transformers
     image processor, so nothing about torchvision is printed; the CLIP factories import what they use when built."""
-    code = ("import sys, rewards, prompts, geneval, clip; "
+    code = ("import sys, rewards; from flow_cps import prompts, geneval, clip; "
             "print(sorted(m for m in sys.modules if m.startswith('transformers.models')))")
     out = subprocess.run([sys.executable, "-W", "default", "-c", code], cwd=ROOT, capture_output=True, text=True,
                          timeout=120)

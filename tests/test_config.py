@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-import config
 import train
+from flow_cps import config
 
 ROOT = Path(__file__).resolve().parent.parent
 SHORT = ["--iterations", "1", "--eval_per_prompt", "1", "--tensorboard", "false"]

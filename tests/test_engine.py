@@ -5,10 +5,8 @@ import pytest
 import tiny_pipelines
 import torch
 
-import config
-import engine
-import models
 import train
+from flow_cps import config, engine, models
 
 
 def _run_ema(rule: engine.EMA, weights: list[float]) -> list[float]:

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import geneval
-from geneval import Detection, evaluate, relative_position, select_objects, summarize
+from flow_cps import geneval
+from flow_cps.geneval import Detection, evaluate, relative_position, select_objects, summarize
 
 
 def det(x0, y0, x1, y1, score=0.95, color=None):

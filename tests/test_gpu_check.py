@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import gpu_check
-import memory
+from flow_cps import memory
+from tools import gpu_check
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,8 +35,8 @@ def test_stand_ins_have_the_released_architectures(kind):
 
 def test_tiny_gpu_check_runs_every_preset(tmp_path):
     out = tmp_path / "gpu.md"
-    p = subprocess.run([sys.executable, "gpu_check.py", "--tiny", "--out", str(out)], cwd=ROOT, capture_output=True,
-                       text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    p = subprocess.run([sys.executable, "-m", "tools.gpu_check", "--tiny", "--out", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     rows = [r for r in out.read_text().splitlines() if r.startswith("| `") and r.count("|") == 13]  # the main table
     assert [r.split("`")[1] for r in rows] == gpu_check.PRESETS

@@ -1,35 +1,65 @@
-"""The layout stays flat (read with ast, nothing imported): no import cycle among the top-level modules, the math
-(sampling.py, grpo.py) imports no project module, and project modules are imported at the top of each file, where a
-reader sees every dependency (a function-level import hides one, and hid the cycles this test now forbids)."""
+"""The layout a reader meets (read with ast, nothing imported): the paper's five files at the top, the plumbing in
+the `flow_cps` package, what produced results/ in `tools/`, and imports that point one way:
+
+* sampling.py and grpo.py (the math) import nothing of the project;
+* the package never imports train.py or tools/ (the algorithm and the measurements sit above it);
+* no import cycle anywhere, the package included;
+* project modules are imported at the top of each file, where a reader sees every dependency (a function-level
+  import hides one, and hid the cycles this test forbids)."""
 import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-MODULES = {p.stem: p for p in ROOT.glob("*.py")}
+THE_PAPER = {"sampling", "grpo", "rewards", "train", "theory"}
+# Each extra file at the top must be explained in the README's file table; none today.
+EXTRA_AT_THE_TOP: set[str] = set()
+FILES = {p: ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+         for p in [*ROOT.glob("*.py"), *ROOT.glob("flow_cps/*.py"), *ROOT.glob("tools/*.py")]}
+MODULES = set(FILES.values())
+
+
+def _targets(node) -> list[str]:
+    """The project modules an import statement names: `import x`, `from pkg import mod`, `from pkg.mod import f`."""
+    if isinstance(node, ast.Import):
+        names = [a.name for a in node.names]
+    else:
+        names = [node.module or "", *(f"{node.module}.{a.name}" for a in node.names)]
+    found = []
+    for n in names:
+        parts = n.split(".")
+        match = next((".".join(parts[:k]) for k in range(len(parts), 0, -1) if ".".join(parts[:k]) in MODULES), None)
+        if match and match not in ("flow_cps", "tools"):  # the packages' __init__ hold only docstrings
+            found.append(match)
+    return found
 
 
 def _imports(path: Path) -> tuple[set[str], list[str]]:
     """(project modules imported anywhere in the file, 'function: module' for those imported inside a function)."""
     tree = ast.parse(path.read_text())
     deps, inner = set(), []
-
-    def names(node) -> list[str]:
-        found = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
-        return [n.split(".")[0] for n in found if n.split(".")[0] in MODULES and n.split(".")[0] != path.stem]
     for node in ast.walk(tree):
         if isinstance(node, (ast.Import, ast.ImportFrom)):
-            deps.update(names(node))
+            deps.update(_targets(node))
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            inner += [f"{node.name}: {n}" for sub in ast.walk(node) if isinstance(sub, (ast.Import, ast.ImportFrom))
-                      for n in names(sub)]
-    return deps, inner
+            inner += [f"{node.name}: {m}" for sub in ast.walk(node) if isinstance(sub, (ast.Import, ast.ImportFrom))
+                      for m in _targets(sub)]
+    return deps - {FILES[path]}, inner
 
 
-GRAPH = {m: _imports(p)[0] for m, p in MODULES.items()}
+GRAPH = {m: _imports(p)[0] for p, m in FILES.items()}
+
+
+def test_the_top_level_is_the_paper():
+    top = {p.stem for p in ROOT.glob("*.py")}
+    assert THE_PAPER <= top, f"missing at the top: {THE_PAPER - top}"
+    assert top - THE_PAPER == EXTRA_AT_THE_TOP, f"at the top but not the paper: {top - THE_PAPER}; move them into " \
+                                                "flow_cps/ (plumbing) or tools/ (what produces results/)"
+    readme = (ROOT / "README.md").read_text()
+    assert all(f"`{m}.py`" in readme for m in EXTRA_AT_THE_TOP)
 
 
 def test_no_import_cycles():
-    cycles = []
+    cycles, done = [], set()
 
     def visit(m, path):
         for d in sorted(GRAPH[m]):
@@ -38,7 +68,6 @@ def test_no_import_cycles():
             elif d not in done:
                 visit(d, path + [d])
         done.add(m)
-    done: set[str] = set()
     for m in sorted(GRAPH):
         if m not in done:
             visit(m, [m])
@@ -49,6 +78,12 @@ def test_the_math_imports_no_project_module():
     assert GRAPH["sampling"] == set() and GRAPH["grpo"] == set()
 
 
+def test_the_package_never_imports_the_algorithm_or_the_tools():
+    up = {m: sorted(d for d in deps if d == "train" or d.startswith("tools."))
+          for m, deps in GRAPH.items() if m.startswith("flow_cps.")}
+    assert not {m: d for m, d in up.items() if d}
+
+
 def test_project_imports_are_at_the_top_of_each_file():
-    inner = {m: _imports(p)[1] for m, p in MODULES.items()}
+    inner = {m: _imports(p)[1] for p, m in FILES.items()}
     assert not {m: v for m, v in inner.items() if v}, "project imports inside functions"

@@ -6,7 +6,7 @@ import math
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import logs
+from flow_cps import logs
 
 
 def test_metrics_are_strict_json_and_tensorboard_is_purged_on_resume(tmp_path):

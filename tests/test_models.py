@@ -16,10 +16,9 @@ import pytest
 import tiny_pipelines  # tests/ is on sys.path (pytest's rootdir-relative import)
 import torch
 
-import lora
-import models
 import sampling
 import train
+from flow_cps import lora, models
 
 RES, MSL, STEPS = 32, 16, 6  # 32 px: 8x8 latents (VAE scale 4) = 16 tokens for FLUX (2x2 packing) and SD3 (patch 2)
 TOL = dict(atol=1e-5, rtol=1e-5)

@@ -8,10 +8,8 @@ import pytest
 import tiny_pipelines
 import torch
 
-import config
-import models
-import plan
 import train
+from flow_cps import config, models, plan
 
 RES, STEPS = 32, 6
 
@@ -103,7 +101,7 @@ def test_memory_estimate_counts_what_the_run_holds():
 
 
 def test_docs_memory_table_is_the_dry_runs():
-    """docs/SCALE.md's memory table is `python plan.py`'s output (regenerate it with that command)."""
+    """docs/SCALE.md's memory table is `python -m flow_cps.plan`'s output (regenerate it with that command)."""
     doc = (Path(__file__).resolve().parent.parent / "docs" / "SCALE.md").read_text()
     assert plan.memory_table() in doc
 

@@ -5,9 +5,7 @@ import re
 
 import pytest
 
-import digits
-import geneval
-import prompts
+from flow_cps import digits, geneval, prompts
 from rewards import ocr_target
 
 

@@ -23,12 +23,10 @@ from clip_fixtures import (
 )
 from PIL import Image, ImageDraw, ImageFont
 
-import clip
-import digits
-import geneval
 import rewards
+from flow_cps import clip, digits, geneval
+from flow_cps.scoring import RewardModel
 from rewards import REGISTRY
-from scoring import RewardModel
 
 # FLOW_CPS_TEST_DEVICE=cuda runs the model-based rewards on a GPU (references stay on the CPU)
 DEVICE = os.environ.get("FLOW_CPS_TEST_DEVICE", "cpu")

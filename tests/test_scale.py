@@ -24,8 +24,8 @@ import tiny_pipelines
 import torch
 from safetensors.torch import load_file
 
-import models
 import train
+from flow_cps import models
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["a red cat", "a blue dog", "two birds", "a green apple"]

@@ -8,11 +8,10 @@ import pytest
 import torch
 from test_rewards import ocr, pil, render  # noqa: F401 (ocr: the RapidOCR fixture, used by argument name)
 
-import digits
-import geneval
-import scoring
+import rewards
+from flow_cps import digits, geneval, scoring
+from flow_cps.scoring import RewardError, RewardModel, RewardWarning
 from rewards import NORMALISERS, REGISTRY, Normaliser
-from scoring import RewardError, RewardModel, RewardWarning
 
 
 # -- combination, normalisation, failure isolation ---------------------------------------------------------------
@@ -156,15 +155,15 @@ USED = ["digit_judge", "ocr", "geneval", "geneval_flow_grpo"]
 ])
 def test_parse_options_errors(text, message):
     with pytest.raises(ValueError, match=message):
-        scoring.parse_options(text, USED)
+        rewards.parse_options(text, USED)
 
 
 def test_parse_options_accepts_what_factories_take():
     text = '{"ocr": {"det_limit_side_len": 320}, "geneval_flow_grpo": {"jpeg_quality": 90, "detector_size": 512}}'
-    assert scoring.parse_options(text, USED) == {"ocr": {"det_limit_side_len": 320},
+    assert rewards.parse_options(text, USED) == {"ocr": {"det_limit_side_len": 320},
                                                  "geneval_flow_grpo": {"jpeg_quality": 90, "detector_size": 512}}
-    assert scoring.parse_options("{}", USED) == {}
-    assert scoring.accepted_options("clean_background") == []
+    assert rewards.parse_options("{}", USED) == {}
+    assert rewards.accepted_options("clean_background") == []
     with pytest.raises(ValueError, match="reward 'clean_background' has no option 'scale'; its options are: "
                                          r"\(none\)"):
         RewardModel("clean_background", clean_background={"scale": 2})  # not a TypeError deep in the factory
@@ -173,6 +172,6 @@ def test_parse_options_accepts_what_factories_take():
 def test_score_files_cli(tmp_path, capsys):
     path = tmp_path / "sign.png"
     pil(render("OPEN LATE"))[0].save(path)
-    scoring.main(["ocr,clean_background:0", str(path), "--prompt", 'A sign that says "OPEN LATE"'])
+    rewards.main(["ocr,clean_background:0", str(path), "--prompt", 'A sign that says "OPEN LATE"'])
     line = capsys.readouterr().out.strip()
     assert line.startswith(str(path)) and "ocr 1.0000" in line and "total 1.6667" in line  # (1 - 0.5) / 0.3

@@ -13,19 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import checkpoints
-import config
-import digits
-import engine
 import grpo
-import lora
-import models
-import plan
 import rewards
 import sampling
-import scoring
-import session
 import train
+from flow_cps import checkpoints, config, digits, engine, lora, models, plan, scoring, session
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--iterations", "4", "--eval_every", "2", "--checkpoint_every", "2", "--eval_per_prompt", "2",

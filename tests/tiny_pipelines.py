@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project, 
 
 import torch  # noqa: E402
 
-import gpu_check  # noqa: E402  (its in-memory tokenizers)
+from tools import gpu_check  # noqa: E402  (its in-memory tokenizers)
 
 CLIP_LEN = 16  # CLIP tokens (model_max_length): the pipelines pad CLIP prompts to this; small keeps SD3's context short
 KINDS = ("flux-dev", "flux-schnell", "sd3.5")

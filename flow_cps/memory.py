@@ -14,9 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-import hub
-import lora
-import models
+from flow_cps import hub, lora, models
 
 _FLUX_CONFIG = dict(attention_head_dim=128, in_channels=64, joint_attention_dim=4096, num_attention_heads=24,
                     num_layers=19, num_single_layers=38, patch_size=1, pooled_projection_dim=768,

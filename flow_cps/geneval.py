@@ -45,7 +45,7 @@ Instance post-processing follows the benchmark's mmdet Mask2Former: top 100 (que
 masks upsampled to the image, score = class probability x mean mask probability inside the mask, box = the mask's
 extent.
 
-Run `python scoring.py geneval IMAGE --prompt ... --metadata '{...}'` to score files.
+Run `python rewards.py geneval IMAGE --prompt ... --metadata '{...}'` to score files.
 """
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from clip import CLIP_MEAN, CLIP_STD, as_dtype, clip_preprocess, load_pretrained, rgb
+from flow_cps.clip import CLIP_MEAN, CLIP_STD, as_dtype, clip_preprocess, load_pretrained, rgb
 
 # The 80 COCO instance classes in COCO's contiguous label order (= the segmenter's label ids 0..79), named as
 # GenEval's object_names.txt names them (it says "computer mouse", "tv remote", "computer keyboard" where COCO says

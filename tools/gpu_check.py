@@ -2,9 +2,9 @@
 the update, a checkpoint), on one CUDA device, with the released architectures of FLUX.1-dev, FLUX.1-schnell and
 SD3.5-Medium (memory.KNOWN_MODELS) built in memory with random weights: nothing is downloaded.
 
-    python gpu_check.py                     # one GPU: every preset at a reduced batch -> results/gpu.md (< 8 min, H200)
-    python gpu_check.py --tiny --out X.md   # the CPU smoke version (tiny shapes, fp32); tests/test_gpu_check.py
-    python gpu_check.py --device cpu --depth 1,1 --resolution 64 --presets flux-dev-pickscore   # real widths, CPU
+    python -m tools.gpu_check                    # one GPU: every preset at a reduced batch -> results/gpu.md (< 8 min)
+    python -m tools.gpu_check --tiny --out X.md  # the CPU smoke version (tiny shapes, fp32); tests/test_gpu_check.py
+    python -m tools.gpu_check --device cpu --depth 1,1 --resolution 64 --presets flux-dev-pickscore   # real widths, CPU
 
 What stands in for what:
   * transformers: the released configs, random weights (normal, std 0.02: outputs stay finite through 57 blocks);
@@ -34,12 +34,9 @@ from pathlib import Path
 
 import torch
 
-import engine
-import hub
-import memory
-import plan
 import train
-from config import parse_config
+from flow_cps import engine, hub, memory, plan
+from flow_cps.config import parse_config
 
 PRESETS = ["sd3.5-geneval", "sd3.5-ocr", "sd3.5-pickscore", "flux-dev-pickscore", "flux-schnell-pickscore",
            "flux-dev-hpsv2"]
@@ -289,7 +286,8 @@ def _count(n: int) -> str:
 def report(results: list[dict], device_name: str, peak_tflops: float | None, seconds: float, tiny: bool) -> str:
     pct = lambda flops, s: 100 * flops / s / (peak_tflops * 1e12) if peak_tflops else math.nan  # noqa: E731
     lines = [f"# GPU check ({'tiny CPU smoke run' if tiny else device_name})", "",
-             f"`python gpu_check.py{' --tiny' if tiny else ''}`: {len(results)} presets in {seconds:.0f} s; torch "
+             f"`python -m tools.gpu_check{' --tiny' if tiny else ''}`: {len(results)} presets in {seconds:.0f} s; "
+             f"torch "
              f"{torch.__version__}; peak {peak_tflops or 'unknown'} TFLOP/s dense bf16/fp16. Random weights, the "
              "released architectures (gpu_check.py's docstring says what stands in for what); one prompt, a group "
              "of the preset's micro-batch, one update per iteration, clean_background as the reward.", "",
@@ -346,7 +344,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         torch.set_num_threads(1)  # tiny shapes: one thread is as fast, and much faster on shared cores
     args.device = args.device or ("cpu" if args.tiny else "cuda")
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("gpu_check.py needs a CUDA GPU; `python gpu_check.py --tiny` runs the CPU smoke version")
+        raise SystemExit("gpu_check.py needs a CUDA GPU; `python -m tools.gpu_check --tiny` runs the CPU smoke version")
     cuda = args.device == "cuda"
     name = torch.cuda.get_device_name(0) if cuda else "cpu"
     peak = (args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)) if cuda else None

@@ -1,11 +1,11 @@
 """Measured, side by side: what each phase of the loop costs, and what CPS changes against Flow-SDE and Dance-SDE at
 the scale this project can run (the built-in digits model, CPU).
 
-    python bench.py                            # everything -> results/report.md + figures (~3 h on 2 CPU cores)
-    python bench.py --quick                    # the same sections with tiny budgets (~2 min): CI's smoke test
-    python bench.py --only cost,speed,scaling  # some sections: cost, speed, scaling, main_job, study
-    python bench.py --seeds 200,201,202,203,204,205 --out my_results   # the comparison on seeds of your choice
-    python bench.py --only speed --baseline 55484a0   # also time that commit's loop, interleaved, in this run
+    python -m tools.bench                            # everything -> results/report.md + figures (~3 h on 2 CPU cores)
+    python -m tools.bench --quick                    # the same sections with tiny budgets (~2 min): CI's smoke test
+    python -m tools.bench --only cost,speed,scaling  # some sections: cost, speed, scaling, main_job, study
+    python -m tools.bench --seeds 200,201,202,203,204,205 --out my_results   # the comparison on seeds of your choice
+    python -m tools.bench --only speed --baseline 55484a0   # also time that commit's loop, interleaved, in this run
 
 Sections:
   cost      rollout time of each SDE sampler / the ODE on the same model, batch and steps (min / median / max)
@@ -35,14 +35,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import digits
-import models
-import report
 import sampling
-import study
 import train
+from flow_cps import digits, models
+from tools import report, study
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent  # the repository root
 SDE = ["cps", "flow_sde", "dance_sde"]
 
 

@@ -1,6 +1,6 @@
 """Prompt sets: the paper's tasks as deterministic generators with train/test splits, and users' own prompt files.
 
-    import prompts
+    from flow_cps import prompts
     texts, metadata = prompts.load("geneval", "train", seed=0)   # GenEval-style prompts + their GenEval metadata
     texts, metadata = prompts.load("ocr", "test")                 # 'A sign that says "OPEN LATE"', ...; metadata None
     texts, metadata = prompts.load("digits", "train")             # the built-in task (digits.prompts)
@@ -33,8 +33,8 @@ import zlib
 from collections.abc import Callable
 from pathlib import Path
 
-import digits
-from geneval import COCO_CLASSES, COLORS, POSITIONS
+from flow_cps import digits
+from flow_cps.geneval import COCO_CLASSES, COLORS, POSITIONS
 
 SPLITS = ("train", "test")
 TEST_FRACTION = 4  # one item in 4 (by content hash) belongs to the test split

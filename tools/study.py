@@ -13,8 +13,10 @@ Design (each choice made before any result was seen):
 """
 from __future__ import annotations
 
+import ast
 import contextlib
 import hashlib
+import inspect
 import io
 import json
 import math
@@ -24,32 +26,55 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
+import diffusers
 import numpy as np
+import peft
 import torch
+import transformers
 from scipy import stats
 from tqdm.auto import tqdm
 
-import digits
-import models
 import sampling
-import scoring
 import train
+from flow_cps import digits, models, scoring
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent  # the repository root
 NAMES = {"cps": "CPS", "flow_sde": "Flow-SDE", "dance_sde": "Dance-SDE", "ode": "ODE"}
 METRIC = "eval/digit_judge_accuracy"
-# The modules whose code decides a training run's numbers (the cache key includes their text).
-TRAINING_CODE = ["train.py", "session.py", "engine.py", "sampling.py", "grpo.py", "models.py", "adapter.py", "lora.py",
-                 "digits.py", "rewards.py", "scoring.py", "config.py", "prompts.py"]
 # Per-run GRPO settings of every comparison (one process, one thread): 8 prompts x 8 samples per iteration.
 RUN_ARGS = ["--prompts_per_iter", "8", "--group_size", "8", "--updates_per_iter", "2", "--tensorboard", "false"]
 DANCE_ARGS = ["--advantage", "dance", "--timesteps", "random", "--timestep_fraction", "0.6"]
 
 
+def training_modules(entry: Path = ROOT / "train.py") -> list[Path]:
+    """Every project file the entry point imports, directly or through others (read from the import graph with ast,
+    so a module added to the training path joins the cache key without anyone listing it)."""
+    seen, todo = set(), [entry]
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            else:
+                continue
+            todo += [f for n in names if (f := ROOT / (n.replace(".", "/") + ".py")).is_file()]
+    return sorted(seen)
+
+
 def code_version() -> str:
-    h = hashlib.sha256(torch.__version__.encode())
-    for name in TRAINING_CODE:
-        h.update((ROOT / name).read_bytes())
+    """The cache key's code part: the text of every module train.main imports, the study's own code that measures
+    a run (run_training, residual_noise), and the versions of the libraries that compute the numbers."""
+    h = hashlib.sha256(" ".join(f"{m.__name__} {m.__version__}" for m in (torch, diffusers, transformers, peft))
+                       .encode())
+    for path in training_modules():
+        h.update(str(path.relative_to(ROOT)).encode() + path.read_bytes())
+    for fn in (run_training, residual_noise):
+        h.update(inspect.getsource(fn).encode())
     return h.hexdigest()[:12]
 
 

@@ -15,15 +15,8 @@ import warnings
 import torch
 from tqdm.auto import tqdm
 
-import checkpoints
-import engine
-import hub
-import logs
-import models
-import plan
-import prompts
-import scoring
-from config import RESUMABLE_CHANGES, Config, reward_options, validate
+from flow_cps import checkpoints, engine, hub, logs, models, plan, prompts, scoring
+from flow_cps.config import RESUMABLE_CHANGES, Config, reward_options, validate
 
 
 class Timer(dict):

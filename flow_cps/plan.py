@@ -16,12 +16,11 @@ from dataclasses import dataclass
 import torch
 
 import grpo
-import models
-import prompts
+import rewards
 import sampling
-import scoring
-from config import PRESET_GPUS, PRESETS, PROMPT_SOURCES, Config, parse_config, validate
-from memory import GB, KNOWN_MODELS, ModelInfo, memory_estimate, model_info  # noqa: F401 (plan.KNOWN_MODELS)
+from flow_cps import models, prompts
+from flow_cps.config import PRESET_GPUS, PRESETS, PROMPT_SOURCES, Config, parse_config, validate
+from flow_cps.memory import GB, KNOWN_MODELS, ModelInfo, memory_estimate, model_info  # noqa: F401 (plan.KNOWN_MODELS)
 
 
 # -- the plan ----------------------------------------------------------------------------------------------------
@@ -161,7 +160,7 @@ def run_estimate(cfg: Config, info: ModelInfo, plan: dict, world: int) -> dict:
         cfg_forward=info.kind == "sd3" and bool(plan["guidance"]) and plan["guidance"] > 1, world=world,
         parallel=cfg.parallel, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
         lora_targets=cfg.lora_targets.split(","), ema=cfg.ema_decay > 0, offload=cfg.offload,
-        rewards=[*scoring.parse_spec(cfg.reward), *scoring.parse_spec(cfg.eval_metrics)],
+        rewards=[*rewards.parse_spec(cfg.reward), *rewards.parse_spec(cfg.eval_metrics)],
         precision="bf16" if cfg.precision == "auto" else cfg.precision, samples_per_rank=b.samples_per_rank,
         num_steps=cfg.num_steps, kl=cfg.beta > 0, embedding_cache_gb=cfg.embedding_cache_gb)
 
@@ -169,7 +168,7 @@ def run_estimate(cfg: Config, info: ModelInfo, plan: dict, world: int) -> dict:
 def _memory_lines(cfg: Config, info: ModelInfo, plan: dict, world: int) -> list[str]:
     est = plan["memory"] = run_estimate(cfg, info, plan, world)
     g, b = est["gb"], batch(cfg, world)
-    reward_names = [*scoring.parse_spec(cfg.reward), *scoring.parse_spec(cfg.eval_metrics)]
+    reward_names = [*rewards.parse_spec(cfg.reward), *rewards.parse_spec(cfg.eval_metrics)]
     what = (f"LoRA r{cfg.lora_rank} = {est['trainable_params'] / 1e6:,.1f} M" if cfg.lora_rank else
             f"full fine-tuning = {est['trainable_params'] / 1e6:,.1f} M")
     fsdp = cfg.parallel == "fsdp"
@@ -231,7 +230,7 @@ TABLE_HEADER = ("| preset | GPUs | precision | images / iteration (per GPU) | te
 
 def memory_table(presets=None) -> str:
     """The memory table of docs/SCALE.md, from the dry run of every preset on its planned GPUs (and flux-dev-hpsv2
-    also on 8); `python plan.py` prints it."""
+    also on 8); `python -m flow_cps.plan` prints it."""
     rows = [TABLE_HEADER]
     for name in presets or [p for p in PRESETS if p != "tiny"]:
         for world in [PRESET_GPUS[name]] + ([8] if name == "flux-dev-hpsv2" else []):

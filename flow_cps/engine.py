@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-import models
-from lora import add_lora
+from flow_cps import models
+from flow_cps.lora import add_lora
 
 
 class Diverged(RuntimeError):

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import torch
 
 import grpo
+import rewards
 import sampling
-import scoring
 
 # Flow-GRPO's LoRA targets for FLUX/SD3 attention (PAPER.md §5.2). SD3.5's second (MMDiT-X) attention is named
 # "attn2" and is not matched, as in Flow-GRPO.
@@ -299,5 +299,5 @@ def validate(cfg: Config) -> None:
 
 def reward_options(cfg: Config) -> dict[str, dict]:
     """--reward_options parsed and checked against the rewards this run uses and their factories' options."""
-    return scoring.parse_options(cfg.reward_options, [*scoring.parse_spec(cfg.reward),
-                                                      *scoring.parse_spec(cfg.eval_metrics)])
+    return rewards.parse_options(cfg.reward_options, [*rewards.parse_spec(cfg.reward),
+                                                      *rewards.parse_spec(cfg.eval_metrics)])

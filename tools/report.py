@@ -32,7 +32,8 @@ def write(res: dict, out: Path) -> Path:
     """res as results.json holds it (JSON keys are strings)."""
     quick = res["quick"]
     L = [f"# Flow-CPS benchmark report{' (quick mode: smoke-test budgets, not results)' if quick else ''}", "",
-         f"Machine: {res['machine']}. Command: `python bench.py{' --quick' if quick else ''}`; this invocation took "
+         f"Machine: {res['machine']}. Command: `python -m tools.bench{' --quick' if quick else ''}`; this invocation "
+         f"took "
          f"{res['wall'] / 60:.1f} min" + (f", its {res['study']['runs']} training runs "
                                           f"{res['study']['process_minutes']:.0f} process-minutes (cached in runs/)"
                                           if "study" in res else "") + ".", ""]

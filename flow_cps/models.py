@@ -26,10 +26,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-import digits
-import hub
 import sampling
-from adapter import DEFAULT_CACHE_BYTES, Adapter
+from flow_cps import digits, hub
+from flow_cps.adapter import DEFAULT_CACHE_BYTES, Adapter
 
 DEFAULT_GUIDANCE = {"flux": 3.5, "sd3": 4.5}  # the paper's values (PAPER.md §1.4); diffusers' SD3 default is 7.0
 

@@ -28,8 +28,7 @@ from pathlib import Path
 
 import torch
 
-import engine
-import lora
+from flow_cps import engine, lora
 
 HASH_LIMIT = 256 * 2 ** 20  # files up to this size are hashed into the manifest; larger ones (FSDP2 shards) by size
 # What a run writes into its folder: the only names a fresh run clears when an earlier run left no checkpoint.

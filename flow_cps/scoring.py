@@ -1,0 +1,135 @@
+"""A run's reward: registered rewards (rewards.py) combined, checked and made loud.
+
+    reward = RewardModel("digit_judge:1,clean_background:0.5", device, **options)
+    out = reward(images, prompts, metadata)     # out.total (B,), out.components {name: (B,)}, out.valid (B,) bool
+
+A weighted sum normalises each component first (`Normaliser`) and logs each raw component; a single reward trains on
+its own scale. Samples a reward cannot score are invalid (excluded by GRPO), and failures are loud: non-finite images
+are never scored, each distinct per-sample error is warned once and counted, and a component that scores nothing
+raises `RewardError`, which stops the run. `parse_options` checks `--reward_options` before any work.
+
+The command line that scores image files is rewards.py's (`python rewards.py ocr sign.png --prompt '...'`).
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from rewards import REGISTRY, check_images, check_options, combine, normaliser, parse_spec
+
+
+# -- combination and failure handling ----------------------------------------------------------------------------
+@dataclass
+class RewardOutput:
+    total: Tensor  # (B,) weighted sum of normalised components; NaN where invalid
+    components: dict[str, Tensor]  # raw (un-normalised) per-reward scores, NaN where that reward failed
+    valid: Tensor  # (B,) bool: every component scored the sample
+
+
+class RewardError(RuntimeError):
+    """A batch the rewards scored nothing of: every image non-finite, or a component that raised or returned NaN
+    for every sample. Training on it would train on nothing, so it stops the run with what to check."""
+
+
+class RewardWarning(UserWarning):
+    """Some samples of a batch could not be scored (warned once per distinct cause; see RewardModel.failures)."""
+
+
+def _describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+
+
+class RewardModel:
+    """A weighted combination of registered rewards, with loud, per-sample failure handling.
+
+    * Images holding NaN/inf (a diverged model) are never scored: NaN for every component; all of them: RewardError.
+    * A reward that raises is retried one sample at a time; those that still raise score NaN. Each distinct cause
+      (component, exception type, message) is warned once ("reward ocr: 3 of 64 samples failed: ValueError: ...")
+      and counted in `failures` ({cause: samples}) for the trainer to log.
+    * A component that scores no sample of a non-empty batch of finite images (all raised, or all NaN: e.g. OCR on
+      prompts without quoted text) raises RewardError naming it, the cause and what to check.
+    """
+
+    def __init__(self, spec: str, device="cpu", **options):
+        self.weights = parse_spec(spec)
+        for name in self.weights:
+            check_options(name, options.get(name, {}))
+        self.fns = {name: REGISTRY[name](device=device, **options.get(name, {})) for name in self.weights}
+        self.normalisers = {name: normaliser(name, fn) for name, fn in self.fns.items()}
+        self.failures: dict[str, int] = {}  # "who: Type: message" -> number of samples it cost, over all calls
+
+    def _count(self, who: str, cause: str, k: int, n: int, what: str = "samples failed", depth: int = 4) -> None:
+        key = f"{who}: {cause}"
+        if key not in self.failures:  # depth: the warning points at the line that called the RewardModel
+            warnings.warn(f"reward {who}: {k} of {n} {what}: {cause} (reported once; later ones are counted in "
+                          f"RewardModel.failures)", RewardWarning, stacklevel=depth)
+        self.failures[key] = self.failures.get(key, 0) + k
+
+    def _score(self, name: str, images: Tensor, prompts: list[str], metadata) -> Tensor:
+        fn, n = self.fns[name], len(prompts)
+        try:
+            return fn(images, prompts, metadata).detach().float().cpu().reshape(n)
+        except Exception:  # isolate the failing sample(s): score one at a time, NaN for those that still fail
+            pass
+        out, errors = torch.full((n,), float("nan")), {}
+        for i in range(n):
+            try:
+                out[i] = fn(images[i:i + 1], prompts[i:i + 1], None if metadata is None else metadata[i:i + 1]
+                            ).detach().float().reshape(1)[0]
+            except Exception as e:
+                errors.setdefault(_describe(e), []).append(e)
+        if errors and not torch.isfinite(out).any():
+            causes = "; ".join(f"{len(v)} x {k}" for k, v in errors.items())
+            rest = n - sum(map(len, errors.values()))
+            raise RewardError(f"reward {name!r} failed for all {n} samples of the batch ({causes}"
+                              f"{f'; {rest} returned NaN' if rest else ''}). Check its options (--reward_options), "
+                              f"that its model loaded, and its inputs; the first failure's traceback is above."
+                              ) from next(iter(errors.values()))[0]
+        for cause, errs in errors.items():
+            self._count(name, cause, len(errs), n)
+        return out
+
+    def __call__(self, images: Tensor, prompts: list[str], metadata: list | None = None) -> RewardOutput:
+        check_images(images)
+        n = len(prompts)
+        if len(images) != n:
+            raise ValueError(f"{len(images)} images but {n} prompts")
+        finite = torch.isfinite(images.flatten(1)).all(1).cpu() if n else torch.ones(0, dtype=torch.bool)
+        keep = finite.nonzero()[:, 0].tolist()
+        if n and not keep:
+            raise RewardError(f"all {n} images contain NaN or inf: the model diverged, nothing can be scored. Lower "
+                              f"the learning rate or clip_range, check the sampler's eta, or resume from an earlier "
+                              f"checkpoint.")
+        if len(keep) < n:
+            self._count("inputs", "images with NaN/inf values, not scored", n - len(keep), n, "images not finite", 3)
+            images, prompts = images[keep], [prompts[i] for i in keep]
+            metadata = None if metadata is None else [metadata[i] for i in keep]
+        comps = {}
+        for name in self.weights:
+            scores = self._score(name, images, prompts, metadata)
+            if keep and not torch.isfinite(scores).any():
+                raise RewardError(f"reward {name!r} returned NaN for all {len(keep)} (finite) images of the batch: "
+                                  f"it found nothing to score, so this run would train on nothing. Check that the "
+                                  f"prompts carry what it needs (ocr: text in double quotes or metadata 'text'; "
+                                  f"geneval*: GenEval metadata, from prompts.load('geneval') or a GenEval .jsonl).")
+            comps[name] = torch.full((n,), float("nan"))
+            comps[name][keep] = scores
+        total = combine(self.weights, comps, self.normalisers)
+        valid = torch.isfinite(total)
+        return RewardOutput(total=torch.where(valid, total, torch.nan), components=comps, valid=valid)
+
+    def group_keys(self, metadata: list) -> dict[str, list[str | None]]:
+        """Per component, one group key per sample: `fn.group_key(metadata[i])` for a reward that has one (the
+        GenEval rewards: the tag), else None. Log such a component as the mean over groups of the group means."""
+        return {name: [key(m) for m in metadata] if (key := getattr(fn, "group_key", None)) else [None] * len(metadata)
+                for name, fn in self.fns.items()}
+
+
+def nan_mean(x: Tensor) -> float:
+    x = x[torch.isfinite(x)]
+    return float(x.mean()) if x.numel() else float("nan")
+
+
