@@ -1,6 +1,7 @@
 """GRPO for flow-matching models: group advantages, the clipped surrogate, the KL penalty, which steps to train.
 
-One function per concept, each with its formula (PAPER.md §4; Flow-GRPO and DanceGRPO as PRIOR_ART.md §1.5, §2.2).
+One function per concept, each with its formula: the GRPO loop the paper runs CPS in (its Section 4, with Flow-GRPO's
+and DanceGRPO's released code as the reference for every detail; docs/NOTES.md, "The GRPO step as run").
 Everything here is pure tensor math on one process: train.py gathers rewards across ranks first, so the same
 function gives the same advantages on every rank.
 """
@@ -128,18 +129,21 @@ DEFAULT_KL_FORM = {"flow_sde": "flow_grpo", "dance_sde": "flow_grpo", "cpws": "f
 
 
 # -- which steps are trained -------------------------------------------------------------------------------------
-def ordered_timesteps(stochastic: Tensor, fraction: float = 0.99) -> Tensor:
+# One signature, fn(stochastic (N,) bool, batch, fraction, generator) -> (batch, K) step indices per sample.
+def ordered_timesteps(stochastic: Tensor, batch: int = 1, fraction: float = 0.99,
+                      generator: torch.Generator | None = None) -> Tensor:
     """Flow-GRPO: the first int(N * fraction) steps in order (0.99 -> N - 1: the last, noise-free CPS step is
-    skipped), keeping only steps that injected noise (a deterministic step has no density)."""
+    skipped), keeping only steps that injected noise (a deterministic step has no density); the same for every
+    sample (`generator` is unused)."""
     n = len(stochastic)
     steps = torch.arange(int(n * fraction))
-    return steps[stochastic[steps]]
+    return steps[stochastic[steps]].expand(batch, -1)
 
 
-def random_timesteps(stochastic: Tensor, batch: int, fraction: float = 0.6,
+def random_timesteps(stochastic: Tensor, batch: int = 1, fraction: float = 0.6,
                      generator: torch.Generator | None = None) -> Tensor:
-    """DanceGRPO: per sample, a random subset of int(fraction * (N - 1)) of the stochastic steps before the last.
-    Returns (batch, K) step indices, each row in random order as Dance's permutation."""
+    """DanceGRPO: per sample, a random subset of int(fraction * (N - 1)) of the stochastic steps before the last,
+    each row in random order as Dance's permutation."""
     candidates = torch.arange(len(stochastic) - 1)
     candidates = candidates[stochastic[candidates]]
     if len(candidates) == 0:
@@ -147,6 +151,9 @@ def random_timesteps(stochastic: Tensor, batch: int, fraction: float = 0.6,
     k = max(1, int(fraction * len(candidates)))
     order = torch.stack([torch.randperm(len(candidates), generator=generator)[:k] for _ in range(batch)])
     return candidates[order]
+
+
+TIMESTEPS = {"ordered": ordered_timesteps, "random": random_timesteps}  # --timesteps
 
 
 def draw_sde_window(num_steps: int, size: int, lo: int = 0, hi: int | None = None,

@@ -1,6 +1,10 @@
 """Configuration of a run: the Config dataclass (one documented field per option), the paper's presets, the
 command-line parser generated from the fields, and the validation of every field before any work. plan.py turns a
-Config into the batch arithmetic and memory plan; train.py runs it."""
+Config into the batch arithmetic and memory plan; train.py runs it.
+
+A flag with a fixed set of values is declared once, with `choice(default, doc, options)`: `options` is the registry
+the code looks the value up in (sampling.SAMPLERS, grpo.ADVANTAGES, ...), or the engine's tuple of names, and the
+same declaration gives argparse its `choices` and `validate` its check."""
 from __future__ import annotations
 
 import argparse
@@ -14,114 +18,153 @@ import torch
 import grpo
 import rewards
 import sampling
+from flow_cps import engine
+from flow_cps.lora import LoRA
 
-# Flow-GRPO's LoRA targets for FLUX/SD3 attention (PAPER.md §5.2). SD3.5's second (MMDiT-X) attention is named
-# "attn2" and is not matched, as in Flow-GRPO.
+# Flow-GRPO's LoRA targets for FLUX/SD3 attention (its config/grpo.py; docs/NOTES.md, "Where the numbers come
+# from"). SD3.5's second (MMDiT-X) attention is named "attn2" and is not matched, as in Flow-GRPO.
 ATTENTION_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                      "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
 # Flow-GRPO's FLUX.1 targets: attention plus both feed-forward networks of the double-stream blocks.
 FLUX_TARGETS = ATTENTION_TARGETS + ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
 
 
-def F(default, doc: str):
+def option(default, doc: str):
+    """A Config field: its default and the --help text of its flag."""
     return field(default=default, metadata={"help": doc})
+
+
+def choice(default: str, doc: str, options) -> dataclasses.Field:
+    """A Config field whose value must name one of `options` (a registry name -> object, or a tuple of names): the
+    one declaration argparse's `choices`, `validate` and the code's lookup share. "" in options means "the sampler's
+    own" (--log_prob, --kl_form)."""
+    return field(default=default, metadata={"help": doc, "choices": tuple(options)})
 
 
 @dataclass
 class Config:
     # run
-    preset: str = F("tiny", "named preset applied before the command-line overrides (see PRESETS)")
-    output_dir: str = F("", "where logs, images and checkpoints go; empty = a new runs/<preset>/run-NNN per run "
-                        "(runs/<preset>/latest points to the newest)")
-    seed: int = F(0, "base seed; every noise derives from (seed, iteration, prompt, group member)")
-    iterations: int = F(150, "GRPO iterations (one rollout batch + updates each)")
-    resume: bool = F(False, "continue the run in output_dir (empty: runs/<preset>/latest) from its newest complete "
-                     "checkpoint, exactly")
-    device: str = F("auto", "'auto' (cuda:LOCAL_RANK if available, else cpu), 'cpu' or 'cuda'")
+    preset: str = option("tiny", "named preset applied before the command-line overrides (see PRESETS)")
+    output_dir: str = option("", "where logs, images and checkpoints go; empty = a new runs/<preset>/run-NNN per run "
+                             "(runs/<preset>/latest points to the newest)")
+    seed: int = option(0, "base seed; every random stream derives from (stream, seed, iteration, ...): train.Stream")
+    iterations: int = option(150, "GRPO iterations (one rollout batch + updates each)")
+    resume: bool = option(False, "continue the run in output_dir (empty: runs/<preset>/latest) from its newest "
+                          "complete checkpoint, exactly")
+    device: str = option("auto", "'auto' (cuda:LOCAL_RANK if available, else cpu), 'cpu' or 'cuda'")
     # model and prompts
-    model: str = F("digits", "'digits' (built-in tiny FLUX) or a hub id / local diffusers folder (FLUX.1, SD3.5)")
-    prompts: str = F("digits", "prompt set: 'digits', 'geneval', 'ocr', a .txt/.jsonl file, or a folder with "
-                     "train.txt/test.txt (Flow-GRPO's dataset/pickscore)")
-    eval_prompts: int = F(0, "held-out prompts evaluated (the first N of the test split); 0 = all")
-    eval_prompt_file: str = F("", "a .txt/.jsonl prompt file to evaluate on instead of the test split of --prompts")
-    resolution: int = F(0, "image height = width in pixels; 0 = the model's default (digits 8, pipelines 1024)")
-    guidance: float = F(-1.0, "FLUX.1-dev guidance embedding / SD3.5 CFG scale (<= 1: no CFG) for rollouts and "
-                        "training; -1 = the paper's value (3.5 / 4.5; none for FLUX.1-schnell and digits)")
-    eval_guidance: float = F(-1.0, "guidance of the evaluation rollouts; -1 = the same as --guidance")
-    max_sequence_length: int = F(0, "T5 tokens per prompt; 0 = the pipeline's default (FLUX 512, SD3 256)")
-    shift: float = F(0.0, "timestep shift override: 0 = the model's schedule (SD3.5 static 3, FLUX.1-dev "
-                     "resolution-dependent, schnell none); s > 0 = static shift s (DanceGRPO: 3)")
-    quantize_timesteps: bool = F(False, "give the transformer DanceGRPO's int(1000 t)/1000 (and its fp32 inputs) "
-                                 "while the sampler uses the exact t")
-    embedding_cache_gb: float = F(8.0, "host RAM per rank for cached prompt embeddings (GiB); the least recently "
-                                  "used are dropped beyond it")
+    model: str = option("digits", "'digits' (built-in tiny FLUX) or a hub id / local diffusers folder (FLUX.1, SD3.5)")
+    prompts: str = option("digits", "prompt set: 'digits', 'geneval', 'ocr', a .txt/.jsonl file, or a folder with "
+                          "train.txt/test.txt (Flow-GRPO's dataset/pickscore)")
+    eval_prompts: int = option(0, "held-out prompts evaluated (the first N of the test split); 0 = all")
+    eval_prompt_file: str = option("", "a .txt/.jsonl prompt file to evaluate on instead of the test split of "
+                                   "--prompts")
+    resolution: int = option(0, "image height = width in pixels; 0 = the model's default (digits 8, pipelines 1024)")
+    guidance: float = option(-1.0, "FLUX.1-dev guidance embedding / SD3.5 CFG scale (<= 1: no CFG) for rollouts and "
+                             "training; -1 = the paper's value (3.5 / 4.5; none for FLUX.1-schnell and digits)")
+    eval_guidance: float = option(-1.0, "guidance of the evaluation rollouts; -1 = the same as --guidance")
+    max_sequence_length: int = option(0, "T5 tokens per prompt; 0 = the pipeline's default (FLUX 512, SD3 256)")
+    shift: float = option(0.0, "timestep shift override: 0 = the model's schedule (SD3.5 static 3, FLUX.1-dev "
+                          "resolution-dependent, schnell none); s > 0 = static shift s (DanceGRPO: 3)")
+    quantize_timesteps: bool = option(False, "give the transformer DanceGRPO's int(1000 t)/1000 (and its fp32 "
+                                      "inputs) while the sampler uses the exact t")
+    embedding_cache_gb: float = option(8.0, "host RAM per rank for cached prompt embeddings (GiB); the least "
+                                       "recently used are dropped beyond it")
     # sampling
-    sampler: str = F("cps", "rollout sampler: " + ", ".join(sampling.SAMPLERS))
-    eta: float = F(0.7, "noise level; its meaning differs per sampler (PAPER.md §8 trap 13)")
-    log_prob: str = F("", "'gaussian' (Eq. 13) or 'cps' (Eq. 14); empty = the sampler's default")
-    num_steps: int = F(10, "sampler steps of a training rollout")
-    eval_steps: int = F(10, "ODE steps of an evaluation rollout")
-    sde_window: int = F(0, "if > 0: only this many consecutive steps are stochastic (Flow-GRPO-Fast), the rest ODE")
-    sde_window_range: str = F("", "'lo,hi' range for the window start (default 0,num_steps//2)")
-    reward_image: str = F("final", "'final' latent (Flow-GRPO) or the last step's 'x0_hat' (DanceGRPO)")
-    same_noise_in_group: bool = F(False, "one initial noise per group (DanceGRPO) instead of per sample")
+    sampler: str = choice("cps", "rollout sampler: cps (Eq. 12), flow_sde (Eq. 9), dance_sde, cpws (Eq. 15), "
+                          "dpm_sde (App. B); the ODE has no density to train on", sampling.SAMPLERS)
+    eta: float = option(0.7, "noise level; its meaning differs per sampler (docs/NOTES.md, \"eta\")")
+    log_prob: str = choice("", "'gaussian' (Eq. 13) or 'cps' (Eq. 14); empty = the sampler's default "
+                           "(sampling.DEFAULT_LOG_PROB)", ("", *sampling.LOG_PROBS))
+    num_steps: int = option(10, "sampler steps of a training rollout")
+    eval_steps: int = option(10, "ODE steps of an evaluation rollout")
+    sde_window: int = option(0, "if > 0: only this many consecutive steps are stochastic (Flow-GRPO-Fast), the "
+                             "rest ODE")
+    sde_window_range: str = option("", "'lo,hi' range for the window start (default 0,num_steps//2)")
+    reward_image: str = choice("final", "the sampling.Trajectory attribute decoded for the reward: the 'final' "
+                               "latent (Flow-GRPO) or the last step's 'x0_hat' (DanceGRPO)", ("final", "x0_hat"))
+    same_noise_in_group: bool = option(False, "one initial noise per group (DanceGRPO) instead of per sample")
     # GRPO
-    group_size: int = F(8, "samples per prompt (G)")
-    prompts_per_iter: int = F(8, "prompts per iteration over all ranks; each group lives on one rank")
-    advantage: str = F("flow_grpo", "'flow_grpo' (group mean, batch std), 'flow_grpo_group_std' or 'dance' (group "
-                       "mean and unbiased std)")
-    adv_clip: float = F(5.0, "advantages are clipped to [-adv_clip, adv_clip]")
-    drop_zero_adv: bool = F(True, "skip samples whose advantage is 0 (all-equal groups), as Flow-GRPO")
-    timesteps: str = F("ordered", "'ordered' first fraction of steps (Flow-GRPO) or 'random' subset (DanceGRPO)")
-    timestep_fraction: float = F(0.99, "fraction of steps trained (0.99 -> all but the last)")
-    clip_range: float = F(1e-4, "PPO clip range epsilon")
-    beta: float = F(0.0, "KL penalty weight (0 = no reference forward)")
-    kl_form: str = F("", "'mse' (FlowCPS), 'flow_grpo' or 'gaussian' (exact), see grpo.KL_FORMS; empty = the "
-                     "sampler's own codebase (grpo.DEFAULT_KL_FORM: Flow-SDE 'flow_grpo', CPS 'mse')")
-    updates_per_iter: int = F(2, "optimizer steps per iteration (the batch is split into this many chunks)")
-    micro_batch: int = F(144, "per rank and forward: (sample, trained step) terms in a training forward (an "
-                         "update's kept pairs, flattened), samples in a rollout or evaluation forward")
+    group_size: int = option(8, "samples per prompt (G)")
+    prompts_per_iter: int = option(8, "prompts per iteration over all ranks; each group lives on one rank")
+    advantage: str = choice("flow_grpo", "'flow_grpo' (group mean, batch std), 'flow_grpo_group_std' or 'dance' "
+                            "(group mean and unbiased std)", grpo.ADVANTAGES)
+    adv_clip: float = option(5.0, "advantages are clipped to [-adv_clip, adv_clip]")
+    drop_zero_adv: bool = option(True, "skip samples whose advantage is 0 (all-equal groups), as Flow-GRPO")
+    timesteps: str = choice("ordered", "trained steps: the 'ordered' first fraction (Flow-GRPO) or a 'random' "
+                            "subset per sample (DanceGRPO)", grpo.TIMESTEPS)
+    timestep_fraction: float = option(0.99, "fraction of steps trained (0.99 -> all but the last)")
+    clip_range: float = option(1e-4, "PPO clip range epsilon")
+    beta: float = option(0.0, "KL penalty weight (0 = no reference forward)")
+    kl_form: str = choice("", "'mse' (FlowCPS), 'flow_grpo' or 'gaussian' (exact), see grpo.KL_FORMS; empty = the "
+                          "sampler's own codebase (grpo.DEFAULT_KL_FORM: Flow-SDE 'flow_grpo', CPS 'mse')",
+                          ("", *grpo.KL_FORMS))
+    updates_per_iter: int = option(2, "optimizer steps per iteration (the batch is split into this many chunks)")
+    micro_batch: int = option(144, "per rank and forward: (sample, trained step) terms in a training forward (an "
+                              "update's kept pairs, flattened), samples in a rollout or evaluation forward")
     # optimisation
-    lr: float = F(1e-3, "AdamW learning rate")
-    weight_decay: float = F(1e-4, "AdamW weight decay")
-    max_grad_norm: float = F(1.0, "gradient-norm clip")
-    lora_rank: int = F(8, "LoRA rank; 0 = full fine-tuning of the transformer (needs beta = 0)")
-    lora_alpha: float = F(16.0, "LoRA alpha (scale alpha / rank)")
-    lora_targets: str = F(",".join(ATTENTION_TARGETS), "comma-separated LoRA target modules")
-    ema_decay: float = F(0.9, "EMA decay of the trained weights used for evaluation (0 = no EMA)")
-    ema_rule: str = F("plain", "'plain' (decay after every optimizer step) or 'flow_grpo' (Flow-GRPO's: every 8 steps, "
-                      "warm-up decay, per training batch; see engine.EMA)")
+    lr: float = option(1e-3, "AdamW learning rate")
+    weight_decay: float = option(1e-4, "AdamW weight decay")
+    max_grad_norm: float = option(1.0, "gradient-norm clip")
+    lora_rank: int = option(8, "LoRA rank; 0 = full fine-tuning of the transformer (needs beta = 0)")
+    lora_alpha: float = option(16.0, "LoRA alpha (scale alpha / rank)")
+    lora_targets: str = option(",".join(ATTENTION_TARGETS), "comma-separated LoRA target modules")
+    ema_decay: float = option(0.9, "EMA decay of the trained weights used for evaluation (0 = no EMA)")
+    ema_rule: str = choice("plain", "'plain' (decay after every optimizer step) or 'flow_grpo' (Flow-GRPO's: every 8 "
+                           "steps, warm-up decay, per training batch; see engine.EMA)", engine.EMA_RULES)
     # scale
-    parallel: str = F("ddp", "multi-GPU engine: 'ddp' (a replica per GPU) or 'fsdp' (FSDP2: weights, grads and "
-                      "optimizer state sharded per transformer block)")
-    gradient_checkpointing: bool = F(False, "recompute each transformer block in backward: less activation memory, "
-                                     "~1/3 more training compute")
-    precision: str = F("auto", "'bf16': bf16 frozen weights + bf16 autocast; 'fp16': fp16 frozen weights + fp16 "
-                       "autocast + dynamic loss scaling; 'fp32'; 'auto' = bf16 on CUDA, fp32 on CPU (trained weights, "
-                       "sampler math and the VAE are always fp32)")
-    offload: bool = F(False, "keep text encoders and VAE on the CPU; they visit the GPU only to encode new prompts "
-                      "and to decode")
-    dry_run: bool = F(False, "resolve and validate the config, print the batch arithmetic and a per-GPU memory "
-                      "estimate, load no weights, exit")
-    dry_run_gpus: int = F(0, "--dry_run: the world size to plan for; 0 = $WORLD_SIZE, else the preset's GPU count")
+    parallel: str = choice("ddp", "multi-GPU engine: 'ddp' (a replica per GPU) or 'fsdp' (FSDP2: weights, grads and "
+                           "optimizer state sharded per transformer block)", engine.PARALLEL)
+    gradient_checkpointing: bool = option(False, "recompute each transformer block in backward: less activation "
+                                          "memory, ~1/3 more training compute")
+    precision: str = choice("auto", "'bf16': bf16 frozen weights + bf16 autocast; 'fp16': fp16 frozen weights + fp16 "
+                            "autocast + dynamic loss scaling; 'fp32'; 'auto' = bf16 on CUDA, fp32 on CPU (trained "
+                            "weights, sampler math and the VAE are always fp32)", ("auto", *engine.PRECISIONS))
+    offload: bool = option(False, "keep text encoders and VAE on the CPU; they visit the GPU only to encode new "
+                           "prompts and to decode")
+    dry_run: bool = option(False, "resolve and validate the config, print the plan (the algorithm's choices, the "
+                           "batch arithmetic, a per-GPU memory estimate), load no weights, exit")
+    dry_run_gpus: int = option(0, "--dry_run: the world size to plan for; 0 = $WORLD_SIZE, else the preset's GPU "
+                               "count")
     # rewards and evaluation
-    reward: str = F("digit_judge", "training reward, or a weighted sum 'name:w,name:w'")
-    reward_options: str = F("{}", "JSON: per-reward factory options, e.g. '{\"pickscore\": {\"model\": \"/path\"}}'")
-    eval_metrics: str = F("digit_judge_accuracy,digit_judge,clean_background", "held-out metrics (reward names)")
-    eval_every: int = F(15, "evaluate every this many iterations (and at the start and end)")
-    eval_per_prompt: int = F(20, "fixed noises per held-out prompt")
+    reward: str = option("digit_judge", "training reward, or a weighted sum 'name:w,name:w'")
+    reward_options: str = option("{}", "JSON: per-reward factory options, e.g. "
+                                 "'{\"pickscore\": {\"model\": \"/path\"}}'")
+    eval_metrics: str = option("digit_judge_accuracy,digit_judge,clean_background", "held-out metrics (reward names)")
+    eval_every: int = option(15, "evaluate every this many iterations (and at the start and end)")
+    eval_per_prompt: int = option(20, "fixed noises per held-out prompt")
     # outputs
-    checkpoint_every: int = F(50, "checkpoint every this many iterations (and at the end)")
-    keep_checkpoints: int = F(2, "how many complete checkpoints to keep (>= 1; the newest is never deleted)")
-    tensorboard: bool = F(True, "also write TensorBoard scalars")
-    kill_at: int = F(-1, "testing: SIGKILL this process right after the checkpoint of this iteration")
+    checkpoint_every: int = option(50, "checkpoint every this many iterations (and at the end)")
+    keep_checkpoints: int = option(2, "how many complete checkpoints to keep (>= 1; the newest is never deleted)")
+    tensorboard: bool = option(True, "also write TensorBoard scalars")
+    kill_at: int = option(-1, "testing: SIGKILL this process right after the checkpoint of this iteration")
+
+    # -- what the flags resolve to (the code reads these, never the empty defaults) --------------------------------
+    @property
+    def log_prob_used(self) -> str:
+        """--log_prob, or the sampler's own when empty (sampling.DEFAULT_LOG_PROB: Eq. 14 for CPS, Eq. 13 for the
+        SDEs)."""
+        return self.log_prob or sampling.DEFAULT_LOG_PROB[self.sampler]
+
+    @property
+    def kl_form_used(self) -> str:
+        """--kl_form, or the sampler's codebase's when empty (grpo.DEFAULT_KL_FORM)."""
+        return self.kl_form or grpo.DEFAULT_KL_FORM[self.sampler]
+
+    @property
+    def lora(self) -> LoRA | None:
+        """The LoRA this run trains, or None for full fine-tuning (--lora_rank 0)."""
+        if not self.lora_rank:
+            return None
+        return LoRA(self.lora_rank, self.lora_alpha, tuple(t.strip() for t in self.lora_targets.split(",")))
 
 
-# The paper's settings (PAPER.md §5.2: Flow-GRPO's released configs, which the FlowCPS commit left unchanged; §5.3:
-# DanceGRPO's scripts). Global batch = prompts_per_iter x group_size, fixed; micro_batch = the configs' images per GPU
-# per forward, here (sample, trained step) terms per training forward and samples per rollout/eval forward; the
-# number of forwards per update adapts to the world size (plan.batch checks divisibility). Provenance of each value:
-# docs/SCALE.md "Presets" ([CODE-CPS] config/base.py + config/grpo.py, [CODE-DG] scripts/finetune/*.sh).
+# The paper's settings: Flow-GRPO's released configs, which the FlowCPS commit left unchanged, and DanceGRPO's scripts
+# (the paper's Section 5 names the tasks; the values are the released code's). Global batch = prompts_per_iter x
+# group_size, fixed; micro_batch = the configs' images per GPU per forward, here (sample, trained step) terms per
+# training forward and samples per rollout/eval forward; the number of forwards per update adapts to the world size
+# (plan.batch checks divisibility). Provenance of each value: docs/SCALE.md "Presets" (the source tags are defined
+# in docs/NOTES.md, "Sources").
 _FLOW_GRPO = dict(
     resolution=512, max_sequence_length=128,  # Flow-GRPO encodes prompts (and the negative "") with 128 T5 tokens
     sampler="cps", group_size=24, prompts_per_iter=48, updates_per_iter=2, advantage="flow_grpo", adv_clip=5.0,
@@ -132,9 +175,10 @@ _FLOW_GRPO = dict(
 _SD35 = dict(_FLOW_GRPO, model="stabilityai/stable-diffusion-3.5-medium", num_steps=10, eval_steps=40, guidance=4.5,
              eval_guidance=4.5, micro_batch=9, eta=0.7, lora_rank=32, lora_alpha=64.0,
              lora_targets=",".join(ATTENTION_TARGETS), parallel="ddp", eval_every=60, precision="fp16")
-# FLUX: pickscore_flux's mixed_precision "bf16" (fp16 gives invalid FLUX images, Flow-GRPO's FAQ) and noise_level 0.9,
-# Flow-SDE's eta in Flow-GRPO, which the FlowCPS fork left unchanged and so reads as CPS's eta (no source says which
-# eta the paper's FLUX CPS runs used; reviewer 1 reports 0.7 for CPS). train_flux.py has no zero-advantage filter.
+# FLUX: pickscore_flux's mixed_precision "bf16" (fp16 gives invalid FLUX images, Flow-GRPO's FAQ) and noise_level
+# 0.9, Flow-SDE's eta in Flow-GRPO, which the FlowCPS fork left unchanged and so reads as CPS's eta (no source says
+# which eta the paper's FLUX CPS runs used; a reviewer of the paper reports 0.7 for CPS). train_flux.py has no
+# zero-advantage filter.
 _FLUX = dict(_FLOW_GRPO, guidance=3.5, eval_guidance=3.5, micro_batch=3, eta=0.9, beta=0.0, lora_rank=64,
              lora_alpha=128.0, lora_targets=",".join(FLUX_TARGETS), parallel="fsdp", precision="bf16",
              drop_zero_adv=False, reward="pickscore", eval_metrics="pickscore", prompts="flow_grpo/dataset/pickscore",
@@ -150,7 +194,8 @@ PRESETS: dict[str, dict] = {
     "sd3.5-pickscore": dict(_SD35, prompts="flow_grpo/dataset/pickscore", reward="pickscore", eval_metrics="pickscore",
                             beta=0.01),
     "flux-dev-pickscore": dict(_FLUX, model="black-forest-labs/FLUX.1-dev", num_steps=6, eval_steps=28),
-    # No FLUX.1-schnell config was released; the paper's table has it (4 steps, S-ZH). No guidance embedding.
+    # No FLUX.1-schnell config was released; the paper reports a schnell run (4 steps per a secondary source,
+    # docs/NOTES.md "Sources": unverified). No guidance embedding.
     "flux-schnell-pickscore": dict(_FLUX, model="black-forest-labs/FLUX.1-schnell", num_steps=4, eval_steps=4,
                                    guidance=-1.0, eval_guidance=-1.0),
     # DanceGRPO's FLUX.1-dev HPSv2.1 recipe, its 16-GPU script (scripts/finetune/finetune_flux_grpo.sh) throughout:
@@ -202,7 +247,8 @@ def parse_config(argv: list[str] | None = None) -> Config:
     p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(Config):
         typ = _bool if f.type in (bool, "bool") else {"int": int, "float": float, "str": str}.get(f.type, f.type)
-        p.add_argument(f"--{f.name}", type=typ, default=None, help=f"{f.metadata['help']} (default: {f.default})")
+        p.add_argument(f"--{f.name}", type=typ, default=None, choices=f.metadata.get("choices"),
+                       help=f"{f.metadata['help']} (default: {f.default!r})")
     args, unknown = p.parse_known_args(argv)
     flags = [u.split("=")[0] for u in unknown if u.startswith("-")]  # the values after an unknown flag are its own
     if unknown:
@@ -237,8 +283,11 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise SystemExit(f"config error: {msg}")
     for f in dataclasses.fields(Config):
-        v = getattr(cfg, f.name)
+        v, options = getattr(cfg, f.name), f.metadata.get("choices")
         need(not isinstance(v, float) or math.isfinite(v), f"{f.name} must be a finite number (got {v})")
+        # the declared choices: argparse checks a flag, this a preset or a Config built in code
+        need(options is None or v in options, f"{f.name} must be one of {', '.join(map(repr, options or ()))} "
+             f"(got {v!r})")
     for name in ("iterations", "prompts_per_iter", "updates_per_iter", "micro_batch", "eval_every", "eval_per_prompt",
                  "checkpoint_every", "keep_checkpoints", "eval_steps"):
         need(getattr(cfg, name) >= 1, f"{name} must be >= 1 (got {getattr(cfg, name)})")
@@ -246,7 +295,6 @@ def validate(cfg: Config) -> None:
     need(cfg.num_steps >= 2, f"num_steps must be >= 2 (got {cfg.num_steps})")
     need(cfg.seed >= 0, f"seed must be >= 0 (got {cfg.seed}): seeds are parts of numpy SeedSequences")
     need(cfg.eval_prompts >= 0 and cfg.kill_at >= -1, "eval_prompts must be >= 0 and kill_at >= -1")
-    need(cfg.sampler in sampling.SAMPLERS, f"unknown sampler {cfg.sampler!r}; use one of {list(sampling.SAMPLERS)}")
     need(cfg.sampler != "ode", "the ODE sampler has no density to train on; use cps, flow_sde, dance_sde, ...")
     need(cfg.eta >= 0, f"eta must be >= 0 (got {cfg.eta})")
     try:  # the sampler checks its own eta (CPS: [0, 1]); one step on a dummy tensor asks it
@@ -254,27 +302,17 @@ def validate(cfg: Config) -> None:
         sampling.SAMPLERS[cfg.sampler](x, x, 0.6, 0.5, cfg.eta)
     except ValueError as e:
         need(False, str(e))
-    need(cfg.log_prob in ("", *sampling.LOG_PROBS),
-         f"unknown log_prob {cfg.log_prob!r}; use one of {list(sampling.LOG_PROBS)}")
-    need(cfg.advantage in grpo.ADVANTAGES, f"unknown advantage {cfg.advantage!r}; use {list(grpo.ADVANTAGES)}")
-    need(cfg.kl_form in ("", *grpo.KL_FORMS), f"unknown kl_form {cfg.kl_form!r}; use {list(grpo.KL_FORMS)}")
-    need(cfg.timesteps in ("ordered", "random"), f"timesteps must be 'ordered' or 'random' (got {cfg.timesteps!r})")
-    need(cfg.reward_image in ("final", "x0_hat"), f"reward_image must be 'final' or 'x0_hat' ({cfg.reward_image!r})")
     need(0 < cfg.timestep_fraction <= 1, f"timestep_fraction must be in (0, 1] (got {cfg.timestep_fraction})")
     need(cfg.clip_range > 0 and cfg.lr > 0 and cfg.beta >= 0 and cfg.weight_decay >= 0,
          "clip_range and lr must be > 0, beta and weight_decay >= 0")
     need(cfg.max_grad_norm > 0 and cfg.adv_clip > 0, "max_grad_norm and adv_clip must be > 0")
     need(0 <= cfg.ema_decay < 1, f"ema_decay must be in [0, 1) (got {cfg.ema_decay})")
-    need(cfg.ema_rule in ("plain", "flow_grpo"), f"ema_rule must be 'plain' or 'flow_grpo' (got {cfg.ema_rule!r})")
     need(0 <= cfg.sde_window <= cfg.num_steps - 1, f"sde_window must be in [0, num_steps - 1] ({cfg.sde_window})")
     if cfg.sde_window:
         try:
             grpo.draw_sde_window(cfg.num_steps, cfg.sde_window, *sde_window_range(cfg))
         except ValueError as e:
             need(False, str(e))
-    need(cfg.parallel in ("ddp", "fsdp"), f"parallel must be 'ddp' or 'fsdp' (got {cfg.parallel!r})")
-    need(cfg.precision in ("auto", "bf16", "fp16", "fp32"),
-         f"precision must be 'auto', 'bf16', 'fp16' or 'fp32' (got {cfg.precision!r})")
     need(cfg.embedding_cache_gb >= 0, f"embedding_cache_gb must be >= 0 (got {cfg.embedding_cache_gb})")
     need(cfg.lora_rank >= 0 and (cfg.lora_rank == 0 or cfg.lora_alpha > 0), "lora_rank must be >= 0 (0 = full "
          "fine-tuning) and lora_alpha > 0")

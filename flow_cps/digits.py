@@ -5,7 +5,7 @@ prompts ("a handwritten digit 7"), a learned one-token prompt encoder standing i
 pre-training of a real diffusers `FluxTransformer2DModel` (deliberately stopped early so RL has headroom), and the
 judge classifier behind the `digit_judge` reward. Both are trained on first use and cached on disk (atomically) under
 `cache_dir()`; later runs load the model with the same `from_pretrained` code that loads FLUX.1. The pre-training
-drives the transformer through the adapter it is given (models.digits_adapter), the same one GRPO uses.
+drives the transformer through the backbone it is given (models.digits_backbone), the same one GRPO uses.
 """
 from __future__ import annotations
 
@@ -164,26 +164,26 @@ def judge_dir() -> Path:
     return _cached(cache_dir() / f"judge-{_key('judge', 300, 0)}", build, "training the digit judge")
 
 
-def model_dir(make_adapter, progress: bool = True, size: int = SIZE) -> Path:
+def model_dir(make_backbone, progress: bool = True, size: int = SIZE) -> Path:
     """The cached digits model folder (transformer/, prompt_encoder.safetensors, info.json), pre-trained on first use
-    through `make_adapter(transformer, prompt_encoder, size)` (models.digits_adapter)."""
+    through `make_backbone(transformer, prompt_encoder, size)` (models.digits_backbone)."""
     if size not in PRETRAIN_STEPS:
         raise ValueError(f"digits models exist at sizes {sorted(PRETRAIN_STEPS)}, not {size}")
     judge_dir()  # the pre-training reports its base accuracy with the judge
     key = _key(TRANSFORMER_CONFIG, PRETRAIN, PRETRAIN_STEPS[size], EMBED_DIM, size)
     path = cache_dir() / (f"digits-{key}" if size == SIZE else f"digits{size}-{key}")
-    return _cached(path, lambda out: _build(out, make_adapter, progress, size),
+    return _cached(path, lambda out: _build(out, make_backbone, progress, size),
                    f"pre-training the tiny FLUX model ({PRETRAIN_STEPS[size]} steps, about 20 s)")
 
 
-def _build(out: Path, make_adapter, progress: bool, size: int = SIZE) -> dict:
+def _build(out: Path, make_backbone, progress: bool, size: int = SIZE) -> dict:
     from diffusers import FluxTransformer2DModel
     from tqdm.auto import tqdm
 
     judge = load_judge()
     torch.manual_seed(PRETRAIN["seed"])
     transformer, encoder = FluxTransformer2DModel(**TRANSFORMER_CONFIG), PromptEncoder()
-    backbone = make_adapter(transformer, encoder, size)
+    backbone = make_backbone(transformer, encoder, size)
     images, labels = load("train", size)
     x0_all = backbone.encode_images(images)
     text = [TRAIN_TEMPLATES[0].format(d=int(d), w="") for d in labels]

@@ -4,7 +4,7 @@ the algorithm and calls into this file.
 
     rank, world, device = engine.setup("auto", need_group=False)   # torchrun sets RANK/WORLD_SIZE; else a world of 1
     prec = engine.precision("auto", device)                         # frozen-weight dtype, autocast, loss scaling
-    policy = engine.Policy(backbone, device, world, lora=(8, 16.0, targets), lr=1e-3, precision=prec, ...)
+    policy = engine.Policy(backbone, device, world, lora=lora.LoRA(8, 16.0, targets), lr=1e-3, precision=prec, ...)
     with engine.grad_sync(policy.module, last_micro_batch): policy.backward(loss)
     grad_norm = policy.step(max_grad_norm)                          # clip, AdamW, EMA; stops on non-finite values
     with policy.ema_weights(): ...                                  # evaluate / export the EMA weights
@@ -24,7 +24,12 @@ import torch.distributed as dist
 from torch import Tensor
 
 from flow_cps import models
-from flow_cps.lora import add_lora
+from flow_cps.lora import LoRA, add_lora
+
+# The engine's choices, declared once: config.py gives them to argparse and validation, the code below reads them.
+PARALLEL = ("ddp", "fsdp")  # a replica per rank (DistributedDataParallel), or FSDP2 shards per transformer block
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # see Precision; and "auto"
+EMA_RULES = ("plain", "flow_grpo")  # see EMA
 
 
 class Diverged(RuntimeError):
@@ -160,7 +165,7 @@ class Precision:
 
     @property
     def dtype(self) -> torch.dtype:
-        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.name]
+        return PRECISIONS[self.name]
 
     def autocast(self):
         """The context the transformer's forwards run in (rollouts, training, evaluation)."""
@@ -178,8 +183,8 @@ def precision(name: str, device: torch.device) -> Precision:
     CPU runs them too, slowly: that is how the tests exercise them)."""
     if name == "auto":
         name = "bf16" if device.type == "cuda" else "fp32"
-    if name not in ("bf16", "fp16", "fp32"):
-        raise ValueError(f"precision must be 'auto', 'bf16', 'fp16' or 'fp32' (got {name!r})")
+    if name not in PRECISIONS:  # for callers in code; a run's flag is checked by config.validate
+        raise ValueError(f"precision must be 'auto' or one of {', '.join(PRECISIONS)} (got {name!r})")
     return Precision(name, device.type)
 
 
@@ -250,11 +255,11 @@ class Policy:
     """The backbone + what trains (a LoRA, or every transformer weight), the module to call for gradients (the
     transformer, its DDP wrapper, or the transformer sharded in place by FSDP2), AdamW and the EMA.
 
-    lora: (rank, alpha, targets), or None for full fine-tuning. precision (default fp32): under bf16 / fp16 FSDP2
+    lora: the LoRA to train, or None for full fine-tuning. precision (default fp32): under bf16 / fp16 FSDP2
     all-gathers the weights in that dtype and reduces gradients in fp32; fp16 adds dynamic loss scaling (`backward`
     scales, `step` unscales and skips a step whose gradients overflowed)."""
 
-    def __init__(self, backbone, device: torch.device, world: int, *, lora: tuple[int, float, list[str]] | None,
+    def __init__(self, backbone, device: torch.device, world: int, *, lora: LoRA | None,
                  parallel: str = "ddp", gradient_checkpointing: bool = False, precision: Precision | None = None,
                  lr: float = 1e-3, weight_decay: float = 1e-4, ema: EMA | None = None, seed: int = 0):
         self.backbone, self.fsdp, self.ema_rule = backbone, parallel == "fsdp", ema
@@ -263,7 +268,7 @@ class Policy:
         tr = backbone.transformer
         torch.manual_seed(seed)  # identical LoRA init on every rank (DDP also broadcasts it)
         if lora is not None:
-            self.params = add_lora(tr, *lora)
+            self.params = add_lora(tr, lora)
         else:  # full fine-tuning (DanceGRPO): every transformer weight trains
             tr.requires_grad_(True)
             self.params = list(tr.parameters())

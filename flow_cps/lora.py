@@ -1,22 +1,35 @@
 """LoRA through peft, on a diffusers transformer: inject it, export it in diffusers' format (what
 `pipe.load_lora_weights` reads), and switch it off for the KL term's reference policy.
 
-Pitfalls handled here (ENVIRONMENT.md §3): the export carries lora_alpha (without it `load_lora_weights` silently
-uses alpha = r), its keys are diffusers' (no `base_model.model.` prefix), and identical runs write identical bytes.
+Pitfalls handled here (docs/NOTES.md, "LoRA"): the export carries lora_alpha (without it `load_lora_weights`
+silently uses alpha = r), its keys are diffusers' (no `base_model.model.` prefix), and identical runs write identical
+bytes. In this project "adapter" means this LoRA adapter only (peft's word); the model wrappers are backbones.
 """
 from __future__ import annotations
 
 import contextlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from torch import Tensor, nn
 
 
-def add_lora(transformer: nn.Module, rank: int, alpha: float, targets: list[str]) -> list[nn.Parameter]:
+@dataclass(frozen=True)
+class LoRA:
+    """The LoRA a run trains (--lora_rank, --lora_alpha, --lora_targets): the update W + (alpha / rank) B A on each
+    linear layer named in `targets` (names inside a transformer block, e.g. 'attn.to_q')."""
+    rank: int
+    alpha: float
+    targets: tuple[str, ...]
+
+
+def add_lora(transformer: nn.Module, lora: LoRA) -> list[nn.Parameter]:
     """Freeze the transformer and inject a LoRA adapter named 'default'; B = 0 so the policy starts at the base.
     Raises ValueError naming the targets that match no linear layer, with the names that would."""
     from peft import LoraConfig
+
+    targets = list(lora.targets)
 
     linear = sorted({n.split(".", 2)[-1] for n, m in transformer.named_modules() if isinstance(m, nn.Linear)
                      and n.count(".") >= 2})  # names inside a block: 'attn.to_q', 'ff.net.2', ...
@@ -26,7 +39,7 @@ def add_lora(transformer: nn.Module, rank: int, alpha: float, targets: list[str]
         raise ValueError(f"--lora_targets {','.join(unknown)}: no linear layer of this transformer has that name; "
                          f"valid names (per block): {', '.join(linear)}")
     transformer.requires_grad_(False)
-    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
+    transformer.add_adapter(LoraConfig(r=lora.rank, lora_alpha=lora.alpha, init_lora_weights="gaussian",
                                        target_modules=targets))
     return [p for p in transformer.parameters() if p.requires_grad]
 

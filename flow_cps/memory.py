@@ -125,17 +125,16 @@ def model_info(model: str) -> ModelInfo:
 
 
 @lru_cache(maxsize=16)
-def _counts(kind: str, config_json: str, lora_rank: int, lora_alpha: float, targets: tuple[str, ...]) -> dict:
+def _counts(kind: str, config_json: str, trained: lora.LoRA | None) -> dict:
     """Exact parameter counts of a transformer config, built on the meta device (no memory): params, buffers,
-    trainable (LoRA with these targets, or everything when lora_rank == 0), and the largest block's size."""
+    trainable (this LoRA, or everything for full fine-tuning: None), and the largest block's size."""
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
     cls = {"flux": FluxTransformer2DModel, "sd3": SD3Transformer2DModel}[kind]
     with torch.device("meta"):
         tr = cls.from_config(json.loads(config_json))
         params = sum(p.numel() for p in tr.parameters())
-        trainable = lora.add_lora(tr, lora_rank, lora_alpha, list(targets)) if lora_rank > 0 else \
-            list(tr.parameters())
+        trainable = lora.add_lora(tr, trained) if trained is not None else list(tr.parameters())
     blocks = models.transformer_blocks(tr)
     in_blocks = sum(p.numel() for b in blocks for p in b.parameters())
     return dict(params=params, buffers=sum(b.numel() for b in tr.buffers()),
@@ -170,8 +169,8 @@ INFERENCE_FRACTION, VAE_MAPS = 0.5, 6
 
 
 def memory_estimate(info: ModelInfo, *, resolution: int, max_sequence_length: int, micro_batch: int,
-                    cfg_forward: bool, world: int, parallel: str, lora_rank: int, lora_alpha: float,
-                    lora_targets: list[str], ema: bool, offload: bool, rewards: list[str], precision: str = "bf16",
+                    cfg_forward: bool, world: int, parallel: str, trained: lora.LoRA | None, ema: bool,
+                    offload: bool, rewards: list[str], precision: str = "bf16",
                     samples_per_rank: int = 1, num_steps: int = 10, kl: bool = False, decode_batch: int = 8,
                     embedding_cache_gb: float = 8.0) -> dict:
     """Per-GPU bytes of one training process in each phase of an iteration, in GiB (activations +-50%).
@@ -199,10 +198,11 @@ def memory_estimate(info: ModelInfo, *, resolution: int, max_sequence_length: in
                      weights outside FSDP2 (2 B/param); the KL reference's no-grad forward; or AdamW's step (the
                      multi-tensor one: 4 B/param; full fine-tuning's per-tensor one: 4 B x the largest tensor)
       evaluation     streamed: a no-grad forward of micro_batch samples, or the decode of min(micro_batch, 8) images
-    host RAM: the prompt-embedding cache, at most embedding_cache_gb per rank (models.Adapter evicts by bytes)."""
+    host RAM: the prompt-embedding cache, at most embedding_cache_gb per rank (backbone.Backbone evicts by bytes).
+    trained: the LoRA, or None for full fine-tuning."""
     tr = info.transformer
     d = tr["num_attention_heads"] * tr["attention_head_dim"]
-    counts = _counts(info.kind, json.dumps(tr, sort_keys=True), lora_rank, float(lora_alpha), tuple(lora_targets))
+    counts = _counts(info.kind, json.dumps(tr, sort_keys=True), trained)
     wbytes = 4 if precision == "fp32" else 2
     patch = 2 if info.kind == "flux" else tr.get("patch_size", 2)  # FLUX packs 2x2 latents into one token
     img_tokens = (resolution // (info.vae_scale_factor * patch)) ** 2
@@ -211,19 +211,19 @@ def memory_estimate(info: ModelInfo, *, resolution: int, max_sequence_length: in
     tokens = img_tokens + txt_tokens
     cfg2 = 2 if cfg_forward else 1
     batch = micro_batch * cfg2
-    blocks, trained = counts["blocks"], counts["trainable"]
+    blocks, n_trained = counts["blocks"], counts["trainable"]
     dual = len(tr.get("dual_attention_layers", ()) or ())
-    fsdp, full = parallel == "fsdp", lora_rank == 0
+    fsdp, full = parallel == "fsdp", trained is None
     shard = world if fsdp else 1
-    frozen = counts["params"] - (trained if full else 0)
+    frozen = counts["params"] - (n_trained if full else 0)
     weights = (frozen / shard + counts["buffers"]) * wbytes
     gathered = (2 * counts["block_max"] + counts["root"]) * wbytes if fsdp else 0
-    state = trained * (12 + (4 if ema else 0)) / shard  # fp32 masters, AdamW m and v (EMA): held all run
-    grads = trained * 4 / shard  # from an update's first backward to its optimizer step
+    state = n_trained * (12 + (4 if ema else 0)) / shard  # fp32 masters, AdamW m and v (EMA): held all run
+    grads = n_trained * 4 / shard  # from an update's first backward to its optimizer step
     if not fsdp:
-        accumulation = trained * 4 if world > 1 else 0  # DDP's buckets, allocated once
+        accumulation = n_trained * 4 if world > 1 else 0  # DDP's buckets, allocated once
     else:  # during an update only
-        accumulation = 2 * counts["block_max"] * (wbytes + 4) if full else trained * 4
+        accumulation = 2 * counts["block_max"] * (wbytes + 4) if full else n_trained * 4
     encoders = sum(info.encoders.values()) * wbytes
     vae = info.vae * 4
     reward = sum(REWARD_PARAMS.get(r, 0) * 4 for r in rewards if not r.startswith("geneval"))
@@ -240,8 +240,8 @@ def memory_estimate(info: ModelInfo, *, resolution: int, max_sequence_length: in
     act_ckpt = 2 * d * tokens * batch * blocks * half + act_block + (act_dual if dual else 0)
     infer = lambda n: INFERENCE_FRACTION * (act_block + act_dual) / batch * n * cfg2  # noqa: E731
     decode = lambda n: VAE_MAPS * 128 * resolution ** 2 * 4 * min(n, decode_batch)  # noqa: E731
-    autocast_copies = trained * 2 if not fsdp and precision != "fp32" else 0
-    optimizer_step = (counts["param_max"] if full else trained) * 4 / shard  # engine.Policy: per-tensor AdamW if full
+    autocast_copies = n_trained * 2 if not fsdp and precision != "fp32" else 0
+    optimizer_step = (counts["param_max"] if full else n_trained) * 4 / shard  # engine.Policy: per-tensor AdamW if full
     static = weights + state + vae + reward + (0 if offload else encoders) + rollout_buffers
     static += accumulation if not fsdp else 0
     offloaded = encoders if offload else 0
@@ -252,7 +252,7 @@ def memory_estimate(info: ModelInfo, *, resolution: int, max_sequence_length: in
         for k, act in (("off", act_full), ("on", act_ckpt))}
     peak = {k: static + max(rollout, evaluation, train[k]) for k in train}
     gb = lambda x: x / GB  # noqa: E731
-    return dict(params=counts["params"], buffers=counts["buffers"], trainable_params=trained,
+    return dict(params=counts["params"], buffers=counts["buffers"], trainable_params=n_trained,
                 image_tokens=img_tokens, text_tokens=txt_tokens, forward_batch=batch,
                 embedding_mib=embedding * wbytes / 2 ** 20,
                 gb=dict(weights=gb(weights), gathered=gb(gathered), trainable=gb(state + grads),

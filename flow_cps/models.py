@@ -1,4 +1,4 @@
-"""Model adapters: one small interface between GRPO and a diffusers flow-matching transformer.
+"""The backbones: one small interface between GRPO and a diffusers flow-matching transformer.
 
     cond = backbone.encode(prompts)             # prompt embeddings, computed once per unique prompt and cached
     c    = backbone.select(cond, rows)          # the conditioning of some samples (rows: indices into the batch)
@@ -8,15 +8,16 @@
     backbone.check_prompts(prompts)             # ValueError naming a prompt the model cannot condition on
 
 `model` is the module to call (the transformer itself, or its DDP/FSDP wrapper); the LoRA lives inside the
-transformer via peft, and `adapter_disabled` gives the reference policy for the KL term. Three backbones:
+transformer via peft (lora.py), and `lora.adapter_disabled` gives the reference policy for the KL term. Two classes:
 
-  * FluxAdapter, kind "flux": FLUX.1-dev (guidance embedding 3.5, resolution-dependent shift), FLUX.1-schnell (no
+  * FluxBackbone, kind "flux": FLUX.1-dev (guidance embedding 3.5, resolution-dependent shift), FLUX.1-schnell (no
     guidance embedding, no shift, 4 steps) and the built-in digits model, a real tiny `FluxTransformer2DModel`, so the
     default CPU run exercises the exact code path FLUX.1 uses;
-  * SD3Adapter, kind "sd3": SD3 / SD3.5 (three text encoders, true classifier-free guidance, static shift 3).
+  * SD3Backbone, kind "sd3": SD3 / SD3.5 (three text encoders, true classifier-free guidance, static shift 3).
 
-What they share (embedding cache, guidance switching, offloading, timesteps, fp32 decode) is adapter.Adapter.
-`load_backbone(model, device, **options)` takes "digits", a hub id or a local diffusers folder (found by hub.py), or
+What they share (embedding cache, guidance switching, offloading, timesteps, fp32 decode) is backbone.Backbone, and
+how they are loaded and run is backbone.Options. `load_backbone(model, device, **options)` takes "digits", a hub id
+or a local diffusers folder (found by hub.py), or
 a pipeline built in memory and registered with hub.register_pipeline (gpu_check.py's random-weight FLUX.1-dev and
 SD3.5), and detects FLUX vs SD3 from model_index.json (the pipeline's class). plan.py sizes a run without loading
 weights (`train.py --dry_run true`).
@@ -28,16 +29,18 @@ from torch import Tensor, nn
 
 import sampling
 from flow_cps import digits, hub
-from flow_cps.adapter import DEFAULT_CACHE_BYTES, Adapter
+from flow_cps.backbone import Backbone, Options
 
-DEFAULT_GUIDANCE = {"flux": 3.5, "sd3": 4.5}  # the paper's values (PAPER.md §1.4); diffusers' SD3 default is 7.0
+# The paper's guidance (Flow-GRPO's configs: SD3.5 CFG 4.5, FLUX.1-dev guidance embedding 3.5); diffusers' SD3 default
+# is 7.0. docs/NOTES.md, "The models".
+DEFAULT_GUIDANCE = {"flux": 3.5, "sd3": 4.5}
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The adapters
+# The backbones
 
 
-class FluxAdapter(Adapter):
+class FluxBackbone(Backbone):
     """FLUX.1 (dev, schnell) and the built-in digits model: 2x2-packed latents, position ids, timestep = t.
 
     encode_prompt(prompts) -> (prompt_embeds (B, L, D), pooled (B, P), text_ids (L, 3)), as FluxPipeline's.
@@ -50,10 +53,7 @@ class FluxAdapter(Adapter):
     shared_keys = ("txt_ids",)
 
     def __init__(self, transformer: nn.Module, encode_prompt, vae: nn.Module | None = None, *, height: int, width: int,
-                 guidance: float | None = None, scheduler_config: dict | None = None, shift: float = 0.0,
-                 device=None, offload: bool = False, text_encoders=(), cache_bytes: int = DEFAULT_CACHE_BYTES,
-                 decode_batch: int = 8, prompt_check=None, quantize_timesteps: bool = False):
-        self.prompt_check = prompt_check
+                 guidance: float | None = None, **common):
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
         step = 2 * self.vae_scale_factor
         if height % step or width % step:
@@ -63,10 +63,7 @@ class FluxAdapter(Adapter):
         if has_guidance and guidance is None:
             raise ValueError("this FLUX transformer has guidance embeddings (FLUX.1-dev); set a guidance scale "
                              "(e.g. 3.5)")
-        self._init_common(transformer, encode_prompt, vae, guidance=guidance if has_guidance else None,
-                          scheduler_config=scheduler_config, shift=shift, device=device, offload=offload,
-                          text_encoders=text_encoders, cache_bytes=cache_bytes, decode_batch=decode_batch,
-                          quantize_timesteps=quantize_timesteps)
+        super().__init__(transformer, encode_prompt, vae, guidance=guidance if has_guidance else None, **common)
         if self.scheduler_config.get("time_shift_type", "exponential") != "exponential":
             raise ValueError("only FLUX's exponential time shift is supported (scheduler time_shift_type)")
         self.height, self.width = height, width
@@ -112,10 +109,11 @@ class FluxAdapter(Adapter):
         return pack_latents(images * 2 - 1)
 
 
-class SD3Adapter(Adapter):
+class SD3Backbone(Backbone):
     """SD3 / SD3.5 (StableDiffusion3Pipeline components): latents (B, C, H/8, W/8), timestep = 1000 t, and true
     classifier-free guidance v = v_uncond + w (v_cond - v_uncond) with the empty prompt as the negative, in one
-    batched forward of 2B, both when sampling and when recomputing log-probs (PAPER.md §1.4, trap 10).
+    batched forward of 2B, both when sampling and when recomputing log-probs (a recomputation without the same CFG
+    would break the ratio's exactness at the first update; docs/NOTES.md, "The models").
 
     encode_prompt(prompts) -> (prompt_embeds (B, L, D), pooled (B, P)): CLIP-L + CLIG-G + T5, as the pipeline's.
     guidance <= 1 means no CFG (one forward of B), as the pipeline's do_classifier_free_guidance = (w > 1).
@@ -124,19 +122,14 @@ class SD3Adapter(Adapter):
     kind = "sd3"
 
     def __init__(self, transformer: nn.Module, encode_prompt, vae: nn.Module, *, height: int, width: int,
-                 guidance: float = 4.5, scheduler_config: dict | None = None, shift: float = 0.0, device=None,
-                 offload: bool = False, text_encoders=(), cache_bytes: int = DEFAULT_CACHE_BYTES,
-                 decode_batch: int = 8, quantize_timesteps: bool = False):
+                 guidance: float = 4.5, **common):
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         patch = transformer.config.patch_size
         step = self.vae_scale_factor * patch
         if height % step or width % step:
             raise ValueError(f"height and width must be multiples of {step} for this SD3 model (VAE scale "
                              f"{self.vae_scale_factor} x patch {patch}); got {height}x{width}.")
-        self._init_common(transformer, encode_prompt, vae, guidance=float(guidance),
-                          scheduler_config=scheduler_config, shift=shift, device=device, offload=offload,
-                          text_encoders=text_encoders, cache_bytes=cache_bytes, decode_batch=decode_batch,
-                          quantize_timesteps=quantize_timesteps)
+        super().__init__(transformer, encode_prompt, vae, guidance=float(guidance), **common)
         if self.scheduler_config.get("use_dynamic_shifting"):
             raise ValueError("SD3 schedulers with use_dynamic_shifting are not supported (SD3.5 uses a static shift)")
         self.height, self.width = height, width
@@ -216,7 +209,8 @@ def latent_image_ids(h: int, w: int) -> Tensor:
 
 
 def model_sigmas(kind: str, scheduler_config: dict, image_seq_len: int, num_steps: int, shift: float = 0.0) -> Tensor:
-    """The grid t_0 = 1 > ... > t_N = 0 each pipeline samples on, from its scheduler config (PAPER.md §1.3):
+    """The grid t_0 = 1 > ... > t_N = 0 each pipeline samples on, from its scheduler config (docs/NOTES.md,
+    "Schedules"):
 
       * FLUX (FluxPipeline passes the uniform grid linspace(1, 1/N, N)): FLUX.1-dev's dynamic shift mu(L), L = the
         number of packed latent tokens (use_dynamic_shifting); else the config's static shift (schnell: 1, none);
@@ -247,66 +241,58 @@ def transformer_blocks(transformer: nn.Module) -> list[nn.Module]:
 # Loading models
 
 
-def digits_adapter(transformer: nn.Module, encoder: nn.Module, size: int = digits.SIZE) -> FluxAdapter:
-    """The digits model behind the FLUX adapter: pixels are the latents (no VAE), 2x2-packed as FLUX packs latents;
-    prompts must name a digit."""
-    return FluxAdapter(transformer, encoder, vae=None, height=size, width=size, prompt_check=digits.parse_digit)
+def digits_backbone(transformer: nn.Module, encoder: nn.Module, size: int = digits.SIZE,
+                    options: Options | None = None) -> FluxBackbone:
+    """The digits model behind the FLUX backbone: pixels are the latents (no VAE), 2x2-packed as FLUX packs latents;
+    prompts must name a digit. digits.model_dir pre-trains through it (with the default options)."""
+    return FluxBackbone(transformer, encoder, vae=None, height=size, width=size, options=options,
+                        prompt_check=digits.parse_digit)
 
 
-def load_digits_backbone(device: str | torch.device = "cpu", size: int | None = None) -> FluxAdapter:
-    """The built-in default: pre-trained on first use (digits.py, through this adapter), loaded like any diffusers
-    transformer. Always fp32 (0.46 M parameters)."""
+def load_digits_backbone(device: str | torch.device = "cpu", **options) -> FluxBackbone:
+    """The built-in default: pre-trained on first use (digits.py, through this backbone), loaded like any diffusers
+    transformer. Always fp32 (0.46 M parameters); the options that have no meaning for it (text length, offloading,
+    dtype, cache) are ignored."""
     from diffusers import FluxTransformer2DModel
 
-    size = size or digits.SIZE
-    path = digits.model_dir(digits_adapter, size=size)
+    opts = Options(**options)
+    if opts.guidance >= 0:
+        raise ValueError("the digits model has no guidance embedding; leave --guidance at -1")
+    size = opts.resolution or digits.SIZE
+    path = digits.model_dir(digits_backbone, size=size)
     transformer = FluxTransformer2DModel.from_pretrained(path, subfolder="transformer").to(device).eval()
     encoder = digits.load_prompt_encoder(path).to(device)
-    return digits_adapter(transformer, encoder, size)
+    return digits_backbone(transformer, encoder, size, opts)
 
 
-def load_backbone(model: str, device: str | torch.device = "cpu", *, resolution: int = 0, guidance: float = -1.0,
-                  max_sequence_length: int = 0, shift: float = 0.0, offload: bool = False,
-                  dtype: torch.dtype = torch.float32, decode_batch: int = 8, cache_bytes: int = DEFAULT_CACHE_BYTES,
-                  quantize_timesteps: bool = False) -> Adapter:
+def load_backbone(model: str, device: str | torch.device = "cpu", **options) -> Backbone:
     """'digits', a hub id, a local diffusers folder or a pipeline registered in memory (hub.register_pipeline) ->
-    an adapter on `device` (transformer, text encoders and VAE frozen, in eval mode; transformer and text encoders
-    in `dtype`, the VAE in fp32; text encoders and VAE on the CPU between uses if `offload`).
-
-    resolution 0 = the pipeline's default (default_sample_size x vae_scale_factor); guidance -1 = the paper's value
-    for the model (FLUX.1-dev 3.5, SD3.5 4.5; none for schnell and digits); max_sequence_length 0 = the pipeline's
-    default (FLUX 512, SD3 256); shift 0 = the scheduler's own schedule; cache_bytes bounds the host RAM of cached
-    prompt embeddings; quantize_timesteps gives the transformer DanceGRPO's int(1000 t)/1000. The digits model
-    ignores the options that have no meaning for it (text length, offloading, dtype, cache)."""
+    a backbone on `device` (transformer, text encoders and VAE frozen, in eval mode; transformer and text encoders
+    in options' dtype, the VAE in fp32; text encoders and VAE on the CPU between uses if `offload`). `options` are
+    backbone.Options' fields (resolution, guidance, max_sequence_length, shift, ...)."""
     if model == "digits":
-        if guidance >= 0:
-            raise ValueError("the digits model has no guidance embedding; leave --guidance at -1")
-        backbone = load_digits_backbone(device, size=resolution or None)
-        backbone.shift, backbone.quantize_timesteps = float(shift), bool(quantize_timesteps)
-        return backbone
+        return load_digits_backbone(device, **options)
+    opts = Options(**options)
     folder, kind = hub.resolve_model(model)
     from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
-    if folder is None:  # built in memory (gpu_check.py): cast as from_pretrained would have loaded it
-        pipe = hub.IN_MEMORY[model]
+    if folder is None:  # built in memory (gpu_check.py) in the run's dtype; cast only what differs, as
+        pipe = hub.IN_MEMORY[model]  # from_pretrained would load it (diffusers warns on every dtype cast)
         for name in ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3"):
-            if getattr(pipe, name, None) is not None:
-                getattr(pipe, name).to(dtype)
-        pipe.vae.to(torch.float32)
+            module = getattr(pipe, name, None)
+            if module is not None and module.dtype != opts.dtype:
+                module.to(opts.dtype)
+        if pipe.vae.dtype != torch.float32:
+            pipe.vae.to(torch.float32)
     else:
         cls = {"flux": FluxPipeline, "sd3": StableDiffusion3Pipeline}[kind]
-        pipe = cls.from_pretrained(folder, dtype={"default": dtype, "vae": torch.float32})
-    return adapter_from_pipeline(pipe, device, resolution=resolution, guidance=guidance,
-                                 max_sequence_length=max_sequence_length, shift=shift, offload=offload,
-                                 decode_batch=decode_batch, cache_bytes=cache_bytes,
-                                 quantize_timesteps=quantize_timesteps)
+        pipe = cls.from_pretrained(folder, dtype={"default": opts.dtype, "vae": torch.float32})
+    return backbone_from_pipeline(pipe, device, opts)
 
 
-def adapter_from_pipeline(pipe, device: str | torch.device = "cpu", *, resolution: int = 0, guidance: float = -1.0,
-                          max_sequence_length: int = 0, shift: float = 0.0, offload: bool = False,
-                          decode_batch: int = 8, cache_bytes: int = DEFAULT_CACHE_BYTES,
-                          quantize_timesteps: bool = False) -> Adapter:
+def backbone_from_pipeline(pipe, device: str | torch.device = "cpu", options: Options | None = None) -> Backbone:
     """Wrap a loaded FluxPipeline / StableDiffusion3Pipeline (the same object `pipe(...)` samples with)."""
+    options = options or Options()
     kind = hub.PIPELINES.get(type(pipe).__name__)
     if kind is None:
         raise ValueError(f"unsupported pipeline {type(pipe).__name__}; supported: {', '.join(hub.PIPELINES)}")
@@ -318,30 +304,30 @@ def adapter_from_pipeline(pipe, device: str | torch.device = "cpu", *, resolutio
     pipe.transformer.to(device)
     for m in [*encoders, pipe.vae]:
         if m is not None:
-            m.to("cpu" if offload else device)
-    size = resolution or pipe.default_sample_size * pipe.vae_scale_factor
-    common = dict(height=size, width=size, scheduler_config=dict(pipe.scheduler.config), shift=shift, device=device,
-                  offload=offload, text_encoders=encoders, decode_batch=decode_batch, cache_bytes=cache_bytes,
-                  quantize_timesteps=quantize_timesteps)
+            m.to("cpu" if options.offload else device)
+    size = options.resolution or pipe.default_sample_size * pipe.vae_scale_factor
+    common = dict(height=size, width=size, scheduler_config=dict(pipe.scheduler.config), device=device,
+                  options=options, text_encoders=encoders)
     if kind == "flux":
         has_guidance = bool(pipe.transformer.config.guidance_embeds)
-        if guidance >= 0 and not has_guidance:
+        if options.guidance >= 0 and not has_guidance:
             raise ValueError("this FLUX model (e.g. FLUX.1-schnell) has no guidance embedding; leave --guidance "
                              "and --eval_guidance at -1")
-        msl = max_sequence_length or 512
+        msl = options.max_sequence_length or 512
 
         def encode_prompt(prompts):
             return pipe.encode_prompt(prompts, prompt_2=None, device=device, max_sequence_length=msl)
-        g = (guidance if guidance >= 0 else DEFAULT_GUIDANCE["flux"]) if has_guidance else None
-        adapter = FluxAdapter(pipe.transformer, encode_prompt, pipe.vae, guidance=g, **common)
+        g = (options.guidance if options.guidance >= 0 else DEFAULT_GUIDANCE["flux"]) if has_guidance else None
+        backbone = FluxBackbone(pipe.transformer, encode_prompt, pipe.vae, guidance=g, **common)
     else:
-        msl = max_sequence_length or 256
+        msl = options.max_sequence_length or 256
 
         def encode_prompt(prompts):
             emb, _, pooled, _ = pipe.encode_prompt(prompts, None, None, device=device,
                                                    do_classifier_free_guidance=False, max_sequence_length=msl)
             return emb, pooled
-        adapter = SD3Adapter(pipe.transformer, encode_prompt, pipe.vae,
-                             guidance=guidance if guidance >= 0 else DEFAULT_GUIDANCE["sd3"], **common)
-    adapter.pipeline, adapter.max_sequence_length = pipe, msl
-    return adapter
+        backbone = SD3Backbone(pipe.transformer, encode_prompt, pipe.vae,
+                               guidance=options.guidance if options.guidance >= 0 else DEFAULT_GUIDANCE["sd3"],
+                               **common)
+    backbone.pipeline, backbone.max_sequence_length = pipe, msl
+    return backbone

@@ -1,5 +1,6 @@
-"""The plan of a run, before any weight is loaded: the batch arithmetic (computed once, here; train.py runs the same
-`Batch`), the schedule and the trained steps, parameter counts and a per-GPU memory estimate.
+"""The plan of a run, before any weight is loaded: the algorithm's choices in the paper's words, the batch arithmetic
+(computed once, here; train.py runs the same `Batch`), the schedule and the trained steps, the EMA (built here, so
+the plan states what the run uses), parameter counts and a per-GPU memory estimate.
 
     python train.py --preset flux-dev-pickscore --dry_run true --dry_run_gpus 8
 
@@ -18,7 +19,7 @@ import torch
 import grpo
 import rewards
 import sampling
-from flow_cps import models, prompts
+from flow_cps import engine, models, prompts
 from flow_cps.config import PRESET_GPUS, PRESETS, PROMPT_SOURCES, Config, parse_config, validate
 from flow_cps.memory import GB, KNOWN_MODELS, ModelInfo, memory_estimate, model_info  # noqa: F401 (plan.KNOWN_MODELS)
 
@@ -84,26 +85,96 @@ def world_sizes(cfg: Config, upto: int = 64) -> list[int]:
 def trained_steps(sampler: str, grid: torch.Tensor, eta: float, timesteps: str, fraction: float,
                   sde_window: int = 0) -> int:
     """K, the trained steps per sample: the stochastic steps (the sampler's own std decides; CPS's last step has
-    none) selected as train.py selects them (grpo.ordered_timesteps / random_timesteps)."""
+    none) selected by the rule train.py uses (grpo.TIMESTEPS)."""
     step, x, n = sampling.get_sampler(sampler), torch.zeros(1, 4), len(grid) - 1
     stochastic = torch.tensor([bool((step(x, x, float(grid[k]), float(grid[k + 1]), eta)[1] > 0).any())
                                for k in range(n)])
     if sde_window:
         stochastic[sde_window:] = False  # the window's size; its position is drawn per iteration
-    if timesteps == "ordered":
-        return len(grpo.ordered_timesteps(stochastic, fraction))
-    return max(1, int(fraction * int(stochastic[:-1].sum())))
+    return grpo.TIMESTEPS[timesteps](stochastic, 1, fraction, torch.Generator()).shape[1]
 
 
-def describe(cfg: Config, world: int, check_files: bool = True) -> tuple[list[str], dict]:
-    """Human-readable plan of a run on `world` GPUs: model, schedules, trained steps, batch arithmetic, per-GPU memory
-    estimate and (check_files) whether the weights and prompts are there. Loads no weights."""
+def ema(cfg: Config, b: Batch) -> engine.EMA | None:
+    """The run's EMA of the trained weights (None without one), built here for the Session and the plan alike."""
+    if cfg.ema_decay <= 0:
+        return None
+    return engine.EMA(cfg.ema_decay, cfg.ema_rule, batches=max(1, b.samples_per_update // cfg.micro_batch))
+
+
+# -- the algorithm in the paper's words --------------------------------------------------------------------------
+# What each declared choice (config.choice) means, as the plan prints it; tests/test_plan.py checks that every
+# registered name has its words.
+WORDS = {
+    "sampler": {"cps": "Flow-CPS (Eq. 12): x_t' = (1 - t') x0_hat + t' cos(eta pi/2) x1_hat + t' sin(eta pi/2) eps",
+                "flow_sde": "Flow-SDE, Flow-GRPO's sampler (Eq. 9), sigma_t = eta sqrt(t / (1 - t))",
+                "dance_sde": "Dance-SDE, DanceGRPO's sampler (Eq. 9 with sigma_t = eta)",
+                "cpws": "Flow-CPWS (Eq. 15): Flow-SDE's fresh noise, the x1_hat coefficient shrunk to keep t'",
+                "dpm_sde": "SDE-DPM-Solver++1 (Appendix B, Eq. 22-24)",
+                "ode": "the Euler ODE (deterministic)"},
+    "log_prob": {"cps": "Eq. 14, -mean (x' - mu)^2 (FlowCPS's, without 1/(2 std^2))",
+                 "gaussian": "Eq. 13, the Gaussian log-density, mean over the latent's elements"},
+    "kl_form": {"mse": "FlowCPS's mean (mu - mu_ref)^2",
+                "flow_grpo": "Flow-GRPO's mean (mu - mu_ref)^2 / (2 sigma_t^2)",
+                "gaussian": "the exact Gaussian KL, mean (mu - mu_ref)^2 / (2 std^2)"},
+    "advantage": {"flow_grpo": "Flow-GRPO's (r - group mean) / (std of the whole batch + 1e-4)",
+                  "flow_grpo_group_std": "Flow-GRPO's (r - group mean) / (population std of the group + 1e-4)",
+                  "dance": "DanceGRPO's (r - group mean) / (unbiased std of the group + 1e-8)"},
+    "timesteps": {"ordered": "the first {k} of the {n} steps, in order (Flow-GRPO, fraction {f})",
+                  "random": "a random {k} of the stochastic steps before the last, per sample (DanceGRPO, fraction "
+                            "{f})"},
+    "precision": {"bf16": "bf16 frozen weights under bf16 autocast; trained weights, sampler math and the VAE fp32",
+                  "fp16": "fp16 frozen weights under fp16 autocast with dynamic loss scaling; trained weights, "
+                          "sampler math and the VAE fp32",
+                  "fp32": "fp32 throughout"},
+}
+
+
+def ema_words(e: engine.EMA | None) -> str:
+    if e is None:
+        return "none: evaluation and exports use the live weights"
+    if e.rule == "plain":
+        return f"e <- e + (1 - {e.decay:g})(w - e), one update after every optimizer step"
+    return (f"Flow-GRPO's rule: at the optimizer steps s with (s + 1) % {e.interval} == 0, {e.batches} "
+            f"update{'s' * (e.batches > 1)} (one per training batch) with the warm-up decay min((1 + s)/(10 + s), "
+            f"{e.decay:g})")
+
+
+def algorithm(cfg: Config, b: Batch, k: int, device: str) -> list[str]:
+    """The algorithm's choices, one line each, in words a reader of the paper recognises."""
+    kl = (f"beta {cfg.beta:g} x {WORDS['kl_form'][cfg.kl_form_used]}, to the LoRA-off reference" if cfg.beta > 0
+          else "none (beta 0)")
+    window = (f"; stochastic only in a window of {cfg.sde_window} steps drawn each iteration (Flow-GRPO-Fast)"
+              if cfg.sde_window else "")
+    what = (f"LoRA rank {cfg.lora_rank}, alpha {cfg.lora_alpha:g}" if cfg.lora else "every transformer weight (full "
+            "fine-tuning)")
+    prec = engine.precision(cfg.precision, torch.device(device))
+    return ["  the algorithm (GRPO, one iteration = rollout, rewards, advantages, updates):",
+            f"    sampler: {WORDS['sampler'][cfg.sampler]}, eta {cfg.eta:g}{window}; "
+            f"{'one initial noise per group; ' if cfg.same_noise_in_group else ''}"
+            f"the reward scores the {'last x0_hat' if cfg.reward_image == 'x0_hat' else 'final sample'}",
+            f"    log-prob: {WORDS['log_prob'][cfg.log_prob_used]}",
+            f"    advantage: {WORDS['advantage'][cfg.advantage]}, clipped to +-{cfg.adv_clip:g}"
+            + ("; samples with advantage 0 are skipped" if cfg.drop_zero_adv else ""),
+            "    trained steps: " + WORDS["timesteps"][cfg.timesteps].format(k=k, n=cfg.num_steps,
+                                                                              f=cfg.timestep_fraction),
+            f"    loss: PPO's clipped surrogate, clip range {cfg.clip_range:g}; KL: {kl}",
+            f"    optimizer: AdamW lr {cfg.lr:g}, weight decay {cfg.weight_decay:g}, gradient-norm clip "
+            f"{cfg.max_grad_norm:g}, {b.updates} optimizer step{'s' * (b.updates > 1)} per iteration; trained: {what}",
+            f"    EMA: {ema_words(ema(cfg, b))}",
+            f"    precision: {prec.name}: {WORDS['precision'][prec.name]}"]
+
+
+def describe(cfg: Config, world: int, check_files: bool = True, device: str = "cuda") -> tuple[list[str], dict]:
+    """Human-readable plan of a run on `world` ranks of `device` type: the algorithm's choices, model, schedules,
+    batch arithmetic, (on GPUs) the per-GPU memory estimate and (check_files) whether the weights and prompts are
+    there. Loads no weights."""
     b = batch(cfg, world)
+    unit = "GPU" if device != "cpu" else "process"  # a CPU run's ranks are processes
+    ranks = f"{world} {unit}" + ("" if world == 1 else "es" if unit == "process" else "s")
     plan: dict = dict(world=world, images_per_iteration=b.samples, prompts_per_gpu=b.prompts_per_rank,
                       images_per_gpu=b.samples_per_rank, updates=b.updates,
                       images_per_update_per_gpu=b.samples_per_update, world_sizes=world_sizes(cfg))
-    lines = [f"preset {cfg.preset}: model {cfg.model}, sampler {cfg.sampler} eta {cfg.eta}, reward {cfg.reward}, "
-             f"prompts {cfg.prompts}"]
+    lines = [f"preset {cfg.preset}: model {cfg.model}, reward {cfg.reward}, prompts {cfg.prompts}"]
     info = None
     if cfg.model == "digits":
         image_tokens = (cfg.resolution or 8) ** 2 // 4
@@ -127,18 +198,18 @@ def describe(cfg: Config, world: int, check_files: bool = True) -> tuple[list[st
     k = trained_steps(cfg.sampler, grid, cfg.eta, cfg.timesteps, cfg.timestep_fraction, cfg.sde_window)
     plan.update(sigmas=[round(float(t), 4) for t in grid], eval_sigmas=[round(float(t), 4) for t in eval_grid],
                 trained_steps=k, forwards_per_update=b.forwards_per_update(k))
+    lines += algorithm(cfg, b, k, device)
     lines.append(f"  schedule ({cfg.num_steps} steps): {' '.join(f'{float(t):.4f}' for t in grid)}"
                  + ("; the transformer gets int(1000 t)/1000 (DanceGRPO)" if cfg.quantize_timesteps else ""))
     lines.append(f"  eval: ODE, {cfg.eval_steps} steps, {cfg.eval_per_prompt} image(s) per held-out prompt, "
                  f"{'EMA' if cfg.ema_decay > 0 else 'live (no EMA)'} weights, every {cfg.eval_every} iterations")
-    lines.append(f"  trained steps per sample: {k} of {cfg.num_steps} ({cfg.timesteps})")
-    lines.append(f"  batch on {world} GPU(s): {cfg.prompts_per_iter} prompts x {cfg.group_size} = {b.samples} images "
-                 f"per iteration; per GPU {b.prompts_per_rank} prompts = {b.samples_per_rank} images; {b.updates} "
+    lines.append(f"  batch on {ranks}: {cfg.prompts_per_iter} prompts x {cfg.group_size} = {b.samples} images per "
+                 f"iteration; per {unit} {b.prompts_per_rank} prompts = {b.samples_per_rank} images; {b.updates} "
                  f"updates of {b.samples_per_update} images x {k} steps = {b.samples_per_update * k} (sample, step) "
-                 f"terms per GPU, flattened into {b.forwards_per_update(k)} training forwards of <= {cfg.micro_batch} "
-                 f"terms; rollout and evaluation forwards of <= {cfg.micro_batch} samples")
+                 f"terms per {unit}, flattened into {b.forwards_per_update(k)} training forwards of <= "
+                 f"{cfg.micro_batch} terms; rollout and evaluation forwards of <= {cfg.micro_batch} samples")
     lines.append(f"  world sizes this batch arithmetic supports (up to 64): {plan['world_sizes']}")
-    if info is not None:
+    if info is not None and device != "cpu":
         lines += _memory_lines(cfg, info, plan, world)
         if check_files:
             lines.append("  weights: " + info.weights)
@@ -158,8 +229,7 @@ def run_estimate(cfg: Config, info: ModelInfo, plan: dict, world: int) -> dict:
         info, resolution=plan["resolution"], max_sequence_length=cfg.max_sequence_length or
         (512 if info.kind == "flux" else 256), micro_batch=cfg.micro_batch,
         cfg_forward=info.kind == "sd3" and bool(plan["guidance"]) and plan["guidance"] > 1, world=world,
-        parallel=cfg.parallel, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-        lora_targets=cfg.lora_targets.split(","), ema=cfg.ema_decay > 0, offload=cfg.offload,
+        parallel=cfg.parallel, trained=cfg.lora, ema=cfg.ema_decay > 0, offload=cfg.offload,
         rewards=[*rewards.parse_spec(cfg.reward), *rewards.parse_spec(cfg.eval_metrics)],
         precision="bf16" if cfg.precision == "auto" else cfg.precision, samples_per_rank=b.samples_per_rank,
         num_steps=cfg.num_steps, kl=cfg.beta > 0, embedding_cache_gb=cfg.embedding_cache_gb)
@@ -215,7 +285,7 @@ def dry_run(cfg: Config) -> dict:
     world = cfg.dry_run_gpus or int(os.environ.get("WORLD_SIZE", 0)) or PRESET_GPUS.get(cfg.preset, 1)
     validate(cfg)
     try:
-        lines, plan = describe(cfg, world)
+        lines, plan = describe(cfg, world, device="cpu" if cfg.device == "cpu" else "cuda")
     except ValueError as e:
         raise SystemExit(f"model error: {e}") from None
     print("\n".join(lines))

@@ -12,9 +12,11 @@ The command line that scores image files is rewards.py's (`python rewards.py ocr
 """
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -126,6 +128,31 @@ class RewardModel:
         GenEval rewards: the tag), else None. Log such a component as the mean over groups of the group means."""
         return {name: [key(m) for m in metadata] if (key := getattr(fn, "group_key", None)) else [None] * len(metadata)
                 for name, fn in self.fns.items()}
+
+
+class GroupedSums(dict):
+    """{(component, group key): [sum, count]} of a RewardModel's finite scores over many batches (the streamed
+    held-out evaluation). A grouped component (GenEval: its tags) is reported as the mean over its groups' means,
+    the others (one group, None) as the plain mean."""
+
+    def add(self, reward: RewardModel, images: Tensor, prompts: list[str], metadata: list) -> None:
+        out, keys = reward(images, prompts, metadata), reward.group_keys(metadata)
+        for name, v in out.components.items():
+            for j, x in enumerate(v.tolist()):
+                if math.isfinite(x):
+                    s = self.setdefault((name, keys[name][j]), [0.0, 0])
+                    s[0], s[1] = s[0] + x, s[1] + 1
+
+    @staticmethod
+    def means(parts: list[GroupedSums]) -> dict[str, float]:
+        """Several ranks' sums merged: {component: mean over its groups of the group means}."""
+        merged = GroupedSums()
+        for sums in parts:
+            for key, (total, n) in sums.items():
+                s = merged.setdefault(key, [0.0, 0])
+                s[0], s[1] = s[0] + total, s[1] + n
+        names = dict.fromkeys(name for name, _ in merged)
+        return {m: float(np.mean([t / n for (name, _), (t, n) in merged.items() if name == m])) for m in names}
 
 
 def nan_mean(x: Tensor) -> float:

@@ -1,6 +1,9 @@
 """A training session: everything around train.py's loop. Ranks and device, the run folder (checkpoints.py), the
 prompt sets, the models and the policy (engine.py), the logs and figures (logs.py), the final summary. Every check
 that can fail runs before the run folder is written, and an error stops all ranks with one message.
+
+What an iteration reports reaches `Session.log` as one `Report` (its `Scores`, its `Evaluation`, ...), computed by
+train.py with every collective already done: logging only formats and writes, on rank 0.
 """
 from __future__ import annotations
 
@@ -11,12 +14,48 @@ import os
 import signal
 import time
 import warnings
+from dataclasses import dataclass, field
 
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from flow_cps import checkpoints, engine, hub, logs, models, plan, prompts, scoring
 from flow_cps.config import RESUMABLE_CHANGES, Config, reward_options, validate
+
+EVAL = "eval/"  # the prefix of the held-out metrics in the logs
+TRAIN_GRID = 8  # the training-sample grid: up to 8 members of each of the first 8 prompts' groups
+
+
+@dataclass
+class Scores:
+    """An iteration's rewards: this rank's (`mine`: total, components, valid) and the world's."""
+    mine: scoring.RewardOutput
+    totals: Tensor  # (world samples,) every rank's totals in rank order, NaN where invalid
+    invalid: int  # samples of the world no reward could score
+    components: dict[str, float]  # a weighted sum's components: the world's mean of each (empty for one reward)
+
+
+@dataclass
+class Evaluation:
+    """The held-out metrics {name: value} and the grid's images: rank 0's samples of the first GRID noises (rows)
+    x GRID prompts (`columns`), noise-major."""
+    GRID = 10  # at most 10 x 10 evaluation images are drawn
+    metrics: dict[str, float]
+    images: list[Tensor]
+    columns: int
+
+
+@dataclass
+class Report:
+    """What one iteration logs (iteration 0: the base model's evaluation only)."""
+    iteration: int
+    scores: Scores | None = None
+    stats: dict = field(default_factory=dict)  # train.Tally.reduce(): loss, clipfrac, approx_kl, ratios, ...
+    evaluation: Evaluation | None = None
+    train_metrics: dict = field(default_factory=dict)  # the held-out metrics on the training samples ('train/...')
+    timer: dict = field(default_factory=dict)  # seconds per phase
+    images: Tensor | None = None  # this rank's training samples, on evaluation iterations
 
 
 class Timer(dict):
@@ -83,7 +122,7 @@ class Session:
             self.history, last = self.folder.load(ckpt, self.policy)
             self.start = last + 1
         if self.is_main:
-            print("\n".join(plan.describe(cfg, self.world, check_files=False)[0]))
+            print("\n".join(plan.describe(cfg, self.world, check_files=False, device=self.device.type)[0]))
             print(f"output: {path}" + (f" (resumed from {ckpt.name})" if ckpt else ""))
         self.logger = logs.Logger(path, self.is_main, cfg.tensorboard, self.history)
 
@@ -94,21 +133,19 @@ class Session:
             engine.from_rank_zero(lambda: _resolve(cfg.model))
         try:
             with engine.rank_zero_first():  # rank 0 fills caches (digits pre-training, downloads) first
-                backbone = models.load_backbone(cfg.model, device=self.device, resolution=cfg.resolution,
-                                                guidance=cfg.guidance, max_sequence_length=cfg.max_sequence_length,
-                                                shift=cfg.shift, offload=cfg.offload, dtype=prec.dtype,
-                                                cache_bytes=int(cfg.embedding_cache_gb * 2 ** 30),
-                                                quantize_timesteps=cfg.quantize_timesteps)
+                backbone = models.load_backbone(
+                    cfg.model, self.device, resolution=cfg.resolution, guidance=cfg.guidance,
+                    max_sequence_length=cfg.max_sequence_length, shift=cfg.shift,
+                    quantize_timesteps=cfg.quantize_timesteps, offload=cfg.offload, dtype=prec.dtype,
+                    cache_bytes=int(cfg.embedding_cache_gb * 2 ** 30))
                 reward_fn = scoring.RewardModel(cfg.reward, device=self.device, **opts)
                 metrics = scoring.RewardModel(cfg.eval_metrics, device=self.device, **opts)
             for texts, _ in (self.train_set, self.eval_set):
                 backbone.check_prompts(texts)
-            ema = engine.EMA(cfg.ema_decay, cfg.ema_rule, max(1, self.batch.samples_per_update // cfg.micro_batch))
             policy = engine.Policy(
                 backbone, self.device, self.world, parallel=cfg.parallel, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                lora=(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets.split(",")) if cfg.lora_rank else None,
-                gradient_checkpointing=cfg.gradient_checkpointing, precision=prec,
-                ema=ema if cfg.ema_decay > 0 else None, seed=cfg.seed)
+                lora=cfg.lora, gradient_checkpointing=cfg.gradient_checkpointing, precision=prec,
+                ema=plan.ema(cfg, self.batch), seed=cfg.seed)
         except ValueError as e:  # a resolution the model cannot split, a prompt it cannot read, unknown LoRA targets
             raise SystemExit(f"config error: {e}") from None
         return policy, reward_fn, metrics
@@ -144,38 +181,44 @@ class Session:
         sums = engine.all_reduce(sums)
         return {f"train/{k}": float(s / n) if n else math.nan for k, (s, n) in zip(out.components, sums.tolist())}
 
-    def log(self, it: int, ev, r=None, all_r=None, stats=None, train_metrics=None, timer=None, images=None) -> None:
-        row = dict(iteration=it)
-        if r is not None:
-            finite = all_r[torch.isfinite(all_r)]
+    def log(self, rep: Report) -> None:
+        """One row of metrics.jsonl / TensorBoard, the image grids of an evaluation iteration, a progress line."""
+        row = dict(iteration=rep.iteration)
+        if rep.scores is not None:
+            finite = rep.scores.totals[torch.isfinite(rep.scores.totals)]
             row.update(reward=float(finite.mean()) if len(finite) else math.nan,
-                       reward_std=float(finite.std()) if len(finite) > 1 else 0.0,
-                       invalid=int(engine.all_reduce(torch.tensor([int((~r.valid).sum())])).item()), **stats)
-            if len(r.components) > 1:
-                row.update({f"reward/{k}": scoring.nan_mean(engine.all_gather_cat(v.to(self.device)).cpu())
-                            for k, v in r.components.items()})
-        row.update({**(train_metrics or {}), **(ev[0] if ev else {})})
-        row.update({f"time/{k}": v for k, v in (timer or {}).items()})
+                       reward_std=float(finite.std()) if len(finite) > 1 else 0.0, invalid=rep.scores.invalid,
+                       **rep.stats, **{f"reward/{k}": v for k, v in rep.scores.components.items()})
+        row.update(rep.train_metrics)
+        ev = rep.evaluation.metrics if rep.evaluation is not None else {}
+        row.update({EVAL + k: v for k, v in ev.items()})
+        row.update({f"time/{k}": v for k, v in rep.timer.items()})
         self.history.append(row)
         self.logger.log(row)
         if not self.is_main:
             return
-        if ev is not None and ev[1] is not None:
-            logs.image_grid(ev[1], min(10, self.cfg.eval_per_prompt),
-                            self.folder.path / "images" / f"eval_{it:05d}.png")
-        if images is not None:  # the training samples: up to 8 prompts x 8 group members of rank 0
+        images = self.folder.path / "images"
+        if rep.evaluation is not None:
+            self._grid(rep.evaluation.images, rep.evaluation.columns, images / f"eval_{rep.iteration:05d}.png")
+        if rep.images is not None:  # the training samples: the first prompts' groups of rank 0, one row each
             g = self.batch.group_size
-            shown = [i for i in range(min(len(images), 8 * g)) if i % g < 8]
-            logs.image_grid(images[shown], min(8, self.batch.prompts_per_rank), self.folder.path / "images" /
-                            f"train_{it:05d}.png")
-        evs = "  ".join(f"{k[5:]} {v:.4f}" for k, v in row.items() if k.startswith("eval/"))
-        if r is None:
+            shown = [i for i in range(len(rep.images)) if i // g < TRAIN_GRID and i % g < TRAIN_GRID]
+            self._grid(list(rep.images[shown]), min(g, TRAIN_GRID), images / f"train_{rep.iteration:05d}.png")
+        evs = "  ".join(f"{k} {v:.4f}" for k, v in ev.items())
+        if rep.scores is None:
             tqdm.write(f"base model (ODE, held-out): {evs}")
             return
-        kl = f" kl {row['kl']:.2e}" if "kl" in row else ""
-        tqdm.write(f"it {it:4d} | reward {row['reward']:.4f} | clipfrac {row['clipfrac']:.3f} approx_kl "
-                   f"{row['approx_kl']:.2e}{kl} | invalid {row['invalid']} | rollout {timer['rollout']:.2f}s reward "
-                   f"{timer['reward']:.2f}s train {timer['train']:.2f}s" + (f" | eval: {evs}" if evs else ""))
+        kl, t = f" kl {row['kl']:.2e}" if "kl" in row else "", rep.timer
+        tqdm.write(f"it {rep.iteration:4d} | reward {row['reward']:.4f} | clipfrac {row['clipfrac']:.3f} approx_kl "
+                   f"{row['approx_kl']:.2e}{kl} | invalid {row['invalid']} | rollout {t['rollout']:.2f}s reward "
+                   f"{t['reward']:.2f}s train {t['train']:.2f}s" + (f" | eval: {evs}" if evs else ""))
+
+    @staticmethod
+    def _grid(images: list[Tensor], columns: int, path) -> None:
+        """The complete rows of `columns` images, one PNG."""
+        rows = len(images) // columns
+        if rows:
+            logs.image_grid(torch.stack(images[:rows * columns]), rows, path)
 
     def checkpoint(self, it: int) -> None:
         if self.is_main or self.policy.fsdp:  # FSDP2: every rank writes its shards
@@ -189,13 +232,13 @@ class Session:
         summary = {}
         if self.is_main:
             base = next(h for h in self.history if h["iteration"] == 0)
-            last = [h for h in self.history if any(k.startswith("eval/") for k in h)][-1]
+            last = [h for h in self.history if any(k.startswith(EVAL) for k in h)][-1]
             curve = logs.reward_curves(self.history, self.folder.path / "reward_curve.png",
                                        f"{self.cfg.sampler} eta={self.cfg.eta} on {self.cfg.model}")
             print("\nheld-out metrics (ODE, EMA weights)      base  ->  trained")
             for k in base:
-                if k.startswith("eval/"):
-                    print(f"  {k[5:]:<36} {base[k]:.4f} -> {last[k]:.4f}")
+                if k.startswith(EVAL):
+                    print(f"  {k.removeprefix(EVAL):<36} {base[k]:.4f} -> {last[k]:.4f}")
                     summary[k] = (base[k], last[k])
             print(f"figures: {curve}  {self.folder.path / 'images'}\ncheckpoint: "
                   f"{self.folder.complete_checkpoints()[0]}\nlog: {self.folder.path / 'metrics.jsonl'}")

@@ -1,13 +1,16 @@
 """config.py and the checks before any work: every bad flag stops the run with one line that names the problem and
 writes nothing; unknown flags get a suggestion; presets and booleans resolve."""
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+import grpo
+import sampling
 import train
-from flow_cps import config
+from flow_cps import config, engine, lora
 
 ROOT = Path(__file__).resolve().parent.parent
 SHORT = ["--iterations", "1", "--eval_per_prompt", "1", "--tensorboard", "false"]
@@ -16,10 +19,11 @@ SHORT = ["--iterations", "1", "--eval_per_prompt", "1", "--tensorboard", "false"
 @pytest.mark.parametrize("argv,message", [
     (["--group_size", "1"], "group_size must be >= 2"),
     (["--sampler", "cps", "--eta", "1.5"], "CPS needs eta in [0, 1]"),
-    (["--sampler", "euler_maruyama"], "unknown sampler"),
+    (["--sampler", "euler_maruyama"], "argument --sampler: invalid choice: 'euler_maruyama' (choose from"),
     (["--sampler", "ode"], "no density"),
-    (["--advantage", "ppo"], "unknown advantage"),
-    (["--kl_form", "reverse"], "unknown kl_form"),
+    (["--advantage", "ppo"], "argument --advantage: invalid choice: 'ppo'"),
+    (["--kl_form", "reverse"], "argument --kl_form: invalid choice: 'reverse'"),
+    (["--precision", "fp8"], "invalid choice: 'fp8' (choose from 'auto', 'bf16', 'fp16', 'fp32')"),
     (["--micro_batch", "0"], "micro_batch must be >= 1"),
     (["--updates_per_iter", "0"], "updates_per_iter must be >= 1"),
     (["--prompts_per_iter", "0"], "prompts_per_iter must be >= 1"),
@@ -85,6 +89,26 @@ def test_unknown_flags_get_a_suggestion():
         config.parse_config(["--lrr=3"])
     with pytest.raises(SystemExit, match="unknown preset 'sdxl'"):
         config.parse_config(["--preset", "sdxl"])
+
+
+def test_each_choice_is_declared_once_and_shared():
+    """A flag with a fixed set of values takes them from one declaration: the registry the code looks the value up
+    in gives argparse its choices, and validate checks a Config built in code against the same list."""
+    registries = {"sampler": sampling.SAMPLERS, "log_prob": {"": None, **sampling.LOG_PROBS},
+                  "advantage": grpo.ADVANTAGES, "kl_form": {"": None, **grpo.KL_FORMS}, "timesteps": grpo.TIMESTEPS,
+                  "ema_rule": engine.EMA_RULES, "parallel": engine.PARALLEL,
+                  "precision": ("auto", *engine.PRECISIONS), "reward_image": ("final", "x0_hat")}
+    declared = {f.name: f.metadata["choices"] for f in dataclasses.fields(config.Config) if "choices" in f.metadata}
+    assert declared == {k: tuple(v) for k, v in registries.items()}
+    for name in declared:
+        with pytest.raises(SystemExit, match=f"argument --{name}: invalid choice: 'nope'"):
+            config.parse_config([f"--{name}", "nope"])
+        with pytest.raises(SystemExit, match=rf"config error: {name} must be one of .* \(got 'nope'\)"):
+            config.validate(dataclasses.replace(config.Config(), **{name: "nope"}))
+    cfg = config.parse_config(["--sampler", "flow_sde"])  # empty log_prob / kl_form: the sampler's own
+    assert (cfg.log_prob_used, cfg.kl_form_used) == ("gaussian", "flow_grpo")
+    assert config.Config().lora == lora.LoRA(8, 16.0, tuple(config.ATTENTION_TARGETS))
+    assert config.parse_config(["--lora_rank", "0", "--beta", "0"]).lora is None  # full fine-tuning
 
 
 def test_bool_flags_and_presets_resolve():

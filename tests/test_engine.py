@@ -6,7 +6,9 @@ import tiny_pipelines
 import torch
 
 import train
-from flow_cps import config, engine, models
+from flow_cps import config, engine, lora, models
+
+LORA = lora.LoRA(4, 4.0, tuple(config.ATTENTION_TARGETS))
 
 
 def _run_ema(rule: engine.EMA, weights: list[float]) -> list[float]:
@@ -67,7 +69,7 @@ def test_flow_grpo_ema_equals_its_training_loop():
 
 def test_non_finite_gradients_stop_before_the_step():
     bb = models.load_digits_backbone()
-    policy = engine.Policy(bb, torch.device("cpu"), 1, lora=(4, 4.0, config.ATTENTION_TARGETS), ema=engine.EMA(0.9))
+    policy = engine.Policy(bb, torch.device("cpu"), 1, lora=LORA, ema=engine.EMA(0.9))
     before = [p.detach().clone() for p in policy.params]
     for p in policy.params:
         p.grad = torch.full_like(p, float("nan"))
@@ -92,7 +94,7 @@ def test_precision_names():
 
 def _digits_policy(prec):
     bb = models.load_digits_backbone()
-    return engine.Policy(bb, torch.device("cpu"), 1, lora=(4, 4.0, config.ATTENTION_TARGETS), precision=prec,
+    return engine.Policy(bb, torch.device("cpu"), 1, lora=LORA, precision=prec,
                          ema=engine.EMA(0.9), seed=3)
 
 

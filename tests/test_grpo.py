@@ -109,11 +109,12 @@ def test_kl_form_follows_the_sampler_as_the_official_codes():
 
 def test_ordered_timesteps_skip_the_last_and_deterministic_steps():
     stochastic = torch.ones(10, dtype=torch.bool)
-    assert grpo.ordered_timesteps(stochastic, 0.99).tolist() == list(range(9))  # int(9.9) = 9: SD3's 9 of 10
-    assert grpo.ordered_timesteps(torch.ones(6, dtype=torch.bool), 0.99).tolist() == list(range(5))  # FLUX 5 of 6
+    assert grpo.ordered_timesteps(stochastic, 1, 0.99).tolist() == [list(range(9))]  # int(9.9) = 9: SD3's 9 of 10
+    flux = grpo.ordered_timesteps(torch.ones(6, dtype=torch.bool), 2, 0.99)  # FLUX: 5 of 6, the same for every sample
+    assert flux.tolist() == [list(range(5))] * 2
     window = torch.zeros(10, dtype=torch.bool)
     window[2:5] = True
-    assert grpo.ordered_timesteps(window, 0.99).tolist() == [2, 3, 4]
+    assert grpo.ordered_timesteps(window, 1, 0.99).tolist() == [[2, 3, 4]]
 
 
 def test_random_timesteps_dance():

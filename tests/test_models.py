@@ -218,7 +218,7 @@ def test_select_slices_samples_and_keeps_shared_tensors(tiny):
 def test_unknown_lora_targets_name_the_valid_ones(tiny):
     bb = _load(tiny, "flux-dev")
     with pytest.raises(ValueError, match=r"--lora_targets attn.to_qq: .* valid names \(per block\): .*attn.to_q"):
-        lora.add_lora(bb.transformer, 4, 4.0, ["attn.to_qq", "attn.to_k"])
+        lora.add_lora(bb.transformer, lora.LoRA(4, 4.0, ("attn.to_qq", "attn.to_k")))
 
 
 def test_embedding_cache_is_bounded_by_bytes(tiny):

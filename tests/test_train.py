@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -35,8 +36,8 @@ def backbone(pretrained):
 
 
 def _policy(backbone, lora_rank=8, lora_alpha=16.0, randomise=True):
-    policy = engine.Policy(backbone, torch.device("cpu"), 1, lora=(lora_rank, lora_alpha, config.ATTENTION_TARGETS),
-                           ema=engine.EMA(0.9))
+    policy = engine.Policy(backbone, torch.device("cpu"), 1,
+                           lora=lora.LoRA(lora_rank, lora_alpha, tuple(config.ATTENTION_TARGETS)), ema=engine.EMA(0.9))
     if randomise:  # a non-zero LoRA, so the policy differs from the base model
         with torch.no_grad():
             for p in policy.params:
@@ -47,7 +48,7 @@ def _policy(backbone, lora_rank=8, lora_alpha=16.0, randomise=True):
 def _rollout(policy, sampler="cps", eta=0.5, log_prob="", n=16, micro_batch=16):
     step = sampling.SAMPLERS[sampler]
     lp = sampling.LOG_PROBS[log_prob or sampling.DEFAULT_LOG_PROB[sampler]]
-    gens = train.generators([(0, 1, i, 0) for i in range(n)])
+    gens = train.generators(train.Stream.SAMPLE_NOISE, [(0, 1, i, 0) for i in range(n)])
     window = (0, 5) if sampler == "cpws" else None  # CPWS is undefined on the last steps (sampling.cpws)
     traj, cond = train.rollout(policy.backbone, (digits.prompts("train") * 2)[:n], gens, gens,
                                grid=policy.backbone.sigmas(10), step=step, log_prob=lp, eta=eta, window=window,
@@ -56,7 +57,7 @@ def _rollout(policy, sampler="cps", eta=0.5, log_prob="", n=16, micro_batch=16):
 
 
 def _pairs(traj, n):
-    steps = grpo.ordered_timesteps(traj.stochastic, 0.99)
+    steps = grpo.ordered_timesteps(traj.stochastic, 1, 0.99)[0]
     return torch.arange(n).repeat_interleave(len(steps)), steps.repeat(n), len(steps)
 
 
@@ -71,10 +72,10 @@ def test_first_update_is_exactly_on_policy(backbone, sampler, log_prob):
     traj, cond, step, lp = _rollout(policy, sampler, log_prob=log_prob)
     rows, ks, _ = _pairs(traj, 16)
     adv = torch.randn(16)
-    terms = dict(step=step, log_prob=lp, kl_form=grpo.kl_mse, eta=0.5, beta=0.0)
+    J = train.Objective(step, 0.5, lp, grpo.kl_mse, beta=0.0, clip_range=1e-4)
     for chunk, exact in ((16, True), (48, True), (len(rows), True), (5, False)):
         for i in range(0, len(rows), chunk):
-            logp, logp_old, a, _ = train.terms(policy, traj, cond, rows[i:i + chunk], ks[i:i + chunk], adv, **terms)
+            logp, logp_old, a, _ = train.terms(J, policy, traj, cond, rows[i:i + chunk], ks[i:i + chunk], adv)
             if exact:
                 assert torch.equal(logp, logp_old), (sampler, chunk, i)
                 loss, st = grpo.clipped_surrogate(logp, logp_old, a, 1e-4)
@@ -91,7 +92,7 @@ def test_flattened_objective_equals_the_per_step_loss(backbone):
     policy = _policy(backbone)
     traj, cond, step, lp = _rollout(policy, "flow_sde", eta=0.7, n=16)
     K = int(traj.stochastic[:-1].sum())
-    steps = grpo.ordered_timesteps(traj.stochastic, 0.99).expand(16, -1)
+    steps = grpo.ordered_timesteps(traj.stochastic, 16, 0.99)
     adv, keep = torch.randn(16), torch.ones(16, dtype=torch.bool)
     keep[3] = False  # an excluded sample (invalid reward)
     with torch.no_grad():  # move the policy away from the rollout's, so ratios differ from 1 and clipping happens
@@ -124,11 +125,9 @@ def test_flattened_objective_equals_the_per_step_loss(backbone):
             return 0.0
         policy.step = capture
         b = plan.Batch(world=1, prompts=2, group_size=8, updates=1, micro_batch=micro_batch)
-        tally = train.update(policy, traj, cond, adv, keep, steps, b=b, perm=torch.arange(16), world=1,
-                             max_grad_norm=1.0, terms_of=lambda *a: train.terms(*a, step=step, log_prob=lp,
-                                                                                kl_form=grpo.kl_flow_grpo, eta=0.7,
-                                                                                beta=beta),
-                             loss_of=lambda *a, **k: train.objective(*a, clip_range=eps, beta=beta, **k))
+        J = train.Objective(step, 0.7, lp, grpo.kl_flow_grpo, beta=beta, clip_range=eps)
+        tally = train.update(J, policy, traj, cond, adv, keep, steps, b=b, perm=torch.arange(16), world=1,
+                             max_grad_norm=1.0)
         stats = tally.reduce()
         assert stats["kept"] == 15 and stats["loss"] == pytest.approx(float(loss_ref.detach()), rel=1e-5)
         assert stats["clipfrac"] > 0  # the clip is exercised
@@ -140,13 +139,13 @@ def test_kl_is_zero_at_init_and_positive_after(backbone):
     policy = _policy(backbone, randomise=False)
     traj, cond, step, lp = _rollout(policy, n=8, micro_batch=8)
     rows, ks = torch.arange(8), torch.full((8,), 3)
-    terms = dict(step=step, log_prob=lp, kl_form=grpo.kl_flow_grpo, eta=0.5, beta=0.04)
-    kl = train.terms(policy, traj, cond, rows, ks, torch.zeros(8), **terms)[3]
+    J = train.Objective(step, 0.5, lp, grpo.kl_flow_grpo, beta=0.04, clip_range=1e-4)
+    kl = train.terms(J, policy, traj, cond, rows, ks, torch.zeros(8))[3]
     assert torch.equal(kl.detach(), torch.zeros(8))  # LoRA B = 0: policy == reference exactly
     with torch.no_grad():
         for p in policy.params:
             p.normal_(0, 0.05)
-    kl = train.terms(policy, traj, cond, rows, ks, torch.zeros(8), **terms)[3]
+    kl = train.terms(J, policy, traj, cond, rows, ks, torch.zeros(8))[3]
     assert (kl > 0).all()
     kl.sum().backward()  # the penalty reaches the LoRA parameters
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.params)
@@ -164,7 +163,7 @@ def test_lora_export_loads_with_diffusers_and_reproduces_velocity(backbone, tmp_
         v_policy = backbone.velocity(x, t, cond)
         with lora.adapter_disabled(backbone.transformer):
             v_ref = backbone.velocity(x, t, cond)
-    fresh = FluxTransformer2DModel.from_pretrained(digits.model_dir(models.digits_adapter), subfolder="transformer")
+    fresh = FluxTransformer2DModel.from_pretrained(digits.model_dir(models.digits_backbone), subfolder="transformer")
     with torch.no_grad():
         v_base = backbone.velocity(x, t, cond, fresh.eval())
         fresh.load_lora_adapter(str(tmp_path), weight_name="pytorch_lora_weights.safetensors")
@@ -193,9 +192,9 @@ def test_evaluation_is_streamed_and_capped(backbone, monkeypatch):
     for copies in (1, 4):
         texts = digits.prompts("test") * copies
         seen.clear()
-        res, grid = train.evaluate(policy, metrics, texts, [None] * len(texts), steps=4, per_prompt=3, micro_batch=8,
-                                   guidance=-1, rank=0, world=1, pad=False)
-        out[copies] = (max(seen), sum(seen), len(grid), res["eval/digit_judge_accuracy"])
+        ev = train.evaluate(policy, metrics, texts, [None] * len(texts), steps=4, per_prompt=3, micro_batch=8,
+                            guidance=-1, rank=0, world=1, pad=False)
+        out[copies] = (max(seen), sum(seen), len(ev.images), ev.metrics["digit_judge_accuracy"])
     assert out[1][0] == out[4][0] == 8  # the largest batch is the micro-batch, for 30 or 120 samples
     assert (out[1][1], out[4][1]) == (30, 120)
     assert out[1][2] == out[4][2] == 30  # the grid: at most 10 noises x 10 prompts
@@ -275,7 +274,25 @@ def test_multi_reward_with_invalid_samples_trains(pretrained, tmp_path):
 
 
 def test_seeds_are_a_function_of_their_parts():
-    assert train.seed_of(0, 1, 2, 3) == train.seed_of(0, 1, 2, 3) != train.seed_of(0, 1, 3, 2)
-    a = sampling.randn((1, 4), train.generators([(0, 5, 1, 1)]), "cpu")
-    b = sampling.randn((1, 4), train.generators([(0, 5, 1, 1)]), "cpu")
+    S = train.Stream.SAMPLE_NOISE
+    assert train.seed_of(S, 0, 1, 2, 3) == train.seed_of(S, 0, 1, 2, 3) != train.seed_of(S, 0, 1, 3, 2)
+    a = sampling.randn((1, 4), train.generators(S, [(0, 5, 1, 1)]), "cpu")
+    b = sampling.randn((1, 4), train.generators(S, [(0, 5, 1, 1)]), "cpu")
     assert torch.equal(a, b)
+
+
+def test_the_random_streams_of_an_iteration_are_pairwise_distinct(pretrained, tmp_path, monkeypatch):
+    """Every generator of an iteration (prompts, sample noise, DanceGRPO's group noise, the SDE window, the random
+    trained steps and permutation, the evaluation noises) is seeded from a named stream: distinct draws never share a
+    seed. Untagged, (seed, it) for the prompts equalled (seed, it, 0, 0), the sample noise of slot 0, member 0
+    (SeedSequence pads short entropy with zeros), and the trained-step seed (seed, it, 2, rank) the noise of slot 2."""
+    drawn = {}
+    seed_of = train.seed_of
+    monkeypatch.setattr(train, "seed_of", lambda stream, *parts: drawn.setdefault((stream, *parts),
+                                                                                 seed_of(stream, *parts)))
+    train.main([*FAST, "--iterations", "1", "--eval_every", "1", "--same_noise_in_group", "true", "--sde_window", "3",
+                "--timesteps", "random", "--output_dir", str(tmp_path / "run")])
+    assert {key[0] for key in drawn} == set(train.Stream)  # every stream was drawn from
+    assert len(set(drawn.values())) == len(drawn)  # and no two draws share a seed
+    untagged = lambda *p: int(np.random.SeedSequence(list(p)).generate_state(1, np.uint64)[0] >> 1)  # noqa: E731
+    assert untagged(0, 1) == untagged(0, 1, 0, 0)  # why the tag comes first

@@ -71,7 +71,7 @@ def section_cost(b: dict) -> dict:
     """Each sampler's rollout against the ODE's: same model, prompts, noise and 10 steps; interleaved repeats."""
     bb = models.load_digits_backbone()
     texts = digits.prompts("train")[:32] * 2
-    gens = lambda: train.generators([(1, i) for i in range(len(texts))])  # noqa: E731
+    gens = lambda: train.generators(train.Stream.SAMPLE_NOISE, [(1, 0, i, 0) for i in range(len(texts))])  # noqa: E731
     times = {s: [] for s in ["ode", *SDE]}
     for _ in range(b["repeats"] + 1):  # interleaved: machine noise hits all samplers alike; round 1 warms up
         for s in times:
@@ -260,7 +260,7 @@ def section_study(b: dict, out: Path, workers: int) -> dict:
 
 def digits_ready(size: int) -> None:
     """Pre-train the digits model of this size once, before the workers start."""
-    models.load_digits_backbone(size=size)
+    models.load_digits_backbone(resolution=size)
 
 
 def main(argv: list[str] | None = None) -> Path:

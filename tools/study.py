@@ -140,7 +140,7 @@ def residual_noise(backbone, sampler: str, eta: float, n: int, log_prob: str = "
     latent units (exactly 0 for a coefficients-preserving sampler, whose last step returns x0_hat) and the
     clean_background reward of the images."""
     texts = (digits.prompts("train") * n)[:n]
-    gens = train.generators([(seed, i) for i in range(n)])
+    gens = train.generators(train.Stream.SAMPLE_NOISE, [(seed, 0, i, 0) for i in range(n)])
     step = sampling.SAMPLERS[sampler]
     traj, _ = train.rollout(backbone, texts, gens, gens, grid=backbone.sigmas(10), step=step, eta=eta, window=None,
                             log_prob=sampling.LOG_PROBS[log_prob or sampling.DEFAULT_LOG_PROB[sampler]],
@@ -153,7 +153,7 @@ def residual_noise(backbone, sampler: str, eta: float, n: int, log_prob: str = "
 
 def trained_backbone(run_dir: str, size: int = 8):
     """The digits model with a finished run's final LoRA (the live weights that drew its last training samples)."""
-    bb = models.load_digits_backbone(size=size)
+    bb = models.load_digits_backbone(resolution=size)
     ckpt = sorted((Path(run_dir) / "checkpoints").glob("iter_*"))[-1]
     bb.transformer.load_lora_adapter(str(ckpt / "lora"), weight_name="pytorch_lora_weights.safetensors")
     return bb
@@ -288,7 +288,7 @@ def figure1(run_dir: str, size: int, etas: dict[str, float], path: Path, n: int 
     plt = _plt()
     bb = trained_backbone(run_dir, size)
     texts = [f"a handwritten digit {d}" for d in range(n)]
-    gens = lambda: train.generators([(2024, i) for i in range(n)])  # noqa: E731
+    gens = lambda: train.generators(train.Stream.SAMPLE_NOISE, [(2024, 0, i, 0) for i in range(n)])  # noqa: E731
     rows, residual = {}, {}
     for sampler in ["ode", "cps", "flow_sde", "dance_sde"]:
         eta = etas.get(sampler, 0.0)

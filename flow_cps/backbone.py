@@ -1,37 +1,59 @@
-"""What the FLUX and SD3 adapters (models.py) share: the per-prompt embedding cache (bounded by bytes, on the CPU),
-guidance switching, offloading of the frozen encoders and VAE, the transformer's timestep (exact, or DanceGRPO's
-quantised one) and the chunked fp32 decode. models.py documents the interface a backbone offers train.py."""
+"""What the FLUX and SD3 backbones (models.py) share: how they are loaded and run (`Options`, one field per flag), the
+per-prompt embedding cache (bounded by bytes, on the CPU), guidance switching, offloading of the frozen encoders and
+VAE, the transformer's timestep (exact, or DanceGRPO's quantised one) and the chunked fp32 decode. models.py documents
+the interface a backbone offers train.py. ("Adapter" in this project means only the LoRA adapter that peft injects.)"""
 from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 import sampling
 
-# Scheduler options the adapters' closed-form schedules (sampling.sigmas) do not reproduce: refuse, never guess.
+# Scheduler options the closed-form schedules (sampling.sigmas) do not reproduce: refuse, never guess.
 _UNSUPPORTED_SCHEDULER = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "shift_terminal",
                           "invert_sigmas", "stochastic_sampling")
 GIB = 2 ** 30
 DEFAULT_CACHE_BYTES = 8 * GIB  # --embedding_cache_gb's default: host RAM per rank for cached prompt embeddings
 
 
-class Adapter:
+@dataclass(frozen=True)
+class Options:
+    """How a backbone is loaded and run: the flags of the same names (flow_cps/config.py), listed once here.
+    0 and -1 mean the model's own value."""
+    resolution: int = 0  # image height = width in pixels; 0 = the pipeline's default (digits: 8)
+    guidance: float = -1.0  # FLUX.1-dev guidance embedding / SD3 CFG scale; -1 = the paper's value (models.py)
+    max_sequence_length: int = 0  # T5 tokens per prompt; 0 = the pipeline's default (FLUX 512, SD3 256)
+    shift: float = 0.0  # > 0: a static shift s on the model's grid instead of its scheduler's (DanceGRPO: 3)
+    quantize_timesteps: bool = False  # the transformer gets DanceGRPO's int(1000 t)/1000, the sampler the exact t
+    offload: bool = False  # text encoders and VAE stay on the CPU and visit the GPU only while they run
+    dtype: torch.dtype = torch.float32  # frozen transformer and text encoders; the VAE is fp32 in every precision
+    cache_bytes: int = DEFAULT_CACHE_BYTES  # host RAM for cached prompt embeddings, least recently used dropped
+    decode_batch: int = 8  # images per VAE decode (at 512 px one image's decoder activations are ~1 GB in fp32)
+
+
+class Backbone:
     """What FLUX and SD3 share: the per-prompt embedding cache, guidance switching, offloading, the transformer's
     timestep (exact, or DanceGRPO's quantised) and the chunked fp32 decode.
 
     Subclasses set kind, latent_shape and implement _encode_batch, velocity, sigmas and _latents_for_vae.
+    guidance: the scale this model uses (None: no guidance embedding and no CFG); scheduler_config: the pipeline
+    scheduler's config, read for the shift (None: no shift); prompt_check(prompt) raises ValueError for a prompt the
+    model cannot condition on.
     """
 
     kind = ""
+    shared_keys: tuple[str, ...] = ()  # conditioning tensors without a batch dim (FLUX's txt_ids)
 
-    def _init_common(self, transformer: nn.Module, encode_prompt, vae: nn.Module | None, *, guidance: float | None,
-                     scheduler_config: dict | None, shift: float, device, offload: bool, text_encoders,
-                     cache_bytes: int, decode_batch: int, quantize_timesteps: bool):
+    def __init__(self, transformer: nn.Module, encode_prompt, vae: nn.Module | None, *, guidance: float | None,
+                 scheduler_config: dict | None = None, device=None, options: Options | None = None, text_encoders=(),
+                 prompt_check=None):
+        options = options or Options()
         self.transformer, self.encode_prompt, self.vae = transformer, encode_prompt, vae
-        self.guidance = guidance
+        self.guidance, self.prompt_check = guidance, prompt_check
         self.scheduler_config = dict(scheduler_config or {})
         for key in _UNSUPPORTED_SCHEDULER:
             if self.scheduler_config.get(key):
@@ -40,12 +62,12 @@ class Adapter:
         if int(self.scheduler_config.get("num_train_timesteps", sampling.NUM_TRAIN_TIMESTEPS)) != \
                 sampling.NUM_TRAIN_TIMESTEPS:
             raise ValueError("only schedulers with num_train_timesteps = 1000 are supported")
-        self.shift = float(shift)  # > 0 overrides the scheduler's shift (DanceGRPO's static 3 on FLUX)
+        self.shift = float(options.shift)  # > 0 overrides the scheduler's shift (DanceGRPO's static 3 on FLUX)
+        self.quantize_timesteps = bool(options.quantize_timesteps)
         self.device = torch.device(device) if device is not None else None
-        self.offload = bool(offload) and self.device is not None and self.device.type != "cpu"
+        self.offload = bool(options.offload) and self.device is not None and self.device.type != "cpu"
         self.text_encoders = [m for m in text_encoders if m is not None]
-        self.cache_bytes, self.decode_batch = int(cache_bytes), decode_batch
-        self.quantize_timesteps = bool(quantize_timesteps)
+        self.cache_bytes, self.decode_batch = int(options.cache_bytes), options.decode_batch
         # Embeddings live on the CPU (a 25k-prompt set at 128 T5 tokens would need ~25 GB of GPU memory) and the
         # least recently used ones are dropped once they hold more than cache_bytes (one FLUX prompt at 512 T5
         # tokens is 4 MiB in bf16: a count limit would not bound the host RAM); encode() returns them on self.device.
@@ -105,8 +127,6 @@ class Adapter:
     def _expand_shared(self, cond: dict, batch: int) -> dict:
         return cond
 
-    shared_keys: tuple[str, ...] = ()  # conditioning tensors without a batch dim (FLUX's txt_ids)
-
     def select(self, cond: dict, rows: Tensor) -> dict:
         """The conditioning of the samples `rows` (indices into cond's batch); shared tensors pass as they are."""
         return {k: v if k in self.shared_keys else v[rows] for k, v in cond.items()}
@@ -117,8 +137,6 @@ class Adapter:
         if self.prompt_check is not None:
             for p in dict.fromkeys(prompts):
                 self.prompt_check(p)
-
-    prompt_check = None
 
     @contextlib.contextmanager
     def guidance_scale(self, scale: float | None):
@@ -139,7 +157,7 @@ class Adapter:
     def model_t(self, t: Tensor) -> Tensor:
         """The t in [0, 1] the transformer is given for the sampler's t: t itself, or with quantize_timesteps
         DanceGRPO's int(1000 t)/1000 (its train_grpo_flux.py: `int(sigma * 1000)` of the fp32 sigma, then
-        `timesteps / 1000`), while the sampler's step keeps the exact t (PAPER.md §8 trap 11)."""
+        `timesteps / 1000`), while the sampler's step keeps the exact t (docs/NOTES.md, "Timesteps")."""
         t = t.float()
         if not self.quantize_timesteps:
             return t
@@ -157,7 +175,7 @@ class Adapter:
     def decode(self, x: Tensor) -> Tensor:
         """Latents -> images in [0, 1]: (unpack), latents / scaling + shift, VAE decode, x/2 + 1/2, as the pipelines.
 
-        The VAE is fp32 (load_backbone keeps it so on every device, as Flow-GRPO does: reward images are not
+        The VAE is fp32 (models.load_backbone keeps it so on every device, as Flow-GRPO does: reward images are not
         half-precision decodes) and runs outside autocast, in chunks of decode_batch images (at 512 px one image's
         decoder activations are ~1 GB in fp32)."""
         lat = self._latents_for_vae(x)
