@@ -136,7 +136,7 @@ def jpeg_compressibility(device="cpu", quality: int = 95) -> RewardFn:
     noise), so it is blind on the built-in digits."""
     def fn(images: Tensor, prompts: list[str], metadata=None) -> Tensor:
         check_images(images)
-        arr = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        arr = clip.to_uint8(images)
         sizes = []
         for a in arr:
             buf = io.BytesIO()
@@ -306,7 +306,7 @@ def ocr(device="cpu", det_limit_side_len: int = 960) -> RewardFn:
 
     def fn(images: Tensor, prompts: list[str], metadata=None) -> Tensor:
         check_images(images)
-        arr = (clip.quantise(clip.rgb(images)) * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        arr = clip.to_uint8(clip.rgb(images))
         scores = []
         for i, prompt in enumerate(prompts):
             target = ocr_target(prompt, metadata[i] if metadata else None)

@@ -188,9 +188,11 @@ def cps(x: Tensor, v: Tensor, t, t_next, eta: float):
     """Flow-CPS, Eq. 12: x_{t'} = (1 - t') x0_hat + t' cos(eta pi/2) x1_hat + t' sin(eta pi/2) eps.
 
     a = 1 - t',  b = t' cos(eta pi/2),  c = t' sin(eta pi/2), so b^2 + c^2 = t'^2 for every eta (Definition 1).
-    eta = 0 is the Euler ODE; eta = 1 predicts x0 and re-noises with fresh noise. At t' = 0 the std is 0 and the
-    mean is x0_hat: the final sample carries no noise. (The official code writes b = sqrt(t'^2 - std^2), equal on
-    eta in [0, 1]; eta is restricted to [0, 1] because the code aliases eta and 2 - eta.)
+    eta = 0 is the Euler ODE; eta = 1 predicts x0 and re-noises with fresh noise, (1 - t') x0_hat + t' eps, which is
+    exactly the step of diffusers' FlowMatchEulerDiscreteScheduler(stochastic_sampling=True) (tests/test_sampling.py
+    checks the two agree for the same eps). At t' = 0 the std is 0 and the mean is x0_hat: the final sample carries
+    no noise. (The official code writes b = sqrt(t'^2 - std^2), equal on eta in [0, 1]; eta is restricted to [0, 1]
+    because the code aliases eta and 2 - eta.)
     """
     if not 0.0 <= float(eta) <= 1.0:
         # sin(eta pi/2) is symmetric about eta = 1 and the official sqrt(t'^2 - std^2) returns |cos|, so the code

@@ -1,5 +1,6 @@
 """CLIP plumbing shared by the model-based rewards (rewards.py) and GenEval's colour classifier (geneval.py).
 
+  * images as 8-bit arrays (`to_uint8`: what PIL, the JPEG/OCR rewards and the image grids take);
   * tensor preprocessing, batched on the images' device: `quantise` (8-bit, as a saved PNG), `clip_preprocess`
     (resize the shorter side + centre crop, CLIPProcessor's transform), `resize_max_and_pad` (HPSv2's);
   * weight loading that fails at start-up with the hub id or path tried and how to provide it (`load_pretrained`,
@@ -16,6 +17,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -25,6 +27,12 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 # -- preprocessing on tensors ------------------------------------------------------------------------------------
+def to_uint8(images: Tensor) -> np.ndarray:
+    """Images (B, C, H, W) in [0, 1] as 8-bit pixels, (B, H, W, C) uint8 on the CPU: clamped, scaled by 255 and
+    rounded (not truncated), what a saved PNG holds and PIL takes."""
+    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
 def quantise(images: Tensor) -> Tensor:
     """Clamp to [0, 1] and round to 8 bits: score exactly what a saved PNG would hold (as the peers do, who pass
     uint8 images to their scorers)."""

@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from flow_cps.clip import CLIP_MEAN, CLIP_STD, as_dtype, clip_preprocess, load_pretrained, rgb
+from flow_cps.clip import CLIP_MEAN, CLIP_STD, as_dtype, clip_preprocess, load_pretrained, rgb, to_uint8
 
 # The 80 COCO instance classes in COCO's contiguous label order (= the segmenter's label ids 0..79), named as
 # GenEval's object_names.txt names them (it says "computer mouse", "tv remote", "computer keyboard" where COCO says
@@ -426,7 +426,7 @@ def jpeg_roundtrip(images: Tensor, quality: int = 75) -> Tensor:
     in [0, 1]: what Flow-GRPO's client sends its reward server (PIL's default quality, 75)."""
     from PIL import Image
 
-    arr = (rgb(images).detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    arr = to_uint8(rgb(images))
     out = []
     for a in arr:
         buf = io.BytesIO()

@@ -8,23 +8,24 @@ from pathlib import Path
 import numpy as np
 from torch import Tensor
 
+from flow_cps.clip import to_uint8
+
 
 def image_grid(images: Tensor, rows: int, path: str | Path, min_side: int = 64) -> Path:
     """Save images (B, C, H, W) in [0, 1] as a rows x ceil(B/rows) grid PNG; tiny images are upscaled (nearest) so
     residual noise stays visible pixel by pixel."""
     from PIL import Image
 
-    b, c, h, w = images.shape
+    b, _, h, w = images.shape
     cols = math.ceil(b / rows)
     up = max(1, min_side // max(h, w))
     pad = max(1, up // 4)
     canvas = np.full((rows * (h * up + pad) + pad, cols * (w * up + pad) + pad, 3), 255, np.uint8)
-    arr = (images.detach().float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
-    arr = arr.repeat(up, 2).repeat(up, 3)
+    arr = to_uint8(images).repeat(up, 1).repeat(up, 2)  # (B, H, W, C); one channel broadcasts to grey
     for i in range(b):
         r, q = divmod(i, cols)
         y, x = pad + r * (h * up + pad), pad + q * (w * up + pad)
-        canvas[y:y + h * up, x:x + w * up] = arr[i].transpose(1, 2, 0) if c == 3 else arr[i][0][..., None]
+        canvas[y:y + h * up, x:x + w * up] = arr[i]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(canvas).save(path)
@@ -86,7 +87,7 @@ def reward_curves(history: list[dict], path: str | Path, title: str) -> Path:
     axes[0, 0].set(title="training reward (rollouts)", xlabel="iteration")
     for ax, k in zip(axes[0, 1:], keys):
         ax.plot([h["iteration"] for h in evals if k in h], [h[k] for h in evals if k in h], "o-")
-        ax.set(title=f"held-out {k[5:]} (ODE)", xlabel="iteration")
+        ax.set(title=f"held-out {k.removeprefix('eval/')} (ODE)", xlabel="iteration")
     fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)

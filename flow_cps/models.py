@@ -24,6 +24,8 @@ weights (`train.py --dry_run true`).
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import Tensor, nn
 
@@ -34,6 +36,19 @@ from flow_cps.backbone import Backbone, Options
 # The paper's guidance (Flow-GRPO's configs: SD3.5 CFG 4.5, FLUX.1-dev guidance embedding 3.5); diffusers' SD3 default
 # is 7.0. docs/NOTES.md, "The models".
 DEFAULT_GUIDANCE = {"flux": 3.5, "sd3": 4.5}
+
+
+class _TorchvisionFallbackNotice(logging.Filter):
+    """Importing FluxPipeline / StableDiffusion3Pipeline makes transformers say, once per class, that
+    CLIPImageProcessor and SiglipImageProcessor fall back to their PIL versions without torchvision. The pipelines
+    import them only for IP-Adapter image inputs, which this project never passes (rewards preprocess tensors,
+    clip.py), so the notice is harmless here; it would otherwise open every FLUX / SD3 run's first screen."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed); falling back to" not in record.getMessage()
+
+
+logging.getLogger("transformers.utils.import_utils").addFilter(_TorchvisionFallbackNotice())
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -97,3 +98,13 @@ def test_importing_the_reward_modules_warns_nothing():
     assert out.returncode == 0, out.stderr
     assert "torchvision" not in out.stderr.lower() and "warn" not in out.stderr.lower(), out.stderr
     assert out.stdout.strip() == "[]"  # no transformers model module (and so no image processor) imported
+
+
+def test_to_uint8_rounds_and_clamps_as_numpy():
+    """The one image -> 8-bit conversion (image grids, JPEG and OCR rewards, GenEval's JPEG round trip)."""
+    img = torch.rand(2, 3, 5, 7, generator=torch.Generator().manual_seed(0)) * 1.2 - 0.1  # some out of [0, 1]
+    arr = clip.to_uint8(img)
+    assert arr.shape == (2, 5, 7, 3) and arr.dtype == np.uint8
+    assert (arr == np.rint(np.clip(img.numpy(), 0, 1) * 255).astype(np.uint8).transpose(0, 2, 3, 1)).all()
+    exact = torch.arange(256.0).div(255).reshape(1, 1, 16, 16)
+    assert clip.to_uint8(exact).flatten().tolist() == list(range(256))  # k / 255 -> k, never k - 1

@@ -10,7 +10,11 @@ loaded through the same `load_backbone("/path")` a user's `--model /path` takes 
     LoRA targets are refused with the valid names.
 """
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import tiny_pipelines  # tests/ is on sys.path (pytest's rootdir-relative import)
@@ -20,6 +24,7 @@ import sampling
 import train
 from flow_cps import lora, models
 
+ROOT = Path(__file__).resolve().parent.parent
 RES, MSL, STEPS = 32, 16, 6  # 32 px: 8x8 latents (VAE scale 4) = 16 tokens for FLUX (2x2 packing) and SD3 (patch 2)
 TOL = dict(atol=1e-5, rtol=1e-5)
 PROMPTS = ["a red cat", "two dogs on a sofa", "a sign that says OPEN"]
@@ -292,3 +297,20 @@ def test_vae_decodes_in_fp32_whatever_the_precision(tiny):
     assert all(torch.equal(p, ref[n]) for n, p in half.vae.named_parameters())
     x = _noise(full)
     assert torch.equal(half.decode(x), full.decode(x))
+
+
+def test_loading_the_pipelines_prints_no_warning(tiny):
+    """A FLUX / SD3 run's first screen shows nothing that looks like a problem: transformers' notice that the
+    pipelines' CLIP / Siglip image processors (IP-Adapter inputs, unused here) fall back to PIL without torchvision
+    is filtered (models.py), and a pipeline built in memory in the run's dtype (gpu_check.py, bf16 on a GPU) is not
+    cast again, a cast diffusers warns about ("should be kept in float32")."""
+    code = ("import sys, torch; sys.path.insert(0, 'tests'); from flow_cps import hub, models; "
+            "from tools import gpu_check; "
+            f"models.load_backbone({str(tiny['sd3.5'])!r}, resolution=RES, max_sequence_length=MSL); "
+            "pipe = gpu_check.stand_in_pipeline('flux-dev', tiny=True, dtype=torch.bfloat16, device='cpu'); "
+            "bb = models.load_backbone(hub.register_pipeline('flux', pipe), resolution=RES, max_sequence_length=MSL, "
+            "dtype=torch.bfloat16); print(bb.transformer.dtype)").replace("RES", str(RES)).replace("MSL", str(MSL))
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "TRANSFORMERS_VERBOSITY": "warning"})
+    assert p.returncode == 0 and p.stdout.strip() == "torch.bfloat16", p.stderr[-3000:]
+    assert "torchvision" not in p.stderr and "float32" not in p.stderr, p.stderr

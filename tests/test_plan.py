@@ -1,6 +1,7 @@
 """plan.py: every preset resolves, validates and plans on CPU (--dry_run) for the world sizes its batch arithmetic
 allows; the memory estimate scales as documented; the documented parameter counts are those of the released configs;
 a local folder plans like the loader reads it. No weights are loaded."""
+import dataclasses
 import json
 from pathlib import Path
 
@@ -187,3 +188,51 @@ def test_presets_state_their_precision_and_dance_follows_one_script(capsys):
     assert (dance.max_grad_norm, dance.ema_decay, dance.lr, dance.checkpoint_every, dance.iterations) == \
         (1.0, 0.0, 1e-5, 40, 300)
     assert dance.quantize_timesteps and dance.lora_rank == 0 and dance.micro_batch == 1 and dance.precision == "bf16"
+
+
+def _algorithm(out: str) -> dict[str, str]:
+    """The plan's algorithm block: {'sampler': 'sampler: Flow-CPS ...', ...}."""
+    block = out.split("  the algorithm")[1].split("\n  schedule")[0].splitlines()[1:]
+    return {line.strip().split(":")[0]: line.strip() for line in block}
+
+
+def test_the_plan_states_the_algorithm(capsys):
+    """The dry run names the algorithm's choices in the paper's words: the Flow-GRPO baseline (--sampler flow_sde on
+    the CPS preset) differs from the CPS run in the sampler, its log-prob and the KL form, and in nothing else."""
+    plans = {}
+    for name, argv in (("cps", []), ("flow_grpo", ["--sampler", "flow_sde"])):
+        train.main(["--preset", "sd3.5-geneval", "--dry_run", "true", *argv])
+        plans[name] = _algorithm(capsys.readouterr().out)
+    cps, base = plans["cps"], plans["flow_grpo"]
+    assert cps["sampler"].startswith("sampler: Flow-CPS (Eq. 12): x_t' = (1 - t') x0_hat + t' cos(eta pi/2) x1_hat")
+    assert base["sampler"].startswith("sampler: Flow-SDE, Flow-GRPO's sampler (Eq. 9)")
+    assert "eta 0.7;" in cps["sampler"] and "eta 0.7;" in base["sampler"]
+    assert cps["log-prob"].startswith("log-prob: Eq. 14") and base["log-prob"].startswith("log-prob: Eq. 13")
+    assert cps["loss"].endswith("KL: beta 0.04 x FlowCPS's mean (mu - mu_ref)^2, to the LoRA-off reference")
+    assert base["loss"].endswith("KL: beta 0.04 x Flow-GRPO's mean (mu - mu_ref)^2 / (2 sigma_t^2), to the LoRA-off "
+                                 "reference")
+    assert {k for k in cps if cps[k] != base[k]} == {"sampler", "log-prob", "loss"}
+    assert cps["advantage"] == ("advantage: Flow-GRPO's (r - group mean) / (std of the whole batch + 1e-4), clipped "
+                                "to +-5; samples with advantage 0 are skipped")
+    assert cps["trained steps"] == "trained steps: the first 9 of the 10 steps, in order (Flow-GRPO, fraction 0.99)"
+    batches = plan.ema(config.parse_config(["--preset", "sd3.5-geneval"]), plan.batch(
+        config.parse_config(["--preset", "sd3.5-geneval"]), 8)).batches  # the EMA the Session builds
+    assert cps["EMA"] == (f"EMA: Flow-GRPO's rule: at the optimizer steps s with (s + 1) % 8 == 0, {batches} updates "
+                          "(one per training batch) with the warm-up decay min((1 + s)/(10 + s), 0.9)")
+    assert cps["precision"].startswith("precision: fp16: fp16 frozen weights under fp16 autocast with dynamic loss")
+    train.main(["--preset", "flux-dev-hpsv2", "--dry_run", "true"])  # DanceGRPO's recipe reads as DanceGRPO's
+    dance = _algorithm(capsys.readouterr().out)
+    assert "a random 9 of the stochastic steps before the last, per sample (DanceGRPO" in dance["trained steps"]
+    assert "DanceGRPO's (r - group mean) / (unbiased std of the group" in dance["advantage"]
+    assert dance["EMA"] == "EMA: none: evaluation and exports use the live weights" and "KL: none" in dance["loss"]
+    assert "every transformer weight (full fine-tuning)" in dance["optimizer"]
+    train.main(["--dry_run", "true", "--device", "cpu", "--dry_run_gpus", "2"])  # a CPU run's ranks are processes
+    out = capsys.readouterr().out
+    assert "batch on 2 processes: " in out and "per process 4 prompts" in out and "GPU" not in out
+    assert _algorithm(out)["precision"] == "precision: fp32: fp32 throughout"
+
+
+def test_every_declared_choice_has_its_words():
+    declared = {f.name: set(f.metadata["choices"]) - {"", "auto"} for f in dataclasses.fields(config.Config)
+                if "choices" in f.metadata}
+    assert {name: set(words) for name, words in plan.WORDS.items()} == {name: declared[name] for name in plan.WORDS}

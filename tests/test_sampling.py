@@ -80,7 +80,7 @@ def test_flux_schnell_schedule_equals_diffusers(diffusers_scheduler, n):
 
 
 def test_schedule_reference_values():
-    # PAPER.md §1.3, independent of diffusers.
+    # the grids each model samples on (docs/NOTES.md, "Schedules"), independent of diffusers.
     sd35 = [1, .9601, .9133, .8577, .7904, .7073, .6022, .4649, .2780, .0089, 0]
     assert sigmas(10, 3.0).tolist() == pytest.approx(sd35, abs=5e-5)
     assert sigmas(6, mu=flux_mu(1024)).tolist() == pytest.approx([1, .9037, .7897, .6525, .4842, .2730, 0], abs=5e-5)
@@ -111,6 +111,25 @@ def test_ode_step_equals_diffusers_step(diffusers_scheduler, shift):
         mean, std = ode(x, v, float(sched.sigmas[k]), float(sched.sigmas[k + 1]))
         assert torch.equal(mean, ref)  # bit-identical in fp32
         assert float(std) == 0.0
+        x = ref
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_cps_at_eta_one_is_diffusers_stochastic_sampling(diffusers_scheduler, shift):
+    """diffusers' stochastic_sampling step, x0 = x - sigma v, then (1 - sigma') x0 + sigma' eps with eps =
+    randn(sample.shape, generator), is CPS at eta = 1 (Eq. 12: cos(pi/2) = 0, sin(pi/2) = 1): the same eps gives the
+    same next sample, on every step of the grid (the last, t' = 0, returns x0_hat in both)."""
+    sched = diffusers_scheduler(shift=shift, stochastic_sampling=True)
+    sched.set_timesteps(10)
+    g = torch.Generator().manual_seed(0)
+    x, v = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    for k in range(10):
+        sched._step_index = k
+        ref = sched.step(v, sched.timesteps[k], x, generator=torch.Generator().manual_seed(k)).prev_sample
+        eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(k))  # what diffusers' randn_tensor draws
+        mean, std = cps(x, v, float(sched.sigmas[k]), float(sched.sigmas[k + 1]), 1.0)
+        torch.testing.assert_close(mean + std * eps, ref, rtol=0, atol=1e-6)
+        assert float(std) == pytest.approx(float(sched.sigmas[k + 1]))  # all of the noise t' is fresh
         x = ref
 
 

@@ -213,7 +213,8 @@ def _run(args, env=None, check=True):
 
 def test_resume_after_kill_is_bitwise_exact(pretrained, tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    _run([sys.executable, "train.py", *FAST, "--output_dir", str(straight)])
+    first = _run([sys.executable, "train.py", *FAST, "--output_dir", str(straight)])
+    assert "batch on 1 process: " in first.stdout and "GPU" not in first.stdout  # a CPU run's plan names processes
     p = _run([sys.executable, "train.py", *FAST, "--output_dir", str(killed), "--kill_at", "2"], check=False)
     assert p.returncode == -9, p.stderr[-2000:]  # SIGKILL right after the iteration-2 checkpoint
     assert (killed / "checkpoints" / "latest").read_text() == "iter_000002"
