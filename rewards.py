@@ -287,9 +287,9 @@ def ocr(device="cpu", det_limit_side_len: int = 960) -> RewardFn:
     """Text-rendering accuracy: `ocr_score` of what RapidOCR reads in the image vs the prompt's quoted text.
 
     Scale [0, 1]. Its test-set mean is the paper's "OCR accuracy": SD3.5-M 0.579, Flow-GRPO 0.966, Flow-CPS 0.975
-    (PAPER.md §6). Flow-GRPO reads with PaddleOCR 2.9 (English, CPU, angle classifier off); RapidOCR 3.10 runs the
-    PP-OCR det/rec models through onnxruntime with the model files inside the wheel, so this works offline. Where
-    Flow-GRPO scores an OCR exception as 0, here it is a failure (NaN, reported by RewardModel).
+    (unverified, docs/NOTES.md "Sources"). Flow-GRPO reads with PaddleOCR 2.9 (English, CPU, angle classifier off);
+    RapidOCR 3.10 runs the PP-OCR det/rec models through onnxruntime with the model files inside the wheel, so this
+    works offline. Where Flow-GRPO scores an OCR exception as 0, here it is a failure (NaN, reported by RewardModel).
     Detection size: PaddleOCR's default, det_limit_side_len 960 with limit_type "max" (only images whose longer side
     exceeds 960 px are shrunk, so a 512-px image is read at full size). Measured on 512x512 renders of 10 signs
     (2 shared CPU cores): clean text of 10-60 px is read exactly at 960 and at 320; blurred, with noise of std 0.08,
@@ -414,7 +414,7 @@ def geneval_reward(device="cpu", **options) -> RewardFn:
 def geneval_strict(device="cpu", **options) -> RewardFn:
     """1 if the image passes the GenEval benchmark's rule for its prompt, else 0. Aggregate by tag (group_key) as
     `geneval.summarize(tags, scores)` does: per-tag accuracy and the overall score (SD3.5-M 0.63; Flow-GRPO and
-    Flow-CPS with KL 0.97, PAPER.md §6)."""
+    Flow-CPS with KL 0.97: the paper's table as a secondary source gives it, docs/NOTES.md "Sources")."""
     return geneval.reward_fn(geneval.shared_scorer(device, **options), lambda v: float(v.correct))
 
 

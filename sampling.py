@@ -36,7 +36,7 @@ NUM_TRAIN_TIMESTEPS = 1000
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Schedules (PAPER.md §1.3). Computed here in a few lines instead of driving diffusers' stateful scheduler;
+# Schedules (docs/NOTES.md, "Schedules"). Computed here in a few lines instead of driving diffusers' stateful scheduler;
 # tests/test_sampling.py checks them against FlowMatchEulerDiscreteScheduler.set_timesteps.
 
 
@@ -58,7 +58,7 @@ def sigmas(num_steps: int, shift: float = 1.0, mu: float | None = None, *, grid:
         paper's Figure-2 notebook use it too.
       * "diffusers": u = linspace(1, u_min, N) with u_min = the *shifted* 1/1000, what
         FlowMatchEulerDiscreteScheduler.set_timesteps(N) does by default (SD3.5 pipeline). The shift is then
-        applied again, so SD3.5's last non-zero t is 0.0089, not 0.001 (PAPER.md §1.3, trap 12).
+        applied again, so SD3.5's last non-zero t is 0.0089, not 0.001 (docs/NOTES.md, "Schedules").
     Shifts: static  t = s u / (1 + (s - 1) u)  (SD3.5: s = 3; DanceGRPO: s = 3 on the uniform grid),
             dynamic t = e^mu / (e^mu + 1/u - 1) (FLUX.1-dev; mu from `flux_mu`).
     Default grid: "uniform" when mu is given or shift == 1 (FLUX.1-dev, FLUX.1-schnell, Figure 2), else "diffusers"
@@ -137,7 +137,8 @@ def flow_grpo_sigma(t: Tensor, t_next: Tensor, eta: float) -> Tensor:
     """Flow-GRPO's diffusion coefficient sigma_t = eta * sqrt(t / (1 - t)), with its t = 1 guard.
 
     At t = 1 the ratio is infinite; Flow-GRPO replaces only the *denominator's* t by the grid's second value
-    sigmas[1] (PAPER.md trap 2). Within one step that value is t_next, so the first step's fresh-noise std is
+    sigmas[1] (docs/NOTES.md, "Implementation traps"). Within one step that value is t_next, so the first step's
+    fresh-noise std is
     sigma_t * sqrt(1 - t_1) = eta exactly.
     """
     t_guard = torch.where(t >= 1, t_next, t)
@@ -209,8 +210,9 @@ def cpws(x: Tensor, v: Tensor, t, t_next, eta: float):
     """Flow-CPWS, Eq. 15 (coefficients-preserving with Wiener-scaled noise): keep Flow-SDE's fresh noise
     c = sigma_t sqrt(Dt) and shrink the x1_hat coefficient so that the total noise is exactly t':
     a = 1 - t',  b = sqrt(t'^2 - sigma_t^2 Dt).  Theorem 1: Flow-SDE's b is its first-order Taylor expansion.
-    Provenance: a reconstruction (PAPER.md §2.7, this project's derivation): the paper's Eq. 15 was not read; the
-    form follows the reviewers' quotes and the authors' notebook (cell 3 plots sqrt(t^2 - x) against t - x/(2t)).
+    Provenance: a reconstruction (this project's derivation; docs/NOTES.md, "Where the numbers come from"): the
+    paper's Eq. 15 was not read; the form follows the reviewers' quotes and the authors' notebook (cell 3 plots
+    sqrt(t^2 - x) against t - x/(2t)).
 
     Undefined where t'^2 < sigma_t^2 Dt (always at t' = 0, and near the end of short schedules): raises ValueError.
     """

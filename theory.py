@@ -1,8 +1,8 @@
 """The paper's theory, checked numerically: Eq. 10 (noise-level error), Theorem 1, Figure 2, and a Figure-1 analogue.
 
 Every number comes from the step functions in `sampling.py` themselves (their (a, b, c) coefficients are read off by
-feeding them the x-hat basis vectors), compared with the closed forms of PAPER.md §2-3 and with Monte-Carlo runs that
-use an oracle velocity: for a point mass x0 the flow-matching velocity is exactly v(x, t) = (x - x0) / t.
+feeding them the x-hat basis vectors), compared with the closed forms of Eq. 10 and Theorem 1 and with Monte-Carlo runs
+that use an oracle velocity: for a point mass x0 the flow-matching velocity is exactly v(x, t) = (x - x0) / t.
 
     python theory.py [--out theory_out] [--mc 200000]
 
@@ -21,10 +21,11 @@ import torch
 
 from sampling import SAMPLERS, dance_sde, flow_grpo_sigma, flow_sde, ode, rollout, sigmas
 
-# The values PAPER.md §3.2 gives, to 4 decimals. Provenance: the authors' notebook (FlowCPS
-# scripts/analysis/sde_noise_level.ipynb) printed only Flow-SDE at N = 16, eta = 0.7 (FIG2_LEVELS_N16_ETA07 and its
-# accumulated error .5359); every other entry, and SD35_LEVELS_ETA07, is PAPER.md's re-computation with the notebook's
-# formula (a derivation, not a published number; the paper's own Figure-2 values were not read).
+# Figure 2's reference values, to 4 decimals (docs/NOTES.md, "Where the numbers come from"). Provenance: the authors'
+# notebook (FlowCPS scripts/analysis/sde_noise_level.ipynb) printed only Flow-SDE at N = 16, eta = 0.7
+# (FIG2_LEVELS_N16_ETA07 and its accumulated error .5359); every other entry, and SD35_LEVELS_ETA07, was re-computed
+# for this project with the notebook's formula (a derivation, not a published number; the paper's own Figure-2 values
+# were not read).
 # (sampler, N, eta) -> (final-step residual noise level, accumulated error), uniform grid (shift 1).
 FIG2_REFERENCE = {
     ("flow_sde", 4, 0.3): (0.0879, 0.2618), ("flow_sde", 4, 0.5): (0.1502, 0.4626),
@@ -40,10 +41,10 @@ FIG2_REFERENCE = {
     ("dance_sde", 1000, 0.3): (0.0460, 0.0633), ("dance_sde", 1000, 0.5): (0.1260, 0.1660),
     ("dance_sde", 1000, 0.7): (0.2460, 0.3199), ("dance_sde", 1000, 1.0): (0.5010, 0.6469),
 }
-# Flow-SDE, N = 16, eta = 0.7: the noise level after each step (PAPER.md §3.2).
+# Flow-SDE, N = 16, eta = 0.7: the noise level after each step (the notebook's printout).
 FIG2_LEVELS_N16_ETA07 = [.9847, .9254, .8309, .7612, .6957, .6318, .5685, .5056, .4429, .3805, .3183, .2565,
                          .1953, .1354, .0800, .0480]
-# Real SD3.5-M 10-step grid (shift 3), Flow-SDE eta = 0.7: levels vs the ideal t' (PAPER.md §3.2).
+# Real SD3.5-M 10-step grid (shift 3), Flow-SDE eta = 0.7: levels vs the ideal t' (re-computed, as above).
 SD35_LEVELS_ETA07 = [1.0007, .9715, .8820, .8085, .7251, .6236, .4965, .3415, .2400, .0067]
 SD35_IDEAL = [.9601, .9133, .8577, .7904, .7073, .6022, .4649, .2780, .0089, 0.0]
 ETAS_FIG2 = (0.3, 0.5, 0.7, 1.0)
@@ -67,7 +68,7 @@ def coefficients(name: str, t: float, t_next: float, eta: float) -> tuple[float,
 
 
 def noise_level(name: str, t: float, t_next: float, eta: float) -> float:
-    """Total noise level after one step, sqrt(b^2 + c^2) (Definition 1 (2), PAPER.md §2.0), from the step itself.
+    """Total noise level after one step, sqrt(b^2 + c^2) (Definition 1, condition 2), from the step itself.
 
     Treats x1_hat as unit noise independent of the fresh eps (a perfect model on an on-schedule x_t), as Eq. 10 does.
     At t = 1, Flow-SDE and CPWS use the same guard as their step (`sampling.flow_grpo_sigma`).
@@ -79,7 +80,7 @@ def noise_level(name: str, t: float, t_next: float, eta: float) -> float:
 def eq10_noise_level(t: float, t_next: float, sigma_t: float) -> float:
     """Eq. 10, closed form for Flow-SDE (sigma_t = eta sqrt(t/(1-t))) and Dance-SDE (sigma_t = eta):
     sqrt((t - Dt)^2 + (sigma_t Dt)^2 / t + (sigma_t^2 Dt / (2t))^2) >= t - Dt. (The reviews quote Eq. 10; this
-    expanded form is PAPER.md's algebra, checked against the implemented steps below.)"""
+    expanded form is this project's algebra, checked against the implemented steps below.)"""
     dt = t - t_next
     return math.sqrt(t_next**2 + (sigma_t * dt) ** 2 / t + (sigma_t**2 * dt / (2 * t)) ** 2)
 
@@ -88,8 +89,8 @@ def theorem1_error(t: float, dt: float, sigma_t: float) -> float:
     """Theorem 1's noise-level error of Flow-SDE: sqrt((sigma_t Dt)^2 / t + (sigma_t^2 Dt / (2t))^2).
 
     It is the excess over the ideal level, sqrt(level^2 - t'^2); first order in Dt, so O(1/N) per step.
-    Provenance: this project's derivation from Eq. 10 (PAPER.md §2.7); the paper states Theorem 1 in words only, as
-    far as the reviews quote it."""
+    Provenance: this project's derivation from Eq. 10 (docs/NOTES.md, "Where the numbers come from"); the paper's
+    Theorem 1 is known here only as the reviews state it."""
     return math.sqrt((sigma_t * dt) ** 2 / t + (sigma_t**2 * dt / (2 * t)) ** 2)
 
 
@@ -325,7 +326,7 @@ def main(argv=None) -> None:
         print(f"t = {r['t']:.1f} eta = {r['eta']:.1f}: slope {r['slope']:.3f} (theory 2); "
               f"max |excess - theorem1_error| = {r['max_formula_err']:.1e}")
 
-    print("\n== Figure 2: final-step residual / accumulated error (uniform grid), vs PAPER.md ==")
+    print("\n== Figure 2: final-step residual / accumulated error (uniform grid), vs the reference values ==")
     fig2 = figure2_table()
     print(f"{'sampler':>10} {'N':>5} {'eta':>4} | {'final':>7} {'ref':>7} | {'acc. err':>8} {'ref':>7} | ok")
     for r in fig2:

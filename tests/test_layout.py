@@ -5,8 +5,11 @@ the `flow_cps` package, what produced results/ in `tools/`, and imports that poi
 * the package never imports train.py or tools/ (the algorithm and the measurements sit above it);
 * no import cycle anywhere, the package included;
 * project modules are imported at the top of each file, where a reader sees every dependency (a function-level
-  import hides one, and hid the cycles this test forbids)."""
+  import hides one, and hid the cycles this test forbids);
+* every reference to a .md document names one the repository holds (or one a tool writes, declared below)."""
 import ast
+import re
+import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,3 +90,37 @@ def test_the_package_never_imports_the_algorithm_or_the_tools():
 def test_project_imports_are_at_the_top_of_each_file():
     inner = {m: _imports(p)[1] for p, m in FILES.items()}
     assert not {m: v for m, v in inner.items() if v}, "project imports inside functions"
+
+
+# .md files that tools write rather than the repository holding them, each with the file that writes it (the test
+# checks that file names it, so an entry cannot outlive its tool).
+WRITTEN_BY = {"results/gpu.md": "tools/gpu_check.py",  # the GPU check's report (its default --out)
+              "X.md": "tools/gpu_check.py",  # the --out of its usage line
+              "report.md": "tools/report.py",  # results/report.md, and the bench's report in another folder
+              "gpu.md": "tests/test_gpu_check.py"}  # the GPU check's report in the test's temporary folder
+MD_REFERENCE = re.compile(r"[\w./-]*\w\.md\b")
+
+
+def _held() -> list[str]:
+    """The repository's files, as git sees them: tracked, plus new ones not ignored."""
+    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    return [f for f in out.splitlines() if (ROOT / f).is_file()]
+
+
+def test_every_md_reference_is_to_a_document_the_repository_holds():
+    """No file points a reader to a document they cannot open (as the code once cited notes kept outside the
+    repository): a reference resolves from the referring file's folder (a markdown link) or from the root."""
+    held = set(_held())
+    for name, tool in WRITTEN_BY.items():
+        assert name in (ROOT / tool).read_text(), f"{tool} no longer writes {name}: drop it from WRITTEN_BY"
+    dangling = []
+    for f in sorted(held):
+        if not f.endswith((".py", ".md", ".toml")):
+            continue
+        for ref in MD_REFERENCE.findall((ROOT / f).read_text()):
+            ref = ref.removeprefix("./")
+            near = (Path(f).parent / ref).as_posix()
+            if ref not in held and near not in held and ref not in WRITTEN_BY:
+                dangling.append(f"{f}: {ref}")
+    assert not dangling, "references to .md files the repository does not hold: " + "; ".join(dangling)

@@ -256,7 +256,8 @@ def test_transformer_gets_dances_quantised_timestep_and_the_sampler_the_exact_on
                               quantize_timesteps=True)
     exact = models.load_backbone(str(tiny["flux-dev"]), "cpu", resolution=RES, max_sequence_length=MSL, shift=3.0)
     grid = bb.sigmas(16)
-    # by hand: DanceGRPO's grid t = 3u / (1 + 2u), u = 1, 15/16, ..., 0 (PAPER.md §1.3), times 1000, truncated
+    # by hand: DanceGRPO's grid t = 3u / (1 + 2u), u = 1, 15/16, ..., 0 (docs/NOTES.md, "Schedules"), times 1000,
+    # truncated
     hand = [1000, 978, 954, 928, 900, 868, 833, 794, 750, 700, 642, 576, 500, 409, 300, 166]
     assert grid.tolist()[:16] == pytest.approx([3 * u / (1 + 2 * u) for u in [1 - k / 16 for k in range(16)]],
                                                 abs=1e-6)

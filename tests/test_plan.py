@@ -25,7 +25,8 @@ DIVISORS_48 = [1, 2, 3, 4, 6, 8, 12, 16, 24, 48]  # 48 prompts, whole groups per
 WORLD_SIZES = {"sd3.5-geneval": DIVISORS_48, "sd3.5-ocr": DIVISORS_48, "sd3.5-pickscore": DIVISORS_48,
                "flux-dev-pickscore": DIVISORS_48, "flux-schnell-pickscore": DIVISORS_48,
                "flux-dev-hpsv2": [1, 2, 4, 8, 16]}
-# PAPER.md §1.3: the training schedules at 512 px (SD3.5 10 steps, FLUX.1-dev 6), schnell's 4, DanceGRPO's 16
+# the training schedules at 512 px (SD3.5 10 steps, FLUX.1-dev 6), schnell's 4, DanceGRPO's 16 (docs/NOTES.md,
+# "Schedules")
 SIGMAS = {"sd3.5": [1, .9601, .9133, .8577, .7904, .7073, .6022, .4649, .2780, .0089, 0],
           "flux-dev": [1, .9037, .7897, .6525, .4842, .2730, 0], "flux-schnell": [1, .75, .5, .25, 0],
           "dance": [1, .9783, .9545, .9286, .9, .8684, .8333, .7941, .75, .7, .6429, .5769, .5, .4091, .3, .1667, 0]}
@@ -103,7 +104,7 @@ def test_memory_estimate_counts_what_the_run_holds():
 
 def test_docs_memory_table_is_the_dry_runs():
     """docs/SCALE.md's memory table is `python -m flow_cps.plan`'s output (regenerate it with that command)."""
-    doc = (Path(__file__).resolve().parent.parent / "docs" / "SCALE.md").read_text()
+    doc = (Path(__file__).resolve().parent.parent / "docs/SCALE.md").read_text()
     assert plan.memory_table() in doc
 
 

@@ -1,4 +1,4 @@
-"""theory.py reproduces the paper's numbers (PAPER.md §3) and its checks can fail."""
+"""theory.py reproduces the paper's numbers (Eq. 10, Theorem 1, Figure 2) and its checks can fail."""
 
 import math
 

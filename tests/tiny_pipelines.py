@@ -2,8 +2,8 @@
 
 They have the real pipelines' structure (model_index.json, the same component classes, tokenizers, scheduler
 configs) at ~1 M parameters, so `models.load_backbone("/that/folder")` takes exactly the path a user's
-`--model /path/to/FLUX.1-dev` takes. Shape rules that must hold are in ENVIRONMENT.md §2; the comments below say
-which one each argument satisfies.
+`--model /path/to/FLUX.1-dev` takes. A hand-built pipeline must satisfy diffusers' shape rules (a broken one is a
+shape error at the first forward); the comments below state the rule each argument satisfies.
 
     python tests/tiny_pipelines.py /tmp/tiny      # writes /tmp/tiny/{flux-dev,flux-schnell,sd3.5}
 """
