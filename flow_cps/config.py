@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import importlib.util
 import math
 from dataclasses import dataclass, field
 
@@ -19,6 +20,7 @@ import grpo
 import rewards
 import sampling
 from flow_cps import engine
+from flow_cps.logs import REPORT_TO
 from flow_cps.lora import LoRA
 
 # Flow-GRPO's LoRA targets for FLUX/SD3 attention (its config/grpo.py; docs/NOTES.md, "Where the numbers come
@@ -110,8 +112,12 @@ class Config:
     lora_alpha: float = option(16.0, "LoRA alpha (scale alpha / rank)")
     lora_targets: str = option(",".join(ATTENTION_TARGETS), "comma-separated LoRA target modules")
     ema_decay: float = option(0.9, "EMA decay of the trained weights used for evaluation (0 = no EMA)")
-    ema_rule: str = choice("plain", "'plain' (decay after every optimizer step) or 'flow_grpo' (Flow-GRPO's: every 8 "
-                           "steps, warm-up decay, per training batch; see engine.EMA)", engine.EMA_RULES)
+    ema_interval: int = option(1, "the EMA updates only after every this many optimizer steps (Flow-GRPO: 8)")
+    ema_updates_per_step: int = option(1, "EMA updates per optimizer step (Flow-GRPO updates once per training batch: "
+                                       "2 per step in its 32-GPU SD3.5 runs, 6 for FLUX.1); independent of the world "
+                                       "size (engine.EMASchedule)")
+    ema_warmup: bool = option(False, "Flow-GRPO's warm-up decay min((1 + s)/(10 + s), ema_decay) at optimizer step "
+                              "s")
     # scale
     parallel: str = choice("ddp", "multi-GPU engine: 'ddp' (a replica per GPU) or 'fsdp' (FSDP2: weights, grads and "
                            "optimizer state sharded per transformer block)", engine.PARALLEL)
@@ -136,7 +142,9 @@ class Config:
     # outputs
     checkpoint_every: int = option(50, "checkpoint every this many iterations (and at the end)")
     keep_checkpoints: int = option(2, "how many complete checkpoints to keep (>= 1; the newest is never deleted)")
-    tensorboard: bool = option(True, "also write TensorBoard scalars")
+    report_to: str = choice("tensorboard", "where the scalars and image grids also go: 'tensorboard', 'wandb' "
+                            "(Weights & Biases, `pip install wandb`; WANDB_MODE=offline works without a network) or "
+                            "'none' (metrics.jsonl and images/ are always written)", REPORT_TO)
     kill_at: int = option(-1, "testing: SIGKILL this process right after the checkpoint of this iteration")
 
     # -- what the flags resolve to (the code reads these, never the empty defaults) --------------------------------
@@ -169,27 +177,29 @@ _FLOW_GRPO = dict(
     resolution=512, max_sequence_length=128,  # Flow-GRPO encodes prompts (and the negative "") with 128 T5 tokens
     sampler="cps", group_size=24, prompts_per_iter=48, updates_per_iter=2, advantage="flow_grpo", adv_clip=5.0,
     timesteps="ordered", timestep_fraction=0.99, clip_range=1e-4, lr=3e-4, weight_decay=1e-4, max_grad_norm=1.0,
-    ema_decay=0.9, ema_rule="flow_grpo", eval_per_prompt=1, iterations=1000, checkpoint_every=30)
+    ema_decay=0.9, ema_interval=8, ema_warmup=True, eval_per_prompt=1, iterations=1000, checkpoint_every=30)
 # SD3.5: config/base.py's mixed_precision "fp16" (fp16 autocast, loss scaling; Flow-GRPO's FAQ prefers fp16 for its
-# smaller sampling/training mismatch) and base.py's noise_level 0.7, read as CPS's eta.
+# smaller sampling/training mismatch) and base.py's noise_level 0.7, read as CPS's eta. EMA: train_sd3.py steps it once
+# per training batch, and geneval_sd3's 32 GPUs accumulate 2 batches per optimizer step (4 per epoch // 2).
 _SD35 = dict(_FLOW_GRPO, model="stabilityai/stable-diffusion-3.5-medium", num_steps=10, eval_steps=40, guidance=4.5,
              eval_guidance=4.5, micro_batch=9, eta=0.7, lora_rank=32, lora_alpha=64.0,
-             lora_targets=",".join(ATTENTION_TARGETS), parallel="ddp", eval_every=60, precision="fp16")
+             lora_targets=",".join(ATTENTION_TARGETS), parallel="ddp", eval_every=60, precision="fp16",
+             ema_updates_per_step=2)
 # FLUX: pickscore_flux's mixed_precision "bf16" (fp16 gives invalid FLUX images, Flow-GRPO's FAQ) and noise_level
 # 0.9, Flow-SDE's eta in Flow-GRPO, which the FlowCPS fork left unchanged and so reads as CPS's eta (no source says
 # which eta the paper's FLUX CPS runs used; a reviewer of the paper reports 0.7 for CPS). train_flux.py has no
-# zero-advantage filter.
+# zero-advantage filter. EMA: pickscore_flux's 32 GPUs accumulate 6 batches per optimizer step (12 per epoch // 2).
 _FLUX = dict(_FLOW_GRPO, guidance=3.5, eval_guidance=3.5, micro_batch=3, eta=0.9, beta=0.0, lora_rank=64,
              lora_alpha=128.0, lora_targets=",".join(FLUX_TARGETS), parallel="fsdp", precision="bf16",
              drop_zero_adv=False, reward="pickscore", eval_metrics="pickscore", prompts="flow_grpo/dataset/pickscore",
-             eval_every=30)
+             eval_every=30, ema_updates_per_step=6)
 PRESETS: dict[str, dict] = {
     "tiny": {},  # the defaults: built-in digits model, CPS eta 0.7, ~3 min on 2 CPU cores
     # Flow-GRPO's reward server's GenEval rule (rewards.geneval_flow_grpo) trains; the benchmark's rule evaluates.
     # prompts: this project's generated GenEval-like / OCR sets (offline defaults); the paper's are Flow-GRPO's
     # dataset/geneval and dataset/ocr folders: --prompts /path/flow_grpo/dataset/geneval (docs/SCALE.md)
-    "sd3.5-geneval": dict(_SD35, prompts="geneval", reward="geneval_flow_grpo", eval_metrics="geneval_strict,geneval",
-                          beta=0.04),
+    "sd3.5-geneval": dict(_SD35, prompts="geneval", reward="geneval_flow_grpo",
+                          eval_metrics="geneval_overall,geneval_partial", beta=0.04),
     "sd3.5-ocr": dict(_SD35, prompts="ocr", reward="ocr", eval_metrics="ocr", beta=0.04),
     "sd3.5-pickscore": dict(_SD35, prompts="flow_grpo/dataset/pickscore", reward="pickscore", eval_metrics="pickscore",
                             beta=0.01),
@@ -213,7 +223,7 @@ PRESETS: dict[str, dict] = {
         timestep_fraction=0.6, clip_range=1e-4, beta=0.0, lr=1e-5, weight_decay=1e-4, max_grad_norm=1.0, lora_rank=0,
         ema_decay=0.0, precision="bf16", parallel="fsdp", gradient_checkpointing=True, reward="hpsv2",
         eval_metrics="hpsv2", prompts="DanceGRPO/assets/prompts.txt", eval_per_prompt=1, eval_every=50,
-        iterations=300, checkpoint_every=40),
+        eval_prompts=256, iterations=300, checkpoint_every=40),
 }
 # GPUs each preset's numbers assume (the dry run's default world size). The paper's configs used 32 GPUs, but 48
 # prompts do not split over 32 ranks with every group on one rank; 8 GPUs is Flow-GRPO's `*_8gpu` layout.
@@ -224,8 +234,11 @@ PROMPT_SOURCES = {"flow_grpo/dataset/pickscore": "git clone https://github.com/y
                   "dataset/pickscore holds train.txt and test.txt)",
                   "DanceGRPO/assets/prompts.txt": "git clone https://github.com/XueZeyue/DanceGRPO (assets/prompts.txt "
                   "holds the HPDv2 prompts)"}
+# The generated prompt sets that stand in for the paper's (offline defaults): a paper preset run on one says so.
+PAPER_PROMPTS = {"geneval": ("GenEval-like", "flow_grpo/dataset/geneval"),
+                 "ocr": ("sign/label", "flow_grpo/dataset/ocr")}
 RESUMABLE_CHANGES = {"iterations", "resume", "kill_at", "eval_every", "checkpoint_every", "keep_checkpoints",
-                     "tensorboard", "device", "output_dir", "dry_run", "dry_run_gpus", "embedding_cache_gb"}
+                     "report_to", "device", "output_dir", "dry_run", "dry_run_gpus", "embedding_cache_gb"}
 
 
 # -- configuration -----------------------------------------------------------------------------------------------
@@ -307,12 +320,16 @@ def validate(cfg: Config) -> None:
          "clip_range and lr must be > 0, beta and weight_decay >= 0")
     need(cfg.max_grad_norm > 0 and cfg.adv_clip > 0, "max_grad_norm and adv_clip must be > 0")
     need(0 <= cfg.ema_decay < 1, f"ema_decay must be in [0, 1) (got {cfg.ema_decay})")
+    need(cfg.ema_interval >= 1 and cfg.ema_updates_per_step >= 1,
+         f"ema_interval and ema_updates_per_step must be >= 1 (got {cfg.ema_interval}, {cfg.ema_updates_per_step})")
     need(0 <= cfg.sde_window <= cfg.num_steps - 1, f"sde_window must be in [0, num_steps - 1] ({cfg.sde_window})")
     if cfg.sde_window:
         try:
             grpo.draw_sde_window(cfg.num_steps, cfg.sde_window, *sde_window_range(cfg))
         except ValueError as e:
             need(False, str(e))
+    need(cfg.report_to != "wandb" or importlib.util.find_spec("wandb") is not None,
+         "--report_to wandb needs the wandb package: pip install wandb (or --report_to tensorboard)")
     need(cfg.embedding_cache_gb >= 0, f"embedding_cache_gb must be >= 0 (got {cfg.embedding_cache_gb})")
     need(cfg.lora_rank >= 0 and (cfg.lora_rank == 0 or cfg.lora_alpha > 0), "lora_rank must be >= 0 (0 = full "
          "fine-tuning) and lora_alpha > 0")

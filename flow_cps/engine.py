@@ -29,7 +29,6 @@ from flow_cps.lora import LoRA, add_lora
 # The engine's choices, declared once: config.py gives them to argparse and validation, the code below reads them.
 PARALLEL = ("ddp", "fsdp")  # a replica per rank (DistributedDataParallel), or FSDP2 shards per transformer block
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # see Precision; and "auto"
-EMA_RULES = ("plain", "flow_grpo")  # see EMA
 
 
 class Diverged(RuntimeError):
@@ -215,39 +214,70 @@ class LossScaler:
 
 
 # -- the EMA ---------------------------------------------------------------------------------------------------------
-@dataclass
-class EMA:
-    """An exponential moving average of the trained weights (evaluation and the `*_ema` exports use it).
+@dataclass(frozen=True)
+class EMASchedule:
+    """When and how strongly the EMA follows the trained weights (§4 step 6): plain data, a property of the preset
+    (what the paper's run did), the same at any world size.
 
-    rule "plain" (the tiny default): after every optimizer step, e <- e + (1 - decay)(w - e).
-    rule "flow_grpo": Flow-GRPO's `EMAModuleWrapper(decay, update_step_interval=interval)` as its train_sd3.py steps
-      it: after every training batch, with s = the number of optimizer steps so far (`global_step`), and only when
-      (s + 1) % interval == 0, e <- e + (1 - d_s)(w - e) with the warm-up decay d_s = min((1 + s)/(10 + s), decay).
-      An optimizer step n closes a window of `batches` training batches, so the batch that closes it sees s = n and
-      the next window's first batches - 1 still see s = n with the same weights (`step` reproduces these calls).
-    """
+    After optimizer step s the EMA is updated `updates_per_step` times in all, each time only if (s + 1) % interval
+    == 0: e <- e + (1 - d_s)(w - e), d_s = decay, or with warm-up min((1 + s)/(10 + s), decay).
+
+    Flow-GRPO (`EMAModuleWrapper(decay=0.9, update_step_interval=8)`, stepped after every training batch with
+    s = the optimizer steps so far) is interval 8 with warm-up, and an optimizer step there closes a window of
+    gradient-accumulation batches: the window's last batch sees the new step count n and new weights, its first
+    updates_per_step - 1 batches still the previous n and weights. The paper's 32-GPU configs accumulate 2 batches
+    per optimizer step for SD3.5 and 6 for FLUX.1; on 8 GPUs the same configs would give 8 and 24, so the count is
+    taken from the paper's runs, not from this run's world size. The default (interval 1, one update, no warm-up)
+    is the plain EMA, e <- e + (1 - decay)(w - e) after every optimizer step. plan.ema_words says it in words."""
     decay: float
-    rule: str = "plain"
-    batches: int = 1  # training batches per optimizer step (flow_grpo rule)
-    interval: int = 8
+    interval: int = 1
+    updates_per_step: int = 1
+    warmup: bool = False
 
-    def _apply(self, ema: list[Tensor], params: list[Tensor], s: int, calls: int) -> None:
-        d = self.decay if self.rule == "plain" else min((1 + s) / (10 + s), self.decay)
-        if self.rule == "flow_grpo" and (s + 1) % self.interval:
+    def decay_at(self, s: int) -> float:
+        return min((1 + s) / (10 + s), self.decay) if self.warmup else self.decay
+
+
+class EMA:
+    """An exponential moving average of the trained weights, owning its copy of them (`weights`: one tensor per
+    trained parameter, sharded like it under FSDP2); evaluation and the `*_ema` exports use it (`swapped_in`)."""
+
+    def __init__(self, params: list[Tensor], schedule: EMASchedule):
+        self.schedule = schedule
+        self.weights = [p.detach().clone() for p in params]
+
+    def _update(self, params: list[Tensor], s: int, times: int) -> None:
+        if times < 1 or (s + 1) % self.schedule.interval:
             return
         with torch.no_grad():
-            local_e, local_p = [_local(e) for e in ema], [_local(p.detach()) for p in params]
-            for _ in range(calls):
-                torch._foreach_lerp_(local_e, local_p, 1 - d)
+            local_e, local_p = [_local(e) for e in self.weights], [_local(p.detach()) for p in params]
+            for _ in range(times):
+                torch._foreach_lerp_(local_e, local_p, 1 - self.schedule.decay_at(s))
 
-    def before_step(self, ema: list[Tensor], params: list[Tensor], s: int) -> None:
-        """The calls of the training batches between optimizer steps s and s + 1 (flow_grpo rule only)."""
-        if self.rule == "flow_grpo":
-            self._apply(ema, params, s, self.batches - 1)
+    def before_step(self, params: list[Tensor], s: int) -> None:
+        """The updates that precede optimizer step s + 1 (the first updates_per_step - 1 batches of its window)."""
+        self._update(params, s, self.schedule.updates_per_step - 1)
 
-    def after_step(self, ema: list[Tensor], params: list[Tensor], s: int) -> None:
-        """The call right after optimizer step s (s counts from 1)."""
-        self._apply(ema, params, s, 1)
+    def after_step(self, params: list[Tensor], s: int) -> None:
+        """The update right after optimizer step s (s counts from 1)."""
+        self._update(params, s, 1)
+
+    @contextlib.contextmanager
+    def swapped_in(self, params: list[Tensor]):
+        """Within the block `params` hold the EMA weights (and the EMA the live ones); swapped back after."""
+        self._swap(params)
+        try:
+            yield
+        finally:
+            self._swap(params)
+
+    def _swap(self, params: list[Tensor]) -> None:
+        with torch.no_grad():
+            for p, e in zip(params, self.weights):
+                p, e = _local(p), _local(e)
+                tmp = p.detach().clone()
+                p.copy_(e)
+                e.copy_(tmp)
 
 
 # -- the policy --------------------------------------------------------------------------------------------------
@@ -256,13 +286,14 @@ class Policy:
     transformer, its DDP wrapper, or the transformer sharded in place by FSDP2), AdamW and the EMA.
 
     lora: the LoRA to train, or None for full fine-tuning. precision (default fp32): under bf16 / fp16 FSDP2
-    all-gathers the weights in that dtype and reduces gradients in fp32; fp16 adds dynamic loss scaling (`backward`
-    scales, `step` unscales and skips a step whose gradients overflowed)."""
+    all-gathers a LoRA model's weights in that dtype (full fine-tuning: fp32, see below) and reduces gradients in
+    fp32; fp16 adds dynamic loss scaling (`backward` scales, `step` unscales and skips a step whose gradients
+    overflowed). ema: the EMA's schedule, or None for no EMA."""
 
     def __init__(self, backbone, device: torch.device, world: int, *, lora: LoRA | None,
                  parallel: str = "ddp", gradient_checkpointing: bool = False, precision: Precision | None = None,
-                 lr: float = 1e-3, weight_decay: float = 1e-4, ema: EMA | None = None, seed: int = 0):
-        self.backbone, self.fsdp, self.ema_rule = backbone, parallel == "fsdp", ema
+                 lr: float = 1e-3, weight_decay: float = 1e-4, ema: EMASchedule | None = None, seed: int = 0):
+        self.backbone, self.fsdp = backbone, parallel == "fsdp"
         self.precision = precision or Precision("fp32", device.type)
         self.scaler = LossScaler() if self.precision.loss_scaling else None
         tr = backbone.transformer
@@ -278,7 +309,12 @@ class Policy:
         self.names = [n for n, p in tr.named_parameters() if p.requires_grad]
         self.module = tr
         if self.fsdp:  # fp32 masters are made block by block inside, so 12B weights are never all fp32 at once
-            self._shard(tr, device, world, self.precision.dtype if self.precision.name != "fp32" else None)
+            # All-gather dtype. LoRA: the precision's (the frozen half-precision weights and the fp32 LoRA must share
+            # one dtype in a shard group; Flow-GRPO's DeepSpeed bf16 also runs the LoRA in bf16). Full fine-tuning:
+            # fp32, as DanceGRPO's FSDP1 (master_weight_type fp32): autocast casts per matmul, and operations
+            # outside autocast (FLUX's q/k RMSNorm weights) see the fp32 weights. Costs 2x the all-gather traffic.
+            half = self.precision.name != "fp32" and lora is not None
+            self._shard(tr, device, world, self.precision.dtype if half else None)
             self.params = [p for p in tr.parameters() if p.requires_grad]  # now DTensors holding this rank's shard
             # full fine-tuning: reduce-scatter every micro-batch (engine.grad_sync), so gradients stay sharded
             tr.keep_grads_sharded = lora is None
@@ -287,13 +323,15 @@ class Policy:
             if world > 1:
                 from torch.nn.parallel import DistributedDataParallel
 
+                # broadcast_buffers off: the buffers are constants (SD3.5's 226.5 M-element position embedding),
+                # equal on every rank from loading; DDP's default re-sent them before every training forward.
                 self.module = DistributedDataParallel(tr, device_ids=[device.index] if device.type == "cuda" else
-                                                      None)
+                                                      None, broadcast_buffers=False)
         # full fine-tuning: the per-tensor AdamW, whose temporaries are one tensor's (the multi-tensor one allocates
         # a 4 B/param square root of v for all of them at once: 44 GiB for FLUX.1-dev unsharded)
         self.opt = torch.optim.AdamW(self.params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay, eps=1e-8,
                                      foreach=False if lora is None else None)
-        self.ema = [p.detach().clone() for p in self.params] if ema is not None else None
+        self.ema = EMA(self.params, ema) if ema is not None else None
         self.steps = 0  # optimizer steps so far (the EMA's s; checkpointed)
 
     def _shard(self, tr, device: torch.device, world: int, mixed: torch.dtype | None) -> None:
@@ -339,7 +377,7 @@ class Policy:
         if not skip and not math.isfinite(norm):
             raise Diverged(f"the gradient norm is {norm}")
         if self.ema is not None:
-            self.ema_rule.before_step(self.ema, self.params, self.steps)
+            self.ema.before_step(self.params, self.steps)
         try:
             if not skip:
                 self.opt.step()
@@ -353,32 +391,35 @@ class Policy:
         if all_reduce(finite, "min").item() < 1:
             raise Diverged("the weights are not finite after the optimizer step")
         if self.ema is not None:
-            self.ema_rule.after_step(self.ema, self.params, self.steps)
+            self.ema.after_step(self.params, self.steps)
         return norm
 
     @contextlib.contextmanager
     def ema_weights(self):
-        """Within the block the live weights are the EMA's (evaluation, exports); restored after."""
-        self._swap()
-        try:
+        """Within the block the live weights are the EMA's (evaluation, exports); restored after. No EMA: as is."""
+        if self.ema is None:
             yield
+            return
+        self._reshard()  # forwards within the block gather the EMA's shards
+        try:
+            with self.ema.swapped_in(self.params):
+                yield
         finally:
-            self._swap()
+            self._reshard()  # and forwards after it the live ones
 
-    def _swap(self) -> None:
-        if self.ema is not None:
-            with torch.no_grad():
-                for p, e in zip(self.params, self.ema):
-                    p, e = _local(p), _local(e)
-                    tmp = p.detach().clone()
-                    p.copy_(e)
-                    e.copy_(tmp)
+    def _reshard(self) -> None:
+        """FSDP2 keeps the root module's gathered weights after a forward without backward (its root does not
+        reshard after forward), so a forward after a swap would still see the weights from before it: drop every
+        gathered copy, and the next forward gathers the swapped shards."""
+        for m in self.module.modules() if self.fsdp else ():
+            if hasattr(m, "reshard"):
+                m.reshard()
 
     # -- state for checkpoints ---------------------------------------------------------------------------------
     def state(self) -> dict:
         """Trained weights, EMA, AdamW and the step counter, as plain tensors (not under FSDP2: see sharded_state)."""
         return dict(params={n: p.detach().cpu() for n, p in zip(self.names, self.params)},
-                    ema=None if self.ema is None else {n: e.cpu() for n, e in zip(self.names, self.ema)},
+                    ema=None if self.ema is None else {n: e.cpu() for n, e in zip(self.names, self.ema.weights)},
                     optimizer=self.opt.state_dict(), steps=self.steps, loss_scale=self._scale_state().tolist())
 
     def _scale_state(self) -> Tensor:
@@ -394,7 +435,7 @@ class Policy:
             for n, p in zip(self.names, self.params):
                 p.copy_(st["params"][n])
             if self.ema is not None:
-                for n, e in zip(self.names, self.ema):
+                for n, e in zip(self.names, self.ema.weights):
                     e.copy_(st["ema"][n])
         self.opt.load_state_dict(st["optimizer"])
         self.steps = int(st.get("steps", 0))
@@ -411,7 +452,7 @@ class Policy:
         if self.scaler is not None:  # fp16's loss scale and its good-step count, replicated
             state["loss_scale"] = self._scale_state()
         if self.ema is not None:
-            state["ema"] = dict(zip(self.names, self.ema))
+            state["ema"] = dict(zip(self.names, self.ema.weights))
         return state
 
     def save_sharded(self, path) -> None:

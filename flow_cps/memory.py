@@ -51,8 +51,7 @@ KNOWN_MODELS: dict[str, dict] = {
 # Reward models' parameters on the GPU (approximate; from the model cards / configs): PickScore_v1 and HPSv2.1 are
 # OpenCLIP ViT-H/14 (986 M); GenEval = Mask2Former Swin-S (69 M) + CLIP ViT-L/14 (428 M); OCR runs rapidocr's ONNX
 # models on the CPU; the built-in rewards have no weights on the GPU.
-REWARD_PARAMS = {"pickscore": 986_000_000, "hpsv2": 986_000_000, "geneval": 497_000_000,
-                 "geneval_strict": 497_000_000}
+REWARD_PARAMS = {"pickscore": 986_000_000, "hpsv2": 986_000_000, "geneval": 497_000_000}
 
 
 @dataclass
@@ -178,12 +177,13 @@ def memory_estimate(info: ModelInfo, *, resolution: int, max_sequence_length: in
     static, held all run:
       weights        frozen transformer weights in the precision's dtype (2 B/param; fp32: 4); FSDP2 (any world,
                      one included): params 1/world, buffers whole, + the all-gathered root and two blocks (the one in
-                     use, the prefetched next) while a forward or backward runs
+                     use, the prefetched next) while a forward or backward runs, in the precision's dtype (full
+                     fine-tuning: fp32, as DanceGRPO's FSDP1 gathers them; engine.Policy)
       trainable      fp32 master weights + gradients + AdamW m, v (+ EMA) = 16 (20) B/param; FSDP2: 1/world
       accumulation   gradient buffers beyond that: DDP's buckets (4 B/param); FSDP2 LoRA: the unsharded fp32
                      gradients accumulated until the update's last micro-batch reduce-scatters them (4 B/param, whole);
-                     FSDP2 full fine-tuning reduce-scatters every micro-batch (engine.grad_sync): the one or two blocks
-                     in flight (param dtype + their fp32 copy), never the whole model
+                     FSDP2 full fine-tuning reduce-scatters every micro-batch (engine.grad_sync): the fp32 gradients
+                     of the one or two blocks in flight, never the whole model
       text encoders  in the precision's dtype (0 with --offload: then a transient while encoding)
       VAE            fp32 weights (decoding is fp32, as Flow-GRPO)
       rewards        fp32 weights, one copy per RewardModel that loads them (GenEval's detector and CLIP are shared)
@@ -217,13 +217,13 @@ def memory_estimate(info: ModelInfo, *, resolution: int, max_sequence_length: in
     shard = world if fsdp else 1
     frozen = counts["params"] - (n_trained if full else 0)
     weights = (frozen / shard + counts["buffers"]) * wbytes
-    gathered = (2 * counts["block_max"] + counts["root"]) * wbytes if fsdp else 0
+    gathered = (2 * counts["block_max"] + counts["root"]) * (4 if full else wbytes) if fsdp else 0
     state = n_trained * (12 + (4 if ema else 0)) / shard  # fp32 masters, AdamW m and v (EMA): held all run
     grads = n_trained * 4 / shard  # from an update's first backward to its optimizer step
     if not fsdp:
         accumulation = n_trained * 4 if world > 1 else 0  # DDP's buckets, allocated once
     else:  # during an update only
-        accumulation = 2 * counts["block_max"] * (wbytes + 4) if full else n_trained * 4
+        accumulation = 2 * counts["block_max"] * 4 if full else n_trained * 4
     encoders = sum(info.encoders.values()) * wbytes
     vae = info.vae * 4
     reward = sum(REWARD_PARAMS.get(r, 0) * 4 for r in rewards if not r.startswith("geneval"))

@@ -1,6 +1,6 @@
 """The plan of a run, before any weight is loaded: the algorithm's choices in the paper's words, the batch arithmetic
-(computed once, here; train.py runs the same `Batch`), the schedule and the trained steps, the EMA (built here, so
-the plan states what the run uses), parameter counts and a per-GPU memory estimate.
+(computed once, here; train.py runs the same `Batch`), the schedule and the trained steps, the EMA's schedule (from
+the config alone, here, so the plan states what the run uses), parameter counts and a per-GPU memory estimate.
 
     python train.py --preset flux-dev-pickscore --dry_run true --dry_run_gpus 8
 
@@ -20,7 +20,7 @@ import grpo
 import rewards
 import sampling
 from flow_cps import engine, models, prompts
-from flow_cps.config import PRESET_GPUS, PRESETS, PROMPT_SOURCES, Config, parse_config, validate
+from flow_cps.config import PAPER_PROMPTS, PRESET_GPUS, PRESETS, PROMPT_SOURCES, Config, parse_config, validate
 from flow_cps.memory import GB, KNOWN_MODELS, ModelInfo, memory_estimate, model_info  # noqa: F401 (plan.KNOWN_MODELS)
 
 
@@ -82,6 +82,13 @@ def world_sizes(cfg: Config, upto: int = 64) -> list[int]:
                                                     cfg.micro_batch).problem() is None]
 
 
+def ema_schedule(cfg: Config) -> engine.EMASchedule | None:
+    """The run's EMA schedule, from its config alone: the same at any world size (None: no EMA)."""
+    if cfg.ema_decay == 0:
+        return None
+    return engine.EMASchedule(cfg.ema_decay, cfg.ema_interval, cfg.ema_updates_per_step, cfg.ema_warmup)
+
+
 def trained_steps(sampler: str, grid: torch.Tensor, eta: float, timesteps: str, fraction: float,
                   sde_window: int = 0) -> int:
     """K, the trained steps per sample: the stochastic steps (the sampler's own std decides; CPS's last step has
@@ -92,13 +99,6 @@ def trained_steps(sampler: str, grid: torch.Tensor, eta: float, timesteps: str, 
     if sde_window:
         stochastic[sde_window:] = False  # the window's size; its position is drawn per iteration
     return grpo.TIMESTEPS[timesteps](stochastic, 1, fraction, torch.Generator()).shape[1]
-
-
-def ema(cfg: Config, b: Batch) -> engine.EMA | None:
-    """The run's EMA of the trained weights (None without one), built here for the Session and the plan alike."""
-    if cfg.ema_decay <= 0:
-        return None
-    return engine.EMA(cfg.ema_decay, cfg.ema_rule, batches=max(1, b.samples_per_update // cfg.micro_batch))
 
 
 # -- the algorithm in the paper's words --------------------------------------------------------------------------
@@ -129,14 +129,15 @@ WORDS = {
 }
 
 
-def ema_words(e: engine.EMA | None) -> str:
+def ema_words(e: engine.EMASchedule | None) -> str:
     if e is None:
         return "none: evaluation and exports use the live weights"
-    if e.rule == "plain":
-        return f"e <- e + (1 - {e.decay:g})(w - e), one update after every optimizer step"
-    return (f"Flow-GRPO's rule: at the optimizer steps s with (s + 1) % {e.interval} == 0, {e.batches} "
-            f"update{'s' * (e.batches > 1)} (one per training batch) with the warm-up decay min((1 + s)/(10 + s), "
-            f"{e.decay:g})")
+    decay = f"the warm-up decay min((1 + s)/(10 + s), {e.decay:g})" if e.warmup else f"{e.decay:g}"
+    when = ("after every optimizer step" if e.interval == 1 else
+            f"at the optimizer steps s with (s + 1) % {e.interval} == 0")
+    n = e.updates_per_step
+    count = "one update" if n == 1 else f"{n} updates (Flow-GRPO's training batches per optimizer step, its 32 GPUs')"
+    return f"e <- e + (1 - d)(w - e), {count} {when}, d = {decay}"
 
 
 def algorithm(cfg: Config, b: Batch, k: int, device: str) -> list[str]:
@@ -160,7 +161,7 @@ def algorithm(cfg: Config, b: Batch, k: int, device: str) -> list[str]:
             f"    loss: PPO's clipped surrogate, clip range {cfg.clip_range:g}; KL: {kl}",
             f"    optimizer: AdamW lr {cfg.lr:g}, weight decay {cfg.weight_decay:g}, gradient-norm clip "
             f"{cfg.max_grad_norm:g}, {b.updates} optimizer step{'s' * (b.updates > 1)} per iteration; trained: {what}",
-            f"    EMA: {ema_words(ema(cfg, b))}",
+            f"    EMA: {ema_words(ema_schedule(cfg))}",
             f"    precision: {prec.name}: {WORDS['precision'][prec.name]}"]
 
 
@@ -175,6 +176,7 @@ def describe(cfg: Config, world: int, check_files: bool = True, device: str = "c
                       images_per_gpu=b.samples_per_rank, updates=b.updates,
                       images_per_update_per_gpu=b.samples_per_update, world_sizes=world_sizes(cfg))
     lines = [f"preset {cfg.preset}: model {cfg.model}, reward {cfg.reward}, prompts {cfg.prompts}"]
+    lines += [f"  {note}" for note in [prompt_note(cfg)] if note]
     info = None
     if cfg.model == "digits":
         image_tokens = (cfg.resolution or 8) ** 2 // 4
@@ -271,7 +273,25 @@ def _memory_lines(cfg: Config, info: ModelInfo, plan: dict, world: int) -> list[
             *(f"    {label:<72}{value:8.2f}" for label, value in rows),
             f"  host RAM per rank: prompt-embedding cache <= {cfg.embedding_cache_gb:g} GiB (--embedding_cache_gb; "
             f"one prompt = {est['embedding_mib']:.2f} MiB: {fits:,} prompts)"
-            + (f"; offloaded text encoders {g['text_encoders']:.1f} GiB" if cfg.offload else "")]
+            + (f"; offloaded text encoders {g['text_encoders']:.1f} GiB" if cfg.offload else "")] + \
+        ([f"  offload costs: the text encoders ({g['text_encoders']:.1f} GiB) go to the GPU and back for every batch "
+          f"with prompts not yet cached (~{2 * g['text_encoders'] * GB / PAGEABLE_BYTES_PER_S:.1f} s at "
+          f"{PAGEABLE_BYTES_PER_S / 1e9:.0f} GB/s, pageable host memory), the VAE ({g['vae']:.1f} GiB) for every "
+          f"decode (~{2 * g['vae'] * GB / PAGEABLE_BYTES_PER_S:.2f} s)"] if cfg.offload else [])
+
+
+# Host-to-GPU copies from pageable (not pinned) memory, what `module.to(device)` does: an assumed typical rate (PCIe
+# 4/5 x16 moves 25-50 GB/s from pinned memory; pageable copies are staged through a pinned buffer). Measure yours.
+PAGEABLE_BYTES_PER_S = 10e9
+
+
+def prompt_note(cfg: Config) -> str | None:
+    """One line when a paper preset trains on a generated stand-in for the paper's prompt set (None otherwise)."""
+    if cfg.preset == "tiny" or cfg.prompts not in PAPER_PROMPTS:
+        return None
+    kind, folder = PAPER_PROMPTS[cfg.prompts]
+    return (f"prompts: this project's generated {kind} set, not the paper's; for the paper's, git clone "
+            f"https://github.com/yifan123/flow_grpo and add --prompts {folder}")
 
 
 def prompt_error(cfg: Config, e: BaseException) -> str:

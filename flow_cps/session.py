@@ -113,7 +113,8 @@ class Session:
         self.precision = engine.precision(cfg.precision, self.device)  # frozen-weight dtype, autocast, loss scaling
         self.autocast = self.precision.autocast
         self.policy, self.reward_fn, self.metrics = self._load(self.precision)
-        self.folder.start(self.config, fresh=ckpt is None)  # the first write
+        note = {"prompt_set": plan.prompt_note(cfg)} if plan.prompt_note(cfg) else {}
+        self.folder.start(dict(self.config, **note), fresh=ckpt is None)  # the first write
         # trained weights, EMA, AdamW m and v (fp32) and the two exports: ~6 x 4 bytes per trained parameter
         self.folder.warn_if_disk_is_short(24 * sum(p.numel() for p in self.policy.params) * self.world
                                           ** self.policy.fsdp, cfg.keep_checkpoints)
@@ -124,7 +125,7 @@ class Session:
         if self.is_main:
             print("\n".join(plan.describe(cfg, self.world, check_files=False, device=self.device.type)[0]))
             print(f"output: {path}" + (f" (resumed from {ckpt.name})" if ckpt else ""))
-        self.logger = logs.Logger(path, self.is_main, cfg.tensorboard, self.history)
+        self.logger = logs.Logger(path, self.is_main, cfg.report_to, self.history, self.config)
 
     def _load(self, prec: engine.Precision):
         cfg = self.cfg
@@ -145,7 +146,7 @@ class Session:
             policy = engine.Policy(
                 backbone, self.device, self.world, parallel=cfg.parallel, lr=cfg.lr, weight_decay=cfg.weight_decay,
                 lora=cfg.lora, gradient_checkpointing=cfg.gradient_checkpointing, precision=prec,
-                ema=plan.ema(cfg, self.batch), seed=cfg.seed)
+                ema=plan.ema_schedule(cfg), seed=cfg.seed)
         except ValueError as e:  # a resolution the model cannot split, a prompt it cannot read, unknown LoRA targets
             raise SystemExit(f"config error: {e}") from None
         return policy, reward_fn, metrics
@@ -197,13 +198,12 @@ class Session:
         self.logger.log(row)
         if not self.is_main:
             return
-        images = self.folder.path / "images"
         if rep.evaluation is not None:
-            self._grid(rep.evaluation.images, rep.evaluation.columns, images / f"eval_{rep.iteration:05d}.png")
+            self._image("eval", rep.evaluation.images, rep.evaluation.columns, rep.iteration)
         if rep.images is not None:  # the training samples: the first prompts' groups of rank 0, one row each
             g = self.batch.group_size
             shown = [i for i in range(len(rep.images)) if i // g < TRAIN_GRID and i % g < TRAIN_GRID]
-            self._grid(list(rep.images[shown]), min(g, TRAIN_GRID), images / f"train_{rep.iteration:05d}.png")
+            self._image("train", list(rep.images[shown]), min(g, TRAIN_GRID), rep.iteration)
         evs = "  ".join(f"{k} {v:.4f}" for k, v in ev.items())
         if rep.scores is None:
             tqdm.write(f"base model (ODE, held-out): {evs}")
@@ -213,12 +213,11 @@ class Session:
                    f"{row['approx_kl']:.2e}{kl} | invalid {row['invalid']} | rollout {t['rollout']:.2f}s reward "
                    f"{t['reward']:.2f}s train {t['train']:.2f}s" + (f" | eval: {evs}" if evs else ""))
 
-    @staticmethod
-    def _grid(images: list[Tensor], columns: int, path) -> None:
-        """The complete rows of `columns` images, one PNG."""
+    def _image(self, tag: str, images: list[Tensor], columns: int, iteration: int) -> None:
+        """The complete rows of `columns` images, one grid (images/<tag>_<iteration>.png, TensorBoard / W&B)."""
         rows = len(images) // columns
         if rows:
-            logs.image_grid(torch.stack(images[:rows * columns]), rows, path)
+            self.logger.image(tag, torch.stack(images[:rows * columns]), rows, iteration)
 
     def checkpoint(self, it: int) -> None:
         if self.is_main or self.policy.fsdp:  # FSDP2: every rank writes its shards

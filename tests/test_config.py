@@ -13,7 +13,7 @@ import train
 from flow_cps import config, engine, lora
 
 ROOT = Path(__file__).resolve().parent.parent
-SHORT = ["--iterations", "1", "--eval_per_prompt", "1", "--tensorboard", "false"]
+SHORT = ["--iterations", "1", "--eval_per_prompt", "1", "--report_to", "none"]
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -35,6 +35,8 @@ SHORT = ["--iterations", "1", "--eval_per_prompt", "1", "--tensorboard", "false"
     (["--max_grad_norm", "nan"], "max_grad_norm must be a finite number"),
     (["--adv_clip", "nan"], "adv_clip must be a finite number"),
     (["--updates_per_iter", "3"], "divisible by updates_per_iter"),
+    (["--ema_interval", "0"], "ema_interval and ema_updates_per_step must be >= 1"),
+    (["--ema_updates_per_step", "0"], "ema_interval and ema_updates_per_step must be >= 1"),
     (["--sde_window", "2", "--sde_window_range", "abc"], "sde_window_range must be 'lo,hi'"),
     (["--sde_window", "4", "--sde_window_range", "0,3"], "does not fit"),
     (["--reward", "aesthetic"], "unknown reward 'aesthetic'"),
@@ -116,4 +118,4 @@ def test_bool_flags_and_presets_resolve():
     assert cfg.drop_zero_adv is False and cfg.eta == 0.3 and cfg.preset == "tiny"
     assert config.parse_config([]) == config.Config()
     flux = config.parse_config(["--preset", "flux-dev-pickscore", "--eta", "0.5"])
-    assert flux.eta == 0.5 and flux.lora_rank == 64 and flux.ema_rule == "flow_grpo"
+    assert flux.eta == 0.5 and flux.lora_rank == 64 and (flux.ema_interval, flux.ema_warmup) == (8, True)

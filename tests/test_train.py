@@ -22,7 +22,7 @@ from flow_cps import checkpoints, config, digits, engine, lora, models, plan, sc
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--iterations", "4", "--eval_every", "2", "--checkpoint_every", "2", "--eval_per_prompt", "2",
-        "--prompts_per_iter", "4", "--group_size", "4", "--micro_batch", "8", "--tensorboard", "false"]
+        "--prompts_per_iter", "4", "--group_size", "4", "--micro_batch", "8", "--report_to", "none"]
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,8 @@ def backbone(pretrained):
 
 def _policy(backbone, lora_rank=8, lora_alpha=16.0, randomise=True):
     policy = engine.Policy(backbone, torch.device("cpu"), 1,
-                           lora=lora.LoRA(lora_rank, lora_alpha, tuple(config.ATTENTION_TARGETS)), ema=engine.EMA(0.9))
+                           lora=lora.LoRA(lora_rank, lora_alpha, tuple(config.ATTENTION_TARGETS)),
+                           ema=engine.EMASchedule(0.9))
     if randomise:  # a non-zero LoRA, so the policy differs from the base model
         with torch.no_grad():
             for p in policy.params:
