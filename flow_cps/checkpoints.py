@@ -3,7 +3,7 @@ the newest good one. Plumbing for train.py.
 
     runs/tiny/run-003/                 a fresh folder per run when --output_dir is not given (runs/tiny/latest -> it)
       .lock                            held by the running process (fcntl: released when it exits, even by SIGKILL)
-      config.json  metrics.jsonl  tensorboard/  images/  reward_curve.png
+      config.json  metrics.jsonl  tensorboard/ or wandb/  images/  reward_curve.png
       checkpoints/iter_000150/         lora/ lora_ema/ (LoRA) or transformer/ transformer_ema/ (full fine-tuning),
                                        dcp/ (FSDP2 shards), training_state.pt, and MANIFEST.json, written last
       checkpoints/latest               "iter_000150"
@@ -14,6 +14,7 @@ match it, is incomplete. Resume takes the newest complete checkpoint and says wh
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import hashlib
@@ -28,11 +29,12 @@ from pathlib import Path
 
 import torch
 
-from flow_cps import engine, lora
+from flow_cps import engine, export, lora
 
 HASH_LIMIT = 256 * 2 ** 20  # files up to this size are hashed into the manifest; larger ones (FSDP2 shards) by size
 # What a run writes into its folder: the only names a fresh run clears when an earlier run left no checkpoint.
-RUN_FILES = {".lock", "config.json", "metrics.jsonl", "tensorboard", "images", "reward_curve.png", "checkpoints"}
+RUN_FILES = {".lock", "config.json", "metrics.jsonl", "tensorboard", "wandb", "images", "reward_curve.png",
+             "checkpoints"}
 
 
 def resolve(output_dir: str, preset: str, resume: bool) -> Path:
@@ -192,26 +194,21 @@ class RunFolder:
         return final
 
     def _write(self, out: Path, iteration: int, policy: engine.Policy, history: list[dict], config: dict) -> None:
-        """lora/ and lora_ema/ (diffusers' pytorch_lora_weights.safetensors, for `pipe.load_lora_weights`), or
-        transformer/ and transformer_ema/ for full fine-tuning without FSDP; training_state.pt (iteration, history,
-        RNG, config; without FSDP also the trained weights, EMA, AdamW state and step counter). Under FSDP2 the
-        weights, EMA and AdamW state go to dcp/, one file per rank; the LoRA export gathers only the LoRA tensors;
-        full fine-tuning exports nothing consolidated (the README says how to consolidate dcp/)."""
+        """The weights as diffusers loads them, live and EMA: lora/ and lora_ema/ (`pipe.load_lora_weights`), or
+        for full fine-tuning transformer/ and transformer_ema/ (`from_pretrained`; under FSDP2 gathered tensor by
+        tensor, written shard by shard: export.py). training_state.pt: iteration, history, RNG, config; without
+        FSDP also the trained weights, EMA, AdamW state and step counter, which under FSDP2 go to dcp/, one file
+        per rank."""
         tr, kind = policy.backbone.transformer, policy.backbone.kind
-        if getattr(tr, "peft_config", None) is not None:
-            live = lora.lora_state_dict(tr)  # under FSDP: a collective gather of the LoRA tensors only
-            if self.is_main:
-                lora.save_lora(tr, out / "lora", state_dict=live, pipeline=kind)
-            if policy.ema is not None:
-                with policy.ema_weights():
-                    ema = lora.lora_state_dict(tr)
-                if self.is_main:
-                    lora.save_lora(tr, out / "lora_ema", state_dict=ema, pipeline=kind)
-        elif not policy.fsdp and self.is_main:
-            tr.save_pretrained(out / "transformer")
-            if policy.ema is not None:
-                with policy.ema_weights():
-                    tr.save_pretrained(out / "transformer_ema")
+        exports = [("", contextlib.nullcontext)] + ([("_ema", policy.ema_weights)] if policy.ema is not None else [])
+        for suffix, weights in exports:
+            with weights():
+                if getattr(tr, "peft_config", None) is not None:
+                    state = lora.lora_state_dict(tr)  # under FSDP: a collective gather of the LoRA tensors only
+                    if self.is_main:
+                        lora.save_lora(tr, out / f"lora{suffix}", state_dict=state, pipeline=kind)
+                else:
+                    export.save_transformer(tr, out / f"transformer{suffix}", self.is_main)
         if policy.fsdp:
             policy.save_sharded(out / "dcp")
         if self.is_main:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
+from flow_cps.export import gathered
+
 
 @dataclass(frozen=True)
 class LoRA:
@@ -44,18 +46,13 @@ def add_lora(transformer: nn.Module, lora: LoRA) -> list[nn.Parameter]:
     return [p for p in transformer.parameters() if p.requires_grad]
 
 
-def _full(v: Tensor) -> Tensor:
-    """A plain tensor from a DTensor (FSDP2 shard): all-gathers, so every rank must call it in the same order."""
-    return v.full_tensor() if hasattr(v, "full_tensor") else v
-
-
 def lora_state_dict(transformer: nn.Module) -> dict[str, Tensor]:
     """A copy of the LoRA tensors under diffusers' names, on the CPU (a copy: on the CPU `.cpu()` would alias the live
     parameters, which swap_ema then overwrites). Under FSDP2 this gathers only the LoRA tensors (collective: call
     it on every rank)."""
     from peft import get_peft_model_state_dict
 
-    return {k: _full(v.detach()).to("cpu", copy=True).contiguous()
+    return {k: gathered(v.detach()).to("cpu", copy=True).contiguous()
             for k, v in get_peft_model_state_dict(transformer).items()}
 
 

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import fsdp_grads_check as check
+import multinode_check
 import pytest
 import tiny_pipelines
 import torch
@@ -35,7 +36,7 @@ RUN = ["--resolution", "32", "--max_sequence_length", "16", "--reward", "clean_b
        "clean_background", "--iterations", "2", "--eval_every", "2", "--checkpoint_every", "1",
        "--keep_checkpoints", "3", "--eval_per_prompt", "1", "--prompts_per_iter", "2", "--group_size", "4",
        "--micro_batch", "2", "--updates_per_iter", "1", "--num_steps", "4", "--eval_steps", "4", "--lora_rank", "4",
-       "--lora_alpha", "8", "--tensorboard", "false"]
+       "--lora_alpha", "8", "--report_to", "none"]
 
 
 @pytest.fixture(scope="module")
@@ -105,18 +106,75 @@ def test_fsdp2_flux_matches_one_process_and_resumes_exactly(tiny, prompts, tmp_p
         [(r["iteration"], r.get("reward"), r.get("grad_norm")) for r in rows]
 
 
-def test_ddp_sd3_two_ranks_stay_identical(tiny, prompts, tmp_path):
-    run = tmp_path / "ddp"
-    _torchrun(*RUN, "--model", tiny["sd3.5"], "--prompts", prompts, "--updates_per_iter", "2", "--parallel", "ddp",
-              "--output_dir", run)
-    r0, r1 = load_file(run / "rank0.safetensors"), load_file(run / "rank1.safetensors")
-    assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)
-    assert any(v.abs().max() > 0 for k, v in r0.items() if "lora_B" in k)
-    rows = _rows(run)
-    assert all(r["first_ratio_max_dev"] == 0.0 for r in rows[1:])  # CFG recomputed exactly as sampled
-    assert (run / "images" / "eval_00002.png").exists()
-    cfg = json.loads((run / "config.json").read_text())
-    assert cfg["parallel"] == "ddp" and cfg["guidance"] == -1.0  # the model's default: CFG 4.5
+def _two_nodes(out: Path, *args) -> None:
+    """2 nodes x 1 process on this machine: two torchrun launchers meeting at a c10d rendezvous on localhost, the
+    second in a working directory of its own (nothing may be written relative to a node's working directory)."""
+    node1 = out.parent / f"{out.name}-node1-cwd"
+    node1.mkdir()
+    endpoint, run_id = f"127.0.0.1:{_free_port()}", f"flow-cps-test-{os.getpid()}"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
+           f"--rdzv_endpoint={endpoint}", f"--rdzv_id={run_id}", str(ROOT / "tests" / "multinode_check.py"),
+           str(out), *map(str, args)]
+    nodes = [subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}) for cwd in (ROOT, node1)]
+    logs = [n.communicate(timeout=600)[0] for n in nodes]
+    if any(n.returncode for n in nodes):
+        raise AssertionError("two-node launch failed:\n" + "\n---\n".join(x[-3000:] for x in logs))
+    assert not any(node1.iterdir()), list(node1.iterdir())
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _without_times(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+
+
+def test_two_nodes_equal_one_node_ddp_and_fsdp2_with_exports(tiny, prompts, tmp_path):
+    """One launch of 1 node x 2 processes and one of 2 nodes x 1 process (tests/multinode_check.py: a DDP LoRA run
+    of the SD3.5-style pipeline and an FSDP2 full fine-tuning run of the FLUX.1-dev-style one) end identical: every
+    metric, the trained weights and the EMA, bit for bit. DDP keeps the ranks identical without re-broadcasting its
+    buffers (SD3.5's position embedding). The full fine-tuning export (transformer/, transformer_ema/: diffusers
+    folders cut into shards, no optimizer state) reloads with from_pretrained and gives the trained velocities. The
+    EMA of several updates per optimizer step is the same at 1 and 2 ranks (a one-process run, to float rounding)."""
+    from diffusers import FluxTransformer2DModel
+
+    folders = (tiny["sd3.5"], tiny["flux-dev"], prompts)
+    _torchrun(tmp_path / "one", *folders, script="tests/multinode_check.py")
+    _two_nodes(tmp_path / "two", *folders)
+    for name in ("ddp", "fsdp"):
+        one, two = tmp_path / "one" / name, tmp_path / "two" / name
+        held = {(n, r): torch.load(n / f"rank{r}.pt", weights_only=False) for n in (one, two) for r in (0, 1)}
+        for key in ("weights", "ema", "buffers"):  # the ranks agree, and the two launches agree
+            assert all(_same(held[(one, 0)][key], h[key]) for h in held.values()), (name, key)
+        assert all(torch.equal(held[(one, 0)][k], held[(two, 0)][k]) for k in ("velocity", "ema_velocity"))
+        assert _without_times(_rows(one)) == _without_times(_rows(two))
+        assert all(r["first_ratio_max_dev"] == 0.0 for r in _rows(one)[1:])  # on-policy at every first update
+        assert not _same(held[(one, 0)]["weights"], held[(one, 0)]["ema"])  # both trained, and differ
+    ddp = torch.load(tmp_path / "one" / "ddp" / "rank0.pt", weights_only=False)
+    assert ddp["broadcast_buffers"] is False and any(b.numel() for b in ddp["buffers"].values())
+    # the full fine-tuning export reloads in diffusers and is the trained model
+    fsdp = torch.load(tmp_path / "two" / "fsdp" / "rank0.pt", weights_only=False)
+    bb = models.load_backbone(str(tiny["flux-dev"]), "cpu", resolution=32, max_sequence_length=16)
+    ckpt = tmp_path / "two" / "fsdp" / "checkpoints" / "iter_000002"
+    for folder, which in (("transformer", ""), ("transformer_ema", "ema_")):
+        files = sorted(p.name for p in (ckpt / folder).iterdir())
+        assert files[0] == "config.json" and files[-1].endswith(".index.json") and len(files) > 3, files  # shards
+        loaded = FluxTransformer2DModel.from_pretrained(ckpt / folder)
+        assert _same(dict(loaded.named_parameters()), fsdp["weights" if not which else "ema"])
+        v = multinode_check.probe(bb, loaded)
+        assert float((v - fsdp[which + "velocity"]).abs().max()) < 1e-6, folder
+    # one process: the same EMA as two ranks (DDP run's flags without DDP)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train.main([*multinode_check.runs(*map(str, folders))["ddp"], "--output_dir", str(tmp_path / "single")])
+    finally:
+        torch.set_num_threads(n)
+    for w in ("lora", "lora_ema"):
+        single, two_ranks = _lora(tmp_path / "single", 2, w), _lora(tmp_path / "one" / "ddp", 2, w)
+        assert max(float((two_ranks[k] - single[k]).abs().max()) for k in single) < 1e-5, w
 
 
 DANCE = ["--lora_rank", "0", "--lr", "1e-4", "--ema_decay", "0.995", "--timesteps", "random", "--timestep_fraction",
