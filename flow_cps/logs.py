@@ -1,8 +1,9 @@
-"""Run outputs: JSONL + TensorBoard metrics, image grids and the reward-curve figure (rank 0 only)."""
+"""Run outputs (rank 0 only): metrics.jsonl, image grids, TensorBoard or Weights & Biases, the reward-curve figure."""
 from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,11 +12,9 @@ from torch import Tensor
 from flow_cps.clip import to_uint8
 
 
-def image_grid(images: Tensor, rows: int, path: str | Path, min_side: int = 64) -> Path:
-    """Save images (B, C, H, W) in [0, 1] as a rows x ceil(B/rows) grid PNG; tiny images are upscaled (nearest) so
-    residual noise stays visible pixel by pixel."""
-    from PIL import Image
-
+def image_grid(images: Tensor, rows: int, min_side: int = 64) -> np.ndarray:
+    """Images (B, C, H, W) in [0, 1] as one rows x ceil(B/rows) grid, (H, W, 3) uint8; tiny images are upscaled
+    (nearest) so residual noise stays visible pixel by pixel."""
     b, _, h, w = images.shape
     cols = math.ceil(b / rows)
     up = max(1, min_side // max(h, w))
@@ -26,10 +25,7 @@ def image_grid(images: Tensor, rows: int, path: str | Path, min_side: int = 64) 
         r, q = divmod(i, cols)
         y, x = pad + r * (h * up + pad), pad + q * (w * up + pad)
         canvas[y:y + h * up, x:x + w * up] = arr[i]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(canvas).save(path)
-    return path
+    return canvas
 
 
 def strict(row: dict) -> dict:
@@ -37,23 +33,44 @@ def strict(row: dict) -> dict:
     return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
 
 
+def scalars(row: dict) -> dict[str, float]:
+    """What goes to TensorBoard / Weights & Biases: the finite numbers of a row, without the step itself."""
+    return {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "iteration" and math.isfinite(v)}
+
+
+REPORT_TO = ("tensorboard", "wandb", "none")
+
+
 class Logger:
-    """metrics.jsonl (one strict-JSON object per iteration) and TensorBoard scalars, on rank 0.
+    """A run's logs, on rank 0: metrics.jsonl (one strict-JSON object per iteration), the image grids under images/,
+    and the same scalars and images in TensorBoard or Weights & Biases (`report_to`; wandb is imported only when
+    chosen, and WANDB_MODE=offline works without a network).
 
     The logs are the run: a fresh run starts them empty; a resumed run rewrites metrics.jsonl to the checkpoint's
-    history and has TensorBoard drop every event after the checkpoint (purge_step), so iterations that a killed run
-    logged past its last checkpoint are not shown twice."""
+    history, has TensorBoard drop every event after the checkpoint (purge_step), and starts a new W&B run that
+    replays the checkpoint's history; so iterations that a killed run logged past its last checkpoint are not
+    shown twice. The image grids the killed run wrote stay as files, and are not replayed."""
 
-    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool = True, history: list[dict] = ()):
-        self.enabled, self.path, self.tb = enabled, out_dir / "metrics.jsonl", None
+    def __init__(self, out_dir: Path, enabled: bool, report_to: str = "tensorboard", history: list[dict] = (),
+                 config: dict | None = None):
+        self.enabled, self.path, self.images = enabled, out_dir / "metrics.jsonl", out_dir / "images"
+        self.tb = self.wandb = None
         if not enabled:
             return
         self.path.write_text("".join(json.dumps(strict(h), allow_nan=False) + "\n" for h in history))
-        if tensorboard:
+        if report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(out_dir / "tensorboard"),
                                     purge_step=history[-1]["iteration"] + 1 if history else None)
+        elif report_to == "wandb":
+            import wandb
+
+            resumed = f" (resumed after iteration {history[-1]['iteration']})" if history else ""
+            self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "flow_cps"), dir=str(out_dir),
+                                    name=out_dir.name + resumed, config=config)
+            for row in history:
+                self.wandb.log(scalars(row), step=row["iteration"])
 
     def log(self, row: dict) -> None:
         if not self.enabled:
@@ -61,14 +78,35 @@ class Logger:
         with self.path.open("a") as f:
             f.write(json.dumps(strict(row), allow_nan=False) + "\n")
         if self.tb is not None:
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and k != "iteration" and math.isfinite(v):
-                    self.tb.add_scalar(k, v, row["iteration"])
+            for k, v in scalars(row).items():
+                self.tb.add_scalar(k, v, row["iteration"])
             self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(scalars(row), step=row["iteration"])
+
+    def image(self, tag: str, images: Tensor, rows: int, iteration: int) -> None:
+        """A grid of images (B, C, H, W) in [0, 1], `rows` rows: images/<tag>_<iteration>.png, and the same grid
+        under `tag` in TensorBoard / W&B."""
+        if not self.enabled:
+            return
+        from PIL import Image
+
+        grid = image_grid(images, rows)
+        self.images.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(grid).save(self.images / f"{tag}_{iteration:05d}.png")
+        if self.tb is not None:
+            self.tb.add_image(tag, grid, iteration, dataformats="HWC")
+            self.tb.flush()
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({tag: wandb.Image(grid)}, step=iteration)
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 def reward_curves(history: list[dict], path: str | Path, title: str) -> Path:

@@ -14,7 +14,7 @@ import train
 from flow_cps import checkpoints
 
 RUN = ["--iterations", "4", "--eval_every", "2", "--checkpoint_every", "2", "--eval_per_prompt", "1",
-       "--prompts_per_iter", "4", "--group_size", "4", "--micro_batch", "72", "--tensorboard", "false"]
+       "--prompts_per_iter", "4", "--group_size", "4", "--micro_batch", "72", "--report_to", "none"]
 
 
 def _lora(run, it):

@@ -114,7 +114,7 @@ LORA_RUN = ["--resolution", str(RES), "--max_sequence_length", str(MSL), "--rewa
             "--eval_metrics", "clean_background", "--iterations", "2", "--eval_every", "2", "--checkpoint_every", "2",
             "--eval_per_prompt", "1", "--prompts_per_iter", "2", "--group_size", "4", "--micro_batch", "4",
             "--num_steps", "4", "--eval_steps", "4", "--lora_rank", "4", "--lora_alpha", "12", "--lr", "0.05",
-            "--tensorboard", "false"]
+            "--report_to", "none"]
 
 
 @pytest.mark.parametrize("kind", ["flux-dev", "sd3.5"])

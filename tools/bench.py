@@ -101,7 +101,7 @@ def _loop_times(tree: Path, iterations: int, cache: str, threads: int = 2, nproc
         launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                         f"--nproc_per_node={nproc}"]
         cmd = [*launcher, "train.py", "--iterations", str(iterations), "--eval_every", "100000",
-               "--checkpoint_every", "100000", "--tensorboard", "false", "--output_dir", str(Path(tmp) / "r"), *extra]
+               "--checkpoint_every", "100000", "--report_to", "none", "--output_dir", str(Path(tmp) / "r"), *extra]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "FLOW_CPS_CACHE": cache}
         p = subprocess.run(cmd, cwd=tree, capture_output=True, text=True, env=env, timeout=1800)
         if p.returncode:

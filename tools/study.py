@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent  # the repository root
 NAMES = {"cps": "CPS", "flow_sde": "Flow-SDE", "dance_sde": "Dance-SDE", "ode": "ODE"}
 METRIC = "eval/digit_judge_accuracy"
 # Per-run GRPO settings of every comparison (one process, one thread): 8 prompts x 8 samples per iteration.
-RUN_ARGS = ["--prompts_per_iter", "8", "--group_size", "8", "--updates_per_iter", "2", "--tensorboard", "false"]
+RUN_ARGS = ["--prompts_per_iter", "8", "--group_size", "8", "--updates_per_iter", "2", "--report_to", "none"]
 DANCE_ARGS = ["--advantage", "dance", "--timesteps", "random", "--timestep_fraction", "0.6"]
 
 
