@@ -14,7 +14,8 @@ Built-in, offline rewards (no download):
 The paper's model-based rewards (weights from the Hugging Face hub, or local copies; see each factory):
   pickscore             PickScore_v1: logit_scale x cos(image, text), ~21-24 raw (or /26, Flow-GRPO's scale)
   hpsv2                 HPSv2.1: cos(image, text) of an OpenCLIP ViT-H-14, ~0.30; loaded into transformers' CLIP
-  geneval / _strict     GenEval partial credit / the benchmark's binary rule (see geneval.py)
+  geneval_partial       GenEval partial credit, this project's rule (see geneval.py)
+  geneval_overall       GenEval's benchmark rule, 1 or 0 per image (its mean over tags: GenEval's overall score)
   geneval_flow_grpo     Flow-GRPO's reward-server partial credit, its quirks and JPEG compression included
 
 Model weights are loaded when the factory runs (start-up), never mid-training: a missing model fails at once with
@@ -163,7 +164,8 @@ NORMALISERS = {"digit_judge": Normaliser(0.0, 1.0), "digit_judge_accuracy": Norm
                "smoothness": Normaliser(0.75, 0.03),
                "clean_background": Normaliser(0.9, 0.05), "jpeg_compressibility": Normaliser(-0.6, 0.05),
                # [0, 1] rewards whose base-model means sit mid-range (OCR 0.58, GenEval 0.63 on SD3.5-M)
-               "ocr": Normaliser(0.5, 0.3), "geneval": Normaliser(0.5, 0.3), "geneval_strict": Normaliser(0.5, 0.5),
+               "ocr": Normaliser(0.5, 0.3), "geneval_partial": Normaliser(0.5, 0.3),
+               "geneval_overall": Normaliser(0.5, 0.5),
                "geneval_flow_grpo": Normaliser(0.5, 0.3),
                "pickscore": Normaliser(22.0, 1.0),  # raw scale; the flow_grpo scale brings its own
                "hpsv2": Normaliser(0.30, 0.02)}  # base FLUX 0.304, trained 0.36-0.38
@@ -180,8 +182,8 @@ def accepted_options(name: str) -> list[str] | None:
     params += list(inspect.signature(forwards).parameters.values()) if forwards else []
     if any(p.kind is p.VAR_KEYWORD for p in params):
         return None
-    return sorted({p.name for p in params if p.name != "device" and p.kind in (p.POSITIONAL_OR_KEYWORD,
-                                                                              p.KEYWORD_ONLY)})
+    return sorted({p.name for p in params if p.name not in ("device", "reward") and p.kind in
+                   (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)})
 
 
 def check_options(name: str, options: dict) -> None:
@@ -334,8 +336,9 @@ def pickscore(device="cpu", model: str = PICKSCORE_HUB_ID, processor: str = PICK
     """PickScore = logit_scale.exp() x cos(image embedding, text embedding) of the PickScore_v1 CLIP-H model.
 
     scale="raw": the paper's tables, ~21-24 (FLUX.1-dev 22.06 -> Flow-GRPO 23.90 -> Flow-CPS 24.25; FLUX.1-schnell
-    21.86 -> 23.39 -> 23.78). scale="flow_grpo": divided by 26 (~0.85), the scale Flow-GRPO trains on. GRPO's
-    per-group standardised advantages do not care which; the KL weight and logged numbers do.
+    21.86 -> 23.39 -> 23.78). scale="flow_grpo": divided by 26 (~0.85), the scale Flow-GRPO trains on. Training does
+    not care which: the advantages are standardised by the batch std (only its + 1e-4 sees the scale) and beta weighs
+    the KL against those standardised advantages, so the scale changes the logged numbers alone (docs/SCALE.md).
     Preprocessing is CLIPProcessor's (shorter side 224 bicubic, centre crop, CLIP mean/std; its settings read from
     `processor`) done on tensors, batched on `device`, after rounding to 8 bits as Flow-GRPO's uint8 -> PIL route
     does. Text: at most 77 tokens, `processor`'s tokenizer.
@@ -401,21 +404,23 @@ def hpsv2(device="cpu", model: str | None = None, tokenizer: str = HPS_TOKENIZER
 # clip (openai/clip-vit-large-patch14), detector_size (800), threshold (0.3), counting_threshold (0.9), max_objects
 # (16), max_overlap (1.0), position_margin (0.1), max_per_image (100), dtype. Rewards built with the same options
 # share the loaded models. They need per-prompt metadata (prompts.load("geneval") or a GenEval-format .jsonl) and
-# carry `group_key` = the tag (log `geneval_strict` as the mean over tags: the benchmark's overall score).
-@register("geneval")
-def geneval_reward(device="cpu", **options) -> RewardFn:
+# carry `group_key` = the tag (log `geneval_overall` as the mean over tags: the benchmark's overall score). Their
+# names and Flow-GRPO's logged keys, side by side: docs/REWARDS.md.
+@register("geneval_partial")
+def geneval_partial(device="cpu", **options) -> RewardFn:
     """GenEval partial credit in [0, 1], this project's rule (`geneval.evaluate`, rules in geneval.py's docstring):
     Flow-GRPO's idea with its quirks removed (count credit floored at 0, colour/position credit without the exact
-    count, excludes priced, no JPEG)."""
-    return geneval.reward_fn(geneval.shared_scorer(device, **options), lambda v: v.score)
+    count, excludes priced, no JPEG). Not Flow-GRPO's `geneval` score, which is `geneval_flow_grpo`."""
+    return geneval.reward_fn(geneval.shared_scorer("geneval_partial", device, **options), lambda v: v.score)
 
 
-@register("geneval_strict")
-def geneval_strict(device="cpu", **options) -> RewardFn:
-    """1 if the image passes the GenEval benchmark's rule for its prompt, else 0. Aggregate by tag (group_key) as
-    `geneval.summarize(tags, scores)` does: per-tag accuracy and the overall score (SD3.5-M 0.63; Flow-GRPO and
-    Flow-CPS with KL 0.97: the paper's table as a secondary source gives it, docs/NOTES.md "Sources")."""
-    return geneval.reward_fn(geneval.shared_scorer(device, **options), lambda v: float(v.correct))
+@register("geneval_overall")
+def geneval_overall(device="cpu", **options) -> RewardFn:
+    """1 if the image passes the GenEval benchmark's rule for its prompt, else 0: Flow-GRPO's `accuracy` (not its
+    `strict_accuracy`, which asks for exact counts). Aggregated by tag (group_key) as `geneval.summarize(tags,
+    scores)` does, it is GenEval's overall score (SD3.5-M 0.63; Flow-GRPO and Flow-CPS with KL 0.97: the paper's
+    table as a secondary source gives it, docs/NOTES.md "Sources")."""
+    return geneval.reward_fn(geneval.shared_scorer("geneval_overall", device, **options), lambda v: float(v.correct))
 
 
 @register("geneval_flow_grpo")
@@ -426,11 +431,11 @@ def geneval_flow_grpo(device="cpu", jpeg_quality: int = 75, swap_red_blue: bool 
     PIL's default) and, with swap_red_blue, red and blue swapped for the detector only (the server hands mmdet 2's
     `inference_detector` RGB arrays, which mmdet takes for BGR and converts; CLIP colours see the true colours).
     jpeg_quality 0 skips the JPEG. Scale: the mean of credits, <= 1, below 0 only for heavy over-counting."""
-    return geneval.reward_fn(geneval.shared_scorer(device, **options), lambda v: v.score, geneval.evaluate_flow_grpo,
-                             jpeg_quality or None, swap_red_blue)
+    return geneval.reward_fn(geneval.shared_scorer("geneval_flow_grpo", device, **options), lambda v: v.score,
+                             geneval.evaluate_flow_grpo, jpeg_quality or None, swap_red_blue)
 
 
-for _factory in (geneval_reward, geneval_strict, geneval_flow_grpo):
+for _factory in (geneval_partial, geneval_overall, geneval_flow_grpo):
     _factory.forwards_to = geneval.Scorer  # its parameters are the factory's other options (parse_options)
 
 

@@ -304,7 +304,7 @@ class Scorer:
                  detector_size: int = 800, threshold: float = THRESHOLD,
                  counting_threshold: float = COUNTING_THRESHOLD, max_objects: int = MAX_OBJECTS,
                  max_overlap: float = MAX_OVERLAP, position_margin: float = POSITION_MARGIN, max_per_image: int = 100,
-                 dtype: torch.dtype | str = torch.float32):
+                 dtype: torch.dtype | str = torch.float32, reward: str = "geneval_partial"):
         from transformers import AutoTokenizer, CLIPModel, Mask2FormerForUniversalSegmentation
 
         dtype = as_dtype(dtype)
@@ -313,15 +313,15 @@ class Scorer:
         self.rules = dict(threshold=threshold, counting_threshold=counting_threshold, max_objects=max_objects,
                           max_overlap=max_overlap)
         self.position_margin = position_margin
-        self.detector = load_pretrained(Mask2FormerForUniversalSegmentation, detector, "geneval", "detector",
+        self.detector = load_pretrained(Mask2FormerForUniversalSegmentation, detector, reward, "detector",
                                         DETECTOR_HUB_ID, "the Mask2Former instance segmenter")
         if self.detector.config.num_labels != len(COCO_CLASSES):
             raise ValueError(f"geneval: detector {detector!r} has {self.detector.config.num_labels} classes; GenEval "
                              f"needs a COCO instance model with 80 (e.g. {DETECTOR_HUB_ID})")
         self.detector.to(self.device, dtype).eval().requires_grad_(False)
-        self.clip = load_pretrained(CLIPModel, clip, "geneval", "clip", CLIP_HUB_ID, "the CLIP colour classifier")
+        self.clip = load_pretrained(CLIPModel, clip, reward, "clip", CLIP_HUB_ID, "the CLIP colour classifier")
         self.clip.to(self.device, dtype).eval().requires_grad_(False)
-        self.tokenizer = load_pretrained(AutoTokenizer, clip, "geneval", "clip", CLIP_HUB_ID, "CLIP's tokenizer")
+        self.tokenizer = load_pretrained(AutoTokenizer, clip, reward, "clip", CLIP_HUB_ID, "CLIP's tokenizer")
         self.clip_size = self.clip.config.vision_config.image_size
         self._colour_text: dict[str, Tensor] = {}
 
@@ -439,11 +439,13 @@ def jpeg_roundtrip(images: Tensor, quality: int = 75) -> Tensor:
 _SCORERS: dict = {}  # one loaded Scorer per (device, options): geneval rewards in one run share the models
 
 
-def shared_scorer(device="cpu", **options) -> Scorer:
+def shared_scorer(reward: str, device="cpu", **options) -> Scorer:
+    """One loaded Scorer per (device, options), shared by the GenEval rewards; `reward` names the one asking, in a
+    missing-weights message."""
     options = {k: as_dtype(v) if k == "dtype" else v for k, v in options.items()}  # "bfloat16" = torch.bfloat16
     key = (str(device), tuple(sorted((k, str(v)) for k, v in options.items())))
     if key not in _SCORERS:
-        _SCORERS[key] = Scorer(device=device, **options)
+        _SCORERS[key] = Scorer(device=device, reward=reward, **options)
     return _SCORERS[key]
 
 

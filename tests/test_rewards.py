@@ -241,10 +241,10 @@ def test_geneval_colours_are_clip_zero_shot_on_masked_crops(scorer, geneval_dirs
 
 
 def test_geneval_rewards_end_to_end(geneval_dirs, scorer):
-    opts = {"geneval": geneval_dirs, "geneval_strict": geneval_dirs}
-    model = RewardModel("geneval,geneval_strict", DEVICE, **opts)
+    opts = {"geneval_partial": geneval_dirs, "geneval_overall": geneval_dirs}
+    model = RewardModel("geneval_partial,geneval_overall", DEVICE, **opts)
     shared = [k for k in geneval._SCORERS if ("detector", geneval_dirs["detector"]) in k[1]]
-    assert len(shared) == 1  # geneval and geneval_strict share one loaded Scorer
+    assert len(shared) == 1  # geneval_partial and geneval_overall share one loaded Scorer
     images = rand_images(4, 48, 48, seed=7)
     meta = [{"tag": "single_object", "include": [{"class": "dog", "count": 1}], "prompt": "a photo of a dog"},
             {"tag": "single_object", "include": [{"class": "cat", "count": 1}], "prompt": "a photo of a cat"},
@@ -252,7 +252,7 @@ def test_geneval_rewards_end_to_end(geneval_dirs, scorer):
             None]
     with pytest.warns(UserWarning, match="without GenEval metadata"):
         out = model(images, [m["prompt"] if m else "a dog" for m in meta], meta)
-    strict, score = out.components["geneval_strict"], out.components["geneval"]
+    strict, score = out.components["geneval_overall"], out.components["geneval_partial"]
     assert strict[0] == 1 and strict[1] == 0 and score[1] == 0
     # the dog detections of image 0 are the real thing, so the verdict must equal the rules on them
     objects = geneval.select_objects(scorer.detect(images[:1], 0.3)[0], "single_object")
@@ -261,8 +261,8 @@ def test_geneval_rewards_end_to_end(geneval_dirs, scorer):
         :1], "dog") == ["red"]
     assert strict[2] == float(colour_ok)
     assert out.valid.tolist() == [True, True, True, False] and math.isnan(score[3])
-    assert model.group_keys(meta) == {"geneval": ["single_object", "single_object", "colors", None],
-                                      "geneval_strict": ["single_object", "single_object", "colors", None]}
+    assert model.group_keys(meta) == {"geneval_partial": ["single_object", "single_object", "colors", None],
+                                      "geneval_overall": ["single_object", "single_object", "colors", None]}
 
 
 def test_geneval_flow_grpo_scores_what_the_server_sees(geneval_dirs, scorer):
@@ -293,7 +293,7 @@ def test_geneval_flow_grpo_scores_what_the_server_sees(geneval_dirs, scorer):
     ("pickscore", {"model": "flow-cps-tests/no-such-model"}, "hf download yuvalkirstain/PickScore_v1"),
     ("pickscore", {"model": "/no/such/PickScore_v1"}, "no such directory"),
     ("hpsv2", {"model": "/no/such/HPS_v2.1_compressed.pt"}, "hf download xswu/HPSv2 HPS_v2.1_compressed.pt"),
-    ("geneval", {"detector": "/no/such/mask2former"}, "facebook/mask2former-swin-small-coco-instance"),
+    ("geneval_overall", {"detector": "/no/such/mask2former"}, "facebook/mask2former-swin-small-coco-instance"),
 ])
 def test_missing_weights_fail_at_start_up_with_instructions(name, options, hint):
     with pytest.raises(FileNotFoundError) as err:

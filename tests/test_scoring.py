@@ -134,11 +134,11 @@ def test_group_keys(monkeypatch):
     monkeypatch.setitem(REGISTRY, "t_const", _const([1.0, 1.0]))
     keys = RewardModel("t_grouped,t_const").group_keys([{"tag": "counting"}, None])
     assert keys == {"t_grouped": ["counting", None], "t_const": [None, None]}
-    assert REGISTRY["geneval_strict"].forwards_to is geneval.Scorer  # the GenEval rewards key by tag (end-to-end test)
+    assert REGISTRY["geneval_overall"].forwards_to is geneval.Scorer  # the GenEval rewards key by tag (end-to-end test)
 
 
 # -- options, checked at config time -----------------------------------------------------------------------------
-USED = ["digit_judge", "ocr", "geneval", "geneval_flow_grpo"]
+USED = ["digit_judge", "ocr", "geneval_partial", "geneval_flow_grpo"]
 
 
 @pytest.mark.parametrize("text, message", [
@@ -146,12 +146,13 @@ USED = ["digit_judge", "ocr", "geneval", "geneval_flow_grpo"]
                                             r"column 36 \(char 35\)"),
     ('["ocr"]', r"--reward_options must be a JSON object \{reward name: \{option: value\}\}.* got a JSON array"),
     ('{"pickscore": {"model": "/x"}}', r"options for 'pickscore', which this run does not use; its rewards are: "
-                                       r"digit_judge, ocr, geneval, geneval_flow_grpo"),
+                                       r"digit_judge, ocr, geneval_partial, geneval_flow_grpo"),
     ('{"digit_judge": 5}', r"the value for 'digit_judge' must be a JSON object of options, .* got a JSON number: 5"),
     ('{"ocr": {"det_limit": 960}}', r"reward 'ocr' has no option 'det_limit'; its options are: det_limit_side_len"),
-    ('{"geneval": {"jpeg_quality": 90}}', r"reward 'geneval' has no option 'jpeg_quality'; its options are: clip, "
-                                          r"counting_threshold, detector, detector_size, dtype, max_objects, "
-                                          r"max_overlap, max_per_image, position_margin, threshold"),
+    ('{"geneval_partial": {"jpeg_quality": 90}}', r"reward 'geneval_partial' has no option 'jpeg_quality'; its "
+                                                  r"options are: clip, counting_threshold, detector, detector_size, "
+                                                  r"dtype, max_objects, max_overlap, max_per_image, position_margin, "
+                                                  r"threshold"),
 ])
 def test_parse_options_errors(text, message):
     with pytest.raises(ValueError, match=message):
