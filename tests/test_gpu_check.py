@@ -44,3 +44,16 @@ def test_tiny_gpu_check_runs_every_preset(tmp_path):
         cells = [c.strip() for c in r.split("|")[1:-1]]
         assert cells[5] == "0.0e+00" and cells[-1] == "yes", r  # on-policy first update; a checkpoint was written
         assert float(cells[7]) > 0 and float(cells[8]) > 0  # throughput measured
+
+
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA H200", 989.4), ("NVIDIA H200 NVL", 835.5), ("NVIDIA GH200 480GB", 989.4),
+    ("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H100 PCIe", 756.5), ("NVIDIA H100 NVL", 835.5),
+    ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA A100 80GB PCIe", 312.0), ("NVIDIA L40S", 362.1), ("NVIDIA B200", 2250.0),
+    ("NVIDIA H800", None), ("NVIDIA H20", None), ("NVIDIA GeForce RTX 4090", None), ("NVIDIA H100 MIG 1g.10gb", None),
+])
+def test_gpu_peak_is_read_from_the_whole_name(name, peak):
+    """Model and form factor, word by word: an H200 NVL is not given the SXM H200's peak (which understated its
+    utilisation), and a part not in the table gets none (the report then asks for --peak_tflops)."""
+    assert gpu_check.peak_tflops(name) == peak
+

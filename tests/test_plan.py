@@ -128,7 +128,26 @@ def test_flow_grpo_prompt_folders_plan_for_the_presets(tmp_path, capsys):
     for preset, folder, counts in (("sd3.5-ocr", ocr, "2 train / 1 held-out"),
                                    ("sd3.5-geneval", gen, "2 train / 1 held-out")):
         train.main(["--preset", preset, "--prompts", str(folder), "--dry_run", "true"])
-        assert f"prompts: {counts}" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert f"prompts: {counts}" in out and "not the paper's" not in out
+        train.main(["--preset", preset, "--dry_run", "true"])  # the generated stand-in says so, with the flag
+        note = [x for x in capsys.readouterr().out.splitlines() if "not the paper's" in x]
+        assert len(note) == 1 and f"--prompts flow_grpo/dataset/{folder.name}" in note[0], note
+    train.main(["--prompts", "geneval", "--dry_run", "true"])  # not a paper preset: nothing to say
+    assert "not the paper's" not in capsys.readouterr().out
+
+
+def test_a_paper_preset_on_generated_prompts_says_so_in_its_config(tiny, tmp_path):
+    """The run's config.json (and its first screen, `plan.describe`) carries the same line as the dry run."""
+    out = tmp_path / "run"
+    train.main(["--preset", "sd3.5-ocr", "--model", str(tiny["sd3.5"]), "--precision", "fp32", "--device", "cpu",
+                "--resolution", "32", "--max_sequence_length", "16", "--reward", "clean_background",
+                "--eval_metrics", "clean_background", "--iterations", "1", "--eval_prompts", "1",
+                "--prompts_per_iter", "1", "--group_size", "2", "--micro_batch", "4", "--updates_per_iter", "1",
+                "--num_steps", "2", "--eval_steps", "2", "--report_to", "none", "--output_dir", str(out)])
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["prompt_set"] == plan.prompt_note(config.parse_config(["--preset", "sd3.5-ocr"]))
+    assert "--prompts flow_grpo/dataset/ocr" in saved["prompt_set"]
 
 
 def test_documented_parameter_counts_match_the_released_configs():
@@ -236,3 +255,10 @@ def test_every_declared_choice_has_its_words():
     declared = {f.name: set(f.metadata["choices"]) - {"", "auto"} for f in dataclasses.fields(config.Config)
                 if "choices" in f.metadata}
     assert {name: set(words) for name, words in plan.WORDS.items()} == {name: declared[name] for name in plan.WORDS}
+def test_offload_states_its_cost(capsys):
+    """--offload moves whole encoders through pageable host memory: the plan says how much and how long."""
+    train.main(["--preset", "flux-dev-pickscore", "--offload", "true", "--dry_run", "true"])
+    line = [x for x in capsys.readouterr().out.splitlines() if "offload costs" in x]
+    assert len(line) == 1 and "the text encoders (9.1 GiB) go to the GPU and back" in line[0], line
+    train.main(["--preset", "flux-dev-pickscore", "--dry_run", "true"])
+    assert "offload costs" not in capsys.readouterr().out

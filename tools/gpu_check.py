@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import gc
 import math
+import re
 import shutil
 import string
 import sys
@@ -42,8 +43,12 @@ PRESETS = ["sd3.5-geneval", "sd3.5-ocr", "sd3.5-pickscore", "flux-dev-pickscore"
            "flux-dev-hpsv2"]
 HUB_IDS = {"flux-dev": "black-forest-labs/FLUX.1-dev", "flux-schnell": "black-forest-labs/FLUX.1-schnell",
            "sd3.5": "stabilityai/stable-diffusion-3.5-medium"}
-# Dense bf16 (= fp16) tensor-core peaks, TFLOP/s, from the vendors' data sheets (SXM parts).
-PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "B200": 2250.0, "GH200": 989.4}
+# Dense bf16 (= fp16) tensor-core peaks, TFLOP/s, from the vendors' data sheets (their figures with sparsity,
+# halved), per (model, form factor): "" is the SXM / module part. The NVL and PCIe cards run at lower clocks.
+PEAK_TFLOPS = {("H100", ""): 989.4, ("H100", "NVL"): 835.5, ("H100", "PCIE"): 756.5, ("H200", ""): 989.4,
+               ("H200", "NVL"): 835.5, ("GH200", ""): 989.4, ("A100", ""): 312.0, ("A100", "PCIE"): 312.0,
+               ("L40S", ""): 362.1, ("B200", ""): 2250.0}
+FORM_FACTORS, SIZES = {"NVL", "PCIE"}, re.compile(r"\d+GB|HBM\d*E?|SXM\d*")
 PROMPTS = ["a red fox in the snow", "a lighthouse at dusk", "two cups of coffee on a table",
            "a sign that says \"OPEN\"", "a bowl of ramen, studio photo", "a green bicycle against a brick wall"]
 
@@ -162,7 +167,7 @@ def preset_args(preset: str, model: str, prompts: Path, out: Path, *, tiny: bool
             "--eval_prompts", "1", "--eval_per_prompt", "1", "--reward", "clean_background", "--eval_metrics",
             "clean_background", "--prompts_per_iter", "1", "--group_size", str(group), "--updates_per_iter", "1",
             "--iterations", str(iterations), "--eval_every", str(iterations), "--checkpoint_every", str(iterations),
-            "--keep_checkpoints", "1", "--eval_steps", str(cfg.num_steps), "--tensorboard", "false",
+            "--keep_checkpoints", "1", "--eval_steps", str(cfg.num_steps), "--report_to", "none",
             "--output_dir", str(out)]
     if tiny:  # CPU: fp32 (CPU half-precision matmuls are slow; the fp16 path has its own CPU test)
         args += ["--precision", "fp32", "--resolution", "32", "--max_sequence_length", "16", "--micro_batch", "2",
@@ -283,6 +288,17 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:,.1f} M" if n >= 1e5 else f"{n:,}"
 
 
+def peak_tflops(device_name: str) -> float | None:
+    """The dense bf16 peak of a GPU named as torch.cuda.get_device_name names it ('NVIDIA H200 NVL', 'NVIDIA H100 80GB
+    HBM3', 'NVIDIA A100-SXM4-80GB'): its model and form factor, read word by word; None for a name with any other
+    word (pass --peak_tflops), never the nearest listed part (a substring match gave an H200 NVL the SXM peak)."""
+    words = device_name.upper().replace("-", " ").split()
+    words = [w for w in words if w != "NVIDIA" and not SIZES.fullmatch(w)]
+    if not words or any(w not in FORM_FACTORS for w in words[1:]) or len(words) > 2:
+        return None
+    return PEAK_TFLOPS.get((words[0], words[1] if len(words) > 1 else ""))
+
+
 def report(results: list[dict], device_name: str, peak_tflops: float | None, seconds: float, tiny: bool) -> str:
     pct = lambda flops, s: 100 * flops / s / (peak_tflops * 1e12) if peak_tflops else math.nan  # noqa: E731
     lines = [f"# GPU check ({'tiny CPU smoke run' if tiny else device_name})", "",
@@ -347,7 +363,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise SystemExit("gpu_check.py needs a CUDA GPU; `python -m tools.gpu_check --tiny` runs the CPU smoke version")
     cuda = args.device == "cuda"
     name = torch.cuda.get_device_name(0) if cuda else "cpu"
-    peak = (args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)) if cuda else None
+    peak = (args.peak_tflops or peak_tflops(name)) if cuda else None
     t0, results = time.perf_counter(), []
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="gpu_check-") as tmp:
