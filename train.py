@@ -4,7 +4,9 @@
     python train.py --sampler flow_sde --eta 0.7               # the paper's baseline sampler, one flag
     python train.py --help                                     # every option, with its meaning (flow_cps/config.py)
     python train.py --preset flux-dev-pickscore --dry_run true # the plan: the algorithm, batch, memory; loads nothing
-    torchrun --nproc_per_node=8 train.py --preset sd3.5-geneval                # the paper's settings (config.PRESETS)
+    torchrun --nproc_per_node=8 train.py --preset sd3.5-geneval \\
+        --prompts flow_grpo/dataset/geneval    # the paper's settings (config.PRESETS) and prompt set; without
+                                               # --prompts the preset trains on generated GenEval-like prompts
 
 One GRPO iteration (the loop the paper runs CPS in, its Section 4), each step a function of this file, `main` last:
   1. rollout     G samples per prompt with the chosen sampler (CPS, Eq. 12) and each step's log-prob (Eq. 14 / 13)

@@ -4,9 +4,12 @@
     reference): both ranks gather the same LoRA, it equals the exported checkpoint and a one-process run of the same
     config (to 1e-5; FSDP2 and DDP agree bitwise), and a resume from a sharded (torch.distributed.checkpoint)
     checkpoint continues bit for bit;
-  * SD3.5-style under DDP with true CFG: the ranks stay identical and on-policy at the first update;
+  * 1 node x 2 processes and 2 nodes x 1 process (two launchers, a c10d rendezvous on localhost) end bitwise
+    identical: an SD3.5-style DDP LoRA run with true CFG (ranks identical, no buffer broadcasts, on-policy at every
+    first update) and a FLUX.1-dev-style FSDP2 full fine-tuning run whose diffusers export, written shard by shard,
+    reloads with from_pretrained and gives the trained velocities; the EMA equals a one-process run's;
   * DanceGRPO-style full fine-tuning under FSDP2 in one process: its sharded checkpoint consolidates with torch's
-    `dcp_to_torch` into the diffusers transformer, matches the unsharded run and resumes bit for bit;
+    `dcp_to_torch` into the diffusers transformer and its export, matches the unsharded run and resumes bit for bit;
   * FSDP2 full fine-tuning on 2 ranks keeps each rank's gradient at its shard while an update accumulates
     (tests/fsdp_grads_check.py), with the same gradient as the old accumulation and as one process.
 Each launch costs ~10 s, mostly imports.
@@ -192,7 +195,7 @@ def _free_port() -> int:
 
 def test_fsdp2_full_fine_tuning_consolidates_and_resumes(tiny, prompts, tmp_path, monkeypatch):
     """World 1 keeps it in-process (a gloo group of one): the sharding maths is the two-rank test's; this one covers
-    full fine-tuning's sharded checkpoint (weights, AdamW state, EMA) and its consolidation."""
+    full fine-tuning's sharded checkpoint (weights, AdamW state, EMA), its consolidation and its diffusers export."""
     from diffusers import FluxTransformer2DModel
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
@@ -219,6 +222,9 @@ def test_fsdp2_full_fine_tuning_consolidates_and_resumes(tiny, prompts, tmp_path
             tmp_path / "plain" / "checkpoints" / "iter_000002" / "transformer").named_parameters())
         assert full["model"].keys() == plain.keys()  # diffusers' names: load_state_dict into the transformer
         assert max(float((full["model"][k] - plain[k]).abs().max()) for k in plain) < 1e-6
+        exported = dict(FluxTransformer2DModel.from_pretrained(  # FSDP2 also writes the diffusers folder
+            tmp_path / "fsdp" / "checkpoints" / "iter_000002" / "transformer").named_parameters())
+        assert all(torch.equal(exported[k], full["model"][k]) for k in plain)
         base = dict(FluxTransformer2DModel.from_pretrained(tiny["flux-dev"] / "transformer").named_parameters())
         assert max(float((full["model"][k] - base[k]).abs().max()) for k in base) > 1e-5  # every weight trains
         shutil.rmtree(tmp_path / "fsdp" / "checkpoints" / "iter_000002")
