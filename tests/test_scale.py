@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from flow_cps import models
+from flow_cps import config, engine, models
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["a red cat", "a blue dog", "two birds", "a green apple"]
@@ -261,3 +261,29 @@ def test_fsdp2_full_fine_tuning_keeps_gradients_sharded(tiny, tmp_path):
     ref = [p.grad for p in tr.parameters()]
     assert len(ref) == len(new) and all(a.shape == b.shape for a, b in zip(ref, new))
     assert max(float((a - b).abs().max()) for a, b in zip(ref, new)) < 1e-6
+
+
+def test_fsdp2_gathers_full_fine_tuning_in_fp32_and_a_lora_in_the_precision(tiny, monkeypatch):
+    """bf16 precision: full fine-tuning's weights reach a forward in fp32, as DanceGRPO's FSDP1 gathers them
+    (autocast casts per matmul; FLUX's q/k RMSNorm weights stay fp32); a LoRA model's in bf16."""
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    cpu, seen = torch.device("cpu"), {}
+    prec = engine.precision("bf16", cpu)
+    engine.setup("cpu", need_group=True)
+    try:
+        for name, lora in (("full", None), ("lora", (4, 8.0, config.FLUX_TARGETS))):
+            bb = models.load_backbone(str(tiny["flux-dev"]), cpu, resolution=32, max_sequence_length=16,
+                                      dtype=torch.bfloat16)
+            policy = engine.Policy(bb, cpu, 1, lora=lora, parallel="fsdp", precision=prec)
+            norm = policy.module.transformer_blocks[0].attn.norm_q
+            hook = norm.register_forward_pre_hook(lambda m, args, name=name: seen.update({name: m.weight.dtype}))
+            with torch.no_grad(), prec.autocast():
+                bb.velocity(torch.randn(1, *bb.latent_shape), torch.tensor([0.5]), bb.encode(["a cat"]),
+                            policy.module)
+            hook.remove()
+    finally:
+        engine.teardown()
+    assert seen == {"full": torch.float32, "lora": torch.bfloat16}
