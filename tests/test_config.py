@@ -10,7 +10,7 @@ import pytest
 import grpo
 import sampling
 import train
-from flow_cps import config, engine, lora
+from flow_cps import config, engine, logs, lora
 
 ROOT = Path(__file__).resolve().parent.parent
 SHORT = ["--iterations", "1", "--eval_per_prompt", "1", "--report_to", "none"]
@@ -98,8 +98,8 @@ def test_each_choice_is_declared_once_and_shared():
     in gives argparse its choices, and validate checks a Config built in code against the same list."""
     registries = {"sampler": sampling.SAMPLERS, "log_prob": {"": None, **sampling.LOG_PROBS},
                   "advantage": grpo.ADVANTAGES, "kl_form": {"": None, **grpo.KL_FORMS}, "timesteps": grpo.TIMESTEPS,
-                  "ema_rule": engine.EMA_RULES, "parallel": engine.PARALLEL,
-                  "precision": ("auto", *engine.PRECISIONS), "reward_image": ("final", "x0_hat")}
+                  "parallel": engine.PARALLEL, "precision": ("auto", *engine.PRECISIONS),
+                  "reward_image": ("final", "x0_hat"), "report_to": logs.REPORT_TO}
     declared = {f.name: f.metadata["choices"] for f in dataclasses.fields(config.Config) if "choices" in f.metadata}
     assert declared == {k: tuple(v) for k, v in registries.items()}
     for name in declared:

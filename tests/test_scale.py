@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 
 import train
 from flow_cps import config, engine, models
+from flow_cps.lora import LoRA
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["a red cat", "a blue dog", "two birds", "a green apple"]
@@ -274,10 +275,10 @@ def test_fsdp2_gathers_full_fine_tuning_in_fp32_and_a_lora_in_the_precision(tiny
     prec = engine.precision("bf16", cpu)
     engine.setup("cpu", need_group=True)
     try:
-        for name, lora in (("full", None), ("lora", (4, 8.0, config.FLUX_TARGETS))):
+        for name, trained in (("full", None), ("lora", LoRA(4, 8.0, tuple(config.FLUX_TARGETS)))):
             bb = models.load_backbone(str(tiny["flux-dev"]), cpu, resolution=32, max_sequence_length=16,
                                       dtype=torch.bfloat16)
-            policy = engine.Policy(bb, cpu, 1, lora=lora, parallel="fsdp", precision=prec)
+            policy = engine.Policy(bb, cpu, 1, lora=trained, parallel="fsdp", precision=prec)
             norm = policy.module.transformer_blocks[0].attn.norm_q
             hook = norm.register_forward_pre_hook(lambda m, args, name=name: seen.update({name: m.weight.dtype}))
             with torch.no_grad(), prec.autocast():
