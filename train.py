@@ -171,7 +171,7 @@ def update(J: Objective, policy, traj, cond, adv, keep, steps, *, b: plan.Batch,
            autocast=contextlib.nullcontext) -> Tally:
     """4. `b.updates` optimizer steps on J; each flattens its kept samples' (sample, trained step) pairs and runs them
     in forwards of `b.micro_batch` terms, accumulating the gradient of J (`Objective.loss`)."""
-    tally, K = Tally(), steps.shape[1]
+    tally, K, pad = Tally(), steps.shape[1], padding_row(traj, adv, keep)
     policy.module.train()
     for u in range(b.updates):
         rows = perm[u * b.samples_per_update:(u + 1) * b.samples_per_update]
@@ -186,7 +186,7 @@ def update(J: Objective, policy, traj, cond, adv, keep, steps, *, b: plan.Batch,
             sl = slice(f * b.micro_batch, (f + 1) * b.micro_batch)
             r, k, weight = pair_rows[sl], pair_ks[sl], 1.0
             if len(r) == 0:  # padding, so every rank runs as many forwards (DDP / FSDP2 collectives)
-                r, k, weight = perm[:1], steps[perm[:1], 0], 0.0
+                r, k, weight = pad, steps[pad, 0], 0.0
             with engine.grad_sync(policy.module, f == n_fwd - 1):
                 logp, logp_old, a, kl = terms(J, policy, traj, cond, r, k, adv, autocast)
                 loss, st = J.loss(logp, logp_old, a, kl, n_terms=n_terms, world=world)
@@ -198,6 +198,18 @@ def update(J: Objective, policy, traj, cond, adv, keep, steps, *, b: plan.Batch,
     return tally
 
 
+def padding_row(traj, adv, keep) -> torch.Tensor:
+    """The sample a rank pads its forwards with when another rank has more: its loss is multiplied by 0, and 0 x NaN
+    is NaN in backward (all-reduced to every rank), so it must be finite: a kept sample if there is one, else any
+    sample whose trajectory, log-probs and advantage are finite."""
+    finite = (torch.isfinite(traj.latents.flatten(1)).all(1) & torch.isfinite(traj.log_probs).all(1)).to(adv.device)
+    finite &= torch.isfinite(adv)
+    rows = torch.cat([torch.nonzero(keep & finite)[:, 0], torch.nonzero(finite)[:, 0]])[:1]
+    if len(rows) == 0:
+        raise engine.Diverged("every sample of this rank is non-finite (trajectory or advantage)")
+    return rows
+
+
 @torch.no_grad()
 def evaluate(policy, metrics, texts, meta, *, steps, per_prompt, micro_batch, guidance, rank, world, pad,
              device="cpu", autocast=contextlib.nullcontext) -> Evaluation:
@@ -205,7 +217,7 @@ def evaluate(policy, metrics, texts, meta, *, steps, per_prompt, micro_batch, gu
     same for every run, sampler and iteration), streamed: sample, decode and score one micro-batch at a time,
     keeping only the sums of the scores and the grid's images."""
     bb, mine, n_real = policy.backbone, *eval_slots(len(texts), per_prompt, rank, world, pad)
-    sums, shown, finite, error = scoring.GroupedSums(), [], True, None
+    sums, shown, finite, error, before = scoring.GroupedSums(), [], True, None, dict(metrics.failures)
     with policy.ema_weights(), bb.guidance_scale(guidance):
         for i in range(0, len(mine), micro_batch):
             chunk = mine[i:i + micro_batch]
@@ -220,10 +232,13 @@ def evaluate(policy, metrics, texts, meta, *, steps, per_prompt, micro_batch, gu
                 except scoring.RewardError as e:
                     error = str(e)
             shown += [images[j] for j in real if chunk[j][0] < Evaluation.GRID and chunk[j][1] < Evaluation.GRID]
-    parts = engine.all_gather_objects((sums, error))  # one collective, whatever each rank evaluated
-    if errors := [e for _, e in parts if e]:
+    # one collective, whatever each rank evaluated; rank 0 reports the others' scoring failures
+    parts = engine.all_gather_objects((sums, error, metrics.failures_since(before)))
+    if errors := [e for _, e, _ in parts if e]:
         raise scoring.RewardError(errors[0])
-    result = scoring.GroupedSums.means([s for s, _ in parts])
+    if rank == 0:
+        metrics.merge_failures([f for _, _, f in parts])
+    result = scoring.GroupedSums.means([s for s, _, _ in parts])
     if not finite:
         print(f"rank {rank}: evaluation images are not finite (the model diverged): metrics reported as NaN")
     return Evaluation(metrics={k: v if finite else math.nan for k, v in result.items()},

@@ -7,7 +7,8 @@ holds what a run needs around them, one concern per module, no sub-packages:
   plan        the batch arithmetic (computed once) and the dry run; memory: the per-GPU memory estimate
   session     a run's set-up around the loop: ranks, run folder, prompt sets, models, logs
   engine      process group and collectives, the Policy (LoRA or full, DDP or FSDP2, fp32 masters, AdamW), the EMA
-  checkpoints the run folder: lock, atomic checkpoints with a manifest, resume from the newest complete one
+  checkpoints the run folder: claimed, durable checkpoints with a full manifest, resume from the newest good one;
+              lock: the run folder's lock; files: atomic, durable, link-safe writes and streamed hashes
   backbone, models, lora, hub  the FLUX / SD3 / built-in backbones, LoRA and its diffusers export, finding weights
   scoring     a run's reward: the registered rewards combined, invalid samples, loud failures
   geneval, clip, prompts       GenEval's rules and models, CLIP loading, prompt sets

@@ -53,7 +53,8 @@ class Config:
     iterations: int = option(150, "GRPO iterations (one rollout batch + updates each)")
     resume: bool = option(False, "continue the run in output_dir (empty: runs/<preset>/latest) from its newest "
                           "complete checkpoint, exactly")
-    device: str = option("auto", "'auto' (cuda:LOCAL_RANK if available, else cpu), 'cpu' or 'cuda'")
+    device: str = choice("auto", "'auto' (cuda:LOCAL_RANK if available, else cpu), 'cpu' or 'cuda' (each process "
+                         "uses cuda:LOCAL_RANK: choose the GPUs with CUDA_VISIBLE_DEVICES)", engine.DEVICES)
     # model and prompts
     model: str = option("digits", "'digits' (built-in tiny FLUX) or a hub id / local diffusers folder (FLUX.1, SD3.5)")
     prompts: str = option("digits", "prompt set: 'digits', 'geneval', 'ocr', a .txt/.jsonl file, or a folder with "
@@ -126,6 +127,9 @@ class Config:
     precision: str = choice("auto", "'bf16': bf16 frozen weights + bf16 autocast; 'fp16': fp16 frozen weights + fp16 "
                             "autocast + dynamic loss scaling; 'fp32'; 'auto' = bf16 on CUDA, fp32 on CPU (trained "
                             "weights, sampler math and the VAE are always fp32)", ("auto", *engine.PRECISIONS))
+    collective_timeout: float = option(30.0, "minutes a collective waits for another rank before the run stops: "
+                                       "the backstop for a rank that hangs without failing (a rank that fails stops "
+                                       "every rank at once; waits for loading weights have their own 6 h)")
     offload: bool = option(False, "keep text encoders and VAE on the CPU; they visit the GPU only to encode new "
                            "prompts and to decode")
     dry_run: bool = option(False, "resolve and validate the config, print the plan (the algorithm's choices, the "
@@ -145,7 +149,6 @@ class Config:
     report_to: str = choice("tensorboard", "where the scalars and image grids also go: 'tensorboard', 'wandb' "
                             "(Weights & Biases, `pip install wandb`; WANDB_MODE=offline works without a network) or "
                             "'none' (metrics.jsonl and images/ are always written)", REPORT_TO)
-    kill_at: int = option(-1, "testing: SIGKILL this process right after the checkpoint of this iteration")
 
     # -- what the flags resolve to (the code reads these, never the empty defaults) --------------------------------
     @property
@@ -237,8 +240,9 @@ PROMPT_SOURCES = {"flow_grpo/dataset/pickscore": "git clone https://github.com/y
 # The generated prompt sets that stand in for the paper's (offline defaults): a paper preset run on one says so.
 PAPER_PROMPTS = {"geneval": ("GenEval-like", "flow_grpo/dataset/geneval"),
                  "ocr": ("sign/label", "flow_grpo/dataset/ocr")}
-RESUMABLE_CHANGES = {"iterations", "resume", "kill_at", "eval_every", "checkpoint_every", "keep_checkpoints",
-                     "report_to", "device", "output_dir", "dry_run", "dry_run_gpus", "embedding_cache_gb"}
+RESUMABLE_CHANGES = {"iterations", "resume", "collective_timeout", "eval_every", "checkpoint_every",
+                     "keep_checkpoints", "report_to", "device", "output_dir", "dry_run", "dry_run_gpus",
+                     "embedding_cache_gb"}
 
 
 # -- configuration -----------------------------------------------------------------------------------------------
@@ -307,7 +311,8 @@ def validate(cfg: Config) -> None:
     need(cfg.group_size >= 2, f"group_size must be >= 2 for group advantages (got {cfg.group_size})")
     need(cfg.num_steps >= 2, f"num_steps must be >= 2 (got {cfg.num_steps})")
     need(cfg.seed >= 0, f"seed must be >= 0 (got {cfg.seed}): seeds are parts of numpy SeedSequences")
-    need(cfg.eval_prompts >= 0 and cfg.kill_at >= -1, "eval_prompts must be >= 0 and kill_at >= -1")
+    need(cfg.eval_prompts >= 0, f"eval_prompts must be >= 0 (got {cfg.eval_prompts})")
+    need(cfg.collective_timeout > 0, f"collective_timeout must be > 0 minutes (got {cfg.collective_timeout})")
     need(cfg.sampler != "ode", "the ODE sampler has no density to train on; use cps, flow_sde, dance_sde, ...")
     need(cfg.eta >= 0, f"eta must be >= 0 (got {cfg.eta})")
     try:  # the sampler checks its own eta (CPS: [0, 1]); one step on a dummy tensor asks it
@@ -330,6 +335,8 @@ def validate(cfg: Config) -> None:
             need(False, str(e))
     need(cfg.report_to != "wandb" or importlib.util.find_spec("wandb") is not None,
          "--report_to wandb needs the wandb package: pip install wandb (or --report_to tensorboard)")
+    problem = sampler_problem(cfg, sampling.sigmas(cfg.num_steps))
+    need(problem is None, str(problem))  # on a plain grid here; the session asks again on the model's grid
     need(cfg.embedding_cache_gb >= 0, f"embedding_cache_gb must be >= 0 (got {cfg.embedding_cache_gb})")
     need(cfg.lora_rank >= 0 and (cfg.lora_rank == 0 or cfg.lora_alpha > 0), "lora_rank must be >= 0 (0 = full "
          "fine-tuning) and lora_alpha > 0")
@@ -350,6 +357,26 @@ def validate(cfg: Config) -> None:
         need(False, str(e))
     if cfg.device.startswith("cuda"):
         need(torch.cuda.is_available(), "device 'cuda' requested but CUDA is not available; use --device cpu")
+
+
+def sampler_problem(cfg: Config, grid) -> str | None:
+    """The sampler tried on every step of `grid` that a rollout can make stochastic (all, or --sde_window's range),
+    on a dummy tensor: a step where it is undefined (CPWS at t' = 0), or no step with noise at all (eta 0), is a
+    config error. None when it can train."""
+    step, n = sampling.SAMPLERS[cfg.sampler], len(grid) - 1
+    lo, hi = sde_window_range(cfg) if cfg.sde_window else (0, n)
+    x, noisy = torch.zeros(1, 1), False
+    for k in range(lo, n // 2 if hi is None else hi):
+        t, t_next = float(grid[k]), float(grid[k + 1])
+        try:
+            noisy |= bool((step(x, x, t, t_next, cfg.eta)[1] > 0).any())
+        except ValueError as e:
+            return (f"--sampler {cfg.sampler} cannot take step {k} (t {t:.4f} -> {t_next:.4f}) of a training rollout: "
+                    f"{e} With --sde_window N, only the steps of --sde_window_range are stochastic")
+    if not noisy:
+        return (f"--sampler {cfg.sampler} with eta {cfg.eta} adds no noise on any step: every step is deterministic, "
+                "so there is no density to train on (every update would be skipped); use eta > 0")
+    return None
 
 
 def reward_options(cfg: Config) -> dict[str, dict]:

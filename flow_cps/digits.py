@@ -9,6 +9,7 @@ drives the transformer through the backbone it is given (models.digits_backbone)
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -144,10 +145,12 @@ def _cached(path: Path, build, what: str) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-digits-", dir=path.parent))
     try:
         build(tmp)
-        if path.exists():  # another process won the race; theirs is identical
-            shutil.rmtree(tmp)
-        else:
+        try:  # no check-then-rename: the rename itself decides, atomically, which builder's result is kept
             os.replace(tmp, path)
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not (path / "info.json").exists():
+                raise
+            shutil.rmtree(tmp)  # another process won the race; theirs is identical
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -92,6 +92,31 @@ DETECTOR_HUB_ID = "facebook/mask2former-swin-small-coco-instance"
 CLIP_HUB_ID = "openai/clip-vit-large-patch14"
 
 
+def metadata_problem(meta: dict) -> str | None:
+    """What makes a GenEval metadata object unusable by the rules below (None: usable): include/exclude must be
+    lists of clauses {class: one of COCO_CLASSES, count: a whole number >= 1, optional color: one of COLORS,
+    optional position: [one of POSITIONS, the index of an earlier include]}, and at least one clause."""
+    clauses = {k: meta.get(k, []) for k in ("include", "exclude")}
+    if not all(isinstance(v, list) for v in clauses.values()) or not any(clauses.values()):
+        return "'include' / 'exclude' must be lists of clauses, at least one clause in all"
+    for key, items in clauses.items():
+        for i, c in enumerate(items):
+            where = f"{key}[{i}]"
+            if not isinstance(c, dict) or c.get("class") not in COCO_CLASSES:
+                return f"{where}: 'class' must be one of GenEval's 80 COCO classes (got {c!r})"
+            n = c.get("count")
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                return f"{where}: 'count' must be a whole number >= 1 (got {n!r})"
+            if key == "include" and "color" in c and c["color"] not in COLORS:
+                return f"{where}: 'color' must be one of {', '.join(COLORS)} (got {c['color']!r})"
+            pos = c.get("position") if key == "include" else None
+            if pos is not None and not (isinstance(pos, list) and len(pos) == 2 and pos[0] in POSITIONS and
+                                        isinstance(pos[1], int) and 0 <= pos[1] < i):
+                return f"{where}: 'position' must be [one of {', '.join(POSITIONS)}, an earlier include's index] " \
+                       f"(got {pos!r})"
+    return None
+
+
 @dataclass
 class Detection:
     box: tuple[float, float, float, float]  # (x0, y0, x1, y1) in pixels, x1/y1 exclusive

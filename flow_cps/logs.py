@@ -1,6 +1,8 @@
-"""Run outputs (rank 0 only): metrics.jsonl, image grids, TensorBoard or Weights & Biases, the reward-curve figure."""
+"""Run outputs (rank 0 only): metrics.jsonl, image grids, TensorBoard or Weights & Biases, the reward-curve figure.
+Files are written as files.py writes them: replaced atomically, never through a link."""
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -9,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from torch import Tensor
 
+from flow_cps import files
 from flow_cps.clip import to_uint8
 
 
@@ -54,10 +57,11 @@ class Logger:
     def __init__(self, out_dir: Path, enabled: bool, report_to: str = "tensorboard", history: list[dict] = (),
                  config: dict | None = None):
         self.enabled, self.path, self.images = enabled, out_dir / "metrics.jsonl", out_dir / "images"
-        self.tb = self.wandb = None
+        self.tb = self.wandb = self.fd = None
         if not enabled:
             return
-        self.path.write_text("".join(json.dumps(strict(h), allow_nan=False) + "\n" for h in history))
+        files.write_atomic(self.path, "".join(json.dumps(strict(h), allow_nan=False) + "\n" for h in history))
+        self.fd = files.open_append(self.path)  # rows go to this file, whatever is later put at its name
         if report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
 
@@ -75,8 +79,7 @@ class Logger:
     def log(self, row: dict) -> None:
         if not self.enabled:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps(strict(row), allow_nan=False) + "\n")
+        os.write(self.fd, (json.dumps(strict(row), allow_nan=False) + "\n").encode())
         if self.tb is not None:
             for k, v in scalars(row).items():
                 self.tb.add_scalar(k, v, row["iteration"])
@@ -93,7 +96,9 @@ class Logger:
 
         grid = image_grid(images, rows)
         self.images.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(grid).save(self.images / f"{tag}_{iteration:05d}.png")
+        png = io.BytesIO()
+        Image.fromarray(grid).save(png, format="PNG")
+        files.write_atomic(self.images / f"{tag}_{iteration:05d}.png", png.getvalue())
         if self.tb is not None:
             self.tb.add_image(tag, grid, iteration, dataformats="HWC")
             self.tb.flush()
@@ -107,6 +112,9 @@ class Logger:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 def reward_curves(history: list[dict], path: str | Path, title: str) -> Path:
@@ -128,7 +136,7 @@ def reward_curves(history: list[dict], path: str | Path, title: str) -> Path:
         ax.set(title=f"held-out {k.removeprefix('eval/')} (ODE)", xlabel="iteration")
     fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, dpi=110, format="png")
     plt.close(fig)
-    return path
+    return files.write_atomic(path, png.getvalue())

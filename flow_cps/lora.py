@@ -14,6 +14,7 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
+from flow_cps import files
 from flow_cps.export import gathered
 
 
@@ -76,13 +77,20 @@ def save_lora(transformer: nn.Module, out_dir: str | Path, state_dict: dict[str,
 
 def _sort_safetensors_header(path: Path) -> None:
     """safetensors writes its __metadata__ map in hash order, which changes from process to process; rewrite the
-    JSON header with sorted keys (same length, so the tensor offsets stand) so identical runs give identical bytes."""
+    JSON header with sorted keys so identical runs give identical bytes. In place (padded with spaces, as the writer
+    pads it) when the sorted header fits in the old one's length, so the tensor offsets stand; else (a longer JSON
+    encoding, e.g. escaped non-ASCII metadata) the file is rewritten whole, header first, never over tensor bytes."""
     with open(path, "r+b") as f:
         n = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(n))
         text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-        f.seek(8)
-        f.write(text.ljust(n))  # the writer pads the header with spaces to its length
+        if len(text) <= n:
+            f.seek(8)
+            f.write(text.ljust(n))
+            return
+        data = f.read()
+    text = text.ljust(-(-len(text) // 8) * 8)  # the writer keeps the tensor data 8-byte aligned
+    files.write_atomic(path, len(text).to_bytes(8, "little") + text + data)
 
 
 @contextlib.contextmanager

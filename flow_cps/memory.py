@@ -80,19 +80,21 @@ def _safetensors_numel(folder: Path) -> int:
 def model_info(model: str) -> ModelInfo:
     """Configs and component sizes of a hub id (KNOWN_MODELS, or a cached copy), a local folder or a pipeline
     registered in memory (hub.register_pipeline)."""
-    folder = None
+    folder, repo = None, hub.hub_id(model)
+    known = repo[0] if repo else model  # owner/name@revision is sized as owner/name
     path = Path(model).expanduser()
     if path.is_dir():
         folder = path
-    elif model not in KNOWN_MODELS and hub.HUB_ID.match(model):
+    elif known not in KNOWN_MODELS and repo is not None:
         try:
             from huggingface_hub import snapshot_download
 
-            folder = Path(snapshot_download(model, local_files_only=True, allow_patterns=["*.json"]))
+            folder = Path(snapshot_download(repo[0], revision=repo[1], local_files_only=True,
+                                            allow_patterns=["*.json"]))
         except Exception:
             folder = None
-    if model in hub.IN_MEMORY:  # built in memory (gpu_check.py): its own configs and component sizes
-        info = _info_from_pipeline(model, hub.IN_MEMORY[model])
+    if hub.registered(model) is not None:  # built in memory (gpu_check.py): its own configs and component sizes
+        info = _info_from_pipeline(model, hub.registered(model))
     elif folder is not None and (folder / "model_index.json").is_file():
         kind = hub.pipeline_kind(folder)
         index = json.loads((folder / "model_index.json").read_text())
@@ -108,12 +110,12 @@ def model_info(model: str) -> ModelInfo:
                          vae_scale_factor=2 ** (len(vae_cfg["block_out_channels"]) - 1),
                          default_resolution=sample * 2 ** (len(vae_cfg["block_out_channels"]) - 1),
                          encoders=encoders, vae=vae_params)
-    elif model in KNOWN_MODELS:
-        info = ModelInfo(name=model, **KNOWN_MODELS[model])
+    elif known in KNOWN_MODELS:
+        info = ModelInfo(name=model, **KNOWN_MODELS[known])
     else:
         raise ValueError(f"--model {model}: unknown without its files; known hub ids: {', '.join(KNOWN_MODELS)}, "
                          "or give a local diffusers folder")
-    if model in hub.IN_MEMORY:
+    if hub.registered(model) is not None:
         return info
     try:
         hub.resolve_model(model, download=False)

@@ -288,18 +288,7 @@ def load_backbone(model: str, device: str | torch.device = "cpu", **options) -> 
     if model == "digits":
         return load_digits_backbone(device, **options)
     opts = Options(**options)
-    folder, kind = hub.resolve_model(model)
-    from diffusers import FluxPipeline, StableDiffusion3Pipeline
-
-    if folder is None:  # built in memory (gpu_check.py) in the run's dtype; cast only what differs, as
-        pipe = hub.IN_MEMORY[model]  # from_pretrained would load it (diffusers warns on every dtype cast)
-        if pipe.transformer.dtype != opts.dtype:
-            pipe.transformer.to(opts.dtype)
-        if pipe.vae.dtype != torch.float32:
-            pipe.vae.to(torch.float32)
-    else:
-        cls = {"flux": FluxPipeline, "sd3": StableDiffusion3Pipeline}[kind]
-        pipe = cls.from_pretrained(folder, dtype={"default": opts.dtype, "vae": torch.float32})
+    pipe = hub.load_pipeline(model, opts.dtype)
     # Every text-encoder weight in the run's dtype, T5's `wo` layers included (from_pretrained keeps those fp32,
     # transformers' _keep_in_fp32_modules): Flow-GRPO casts its whole T5 with .to(dtype), so the prompt embeddings
     # are the official runs' (in fp16, T5's blocks clamp what would overflow).

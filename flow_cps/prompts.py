@@ -34,9 +34,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from flow_cps import digits
-from flow_cps.geneval import COCO_CLASSES, COLORS, POSITIONS
+from flow_cps.geneval import COCO_CLASSES, COLORS, POSITIONS, metadata_problem
 
 SPLITS = ("train", "test")
+MAX_FILE_BYTES = 256 * 2 ** 20  # a prompt file is read whole on every rank; the paper's sets are a few MiB
 TEST_FRACTION = 4  # one item in 4 (by content hash) belongs to the test split
 
 
@@ -190,6 +191,9 @@ def load_file(path) -> tuple[list[str], list[dict | None]]:
     if path.suffix not in (".txt", ".jsonl"):
         raise ValueError(f"{path}: prompt files are .txt (one prompt per line) or .jsonl (one JSON object with a "
                          f"'prompt' field per line); got {path.suffix or 'no extension'!r}")
+    if path.stat().st_size > MAX_FILE_BYTES:
+        raise ValueError(f"{path} is {path.stat().st_size / 2 ** 20:.0f} MiB; prompt files are read whole on every "
+                         f"rank and capped at {MAX_FILE_BYTES // 2 ** 20} MiB: give a file of the prompts to train on")
     texts: list[str] = []
     metadata: list[dict | None] = []
     with open(path, encoding="utf-8") as f:
@@ -212,6 +216,9 @@ def load_file(path) -> tuple[list[str], list[dict | None]]:
             if not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
                 raise ValueError(f"{path}:{lineno}: missing or empty 'prompt' (a non-empty string); keys present: "
                                  f"{sorted(obj)}")
+            problem = metadata_problem(obj) if "include" in obj or "exclude" in obj else None
+            if problem:
+                raise ValueError(f"{path}:{lineno}: GenEval metadata: {problem}")
             texts.append(obj["prompt"].strip())
             metadata.append(obj)
     if not texts:

@@ -70,6 +70,21 @@ class RewardModel:
                           f"RewardModel.failures)", RewardWarning, stacklevel=depth)
         self.failures[key] = self.failures.get(key, 0) + k
 
+    def failures_since(self, before: dict[str, int]) -> dict[str, int]:
+        """The failures counted since `before` (a copy of `failures` taken earlier): what a rank sends rank 0."""
+        return {k: n - before.get(k, 0) for k, n in self.failures.items() if n != before.get(k, 0)}
+
+    def merge_failures(self, per_rank: list[dict[str, int]]) -> None:
+        """(rank 0) The failures each other rank counted (`failures_since`, index = rank; ranks > 0 do not warn):
+        each distinct cause is warned once here, naming the rank, and counted under "rank R: <cause>"."""
+        for rank, counts in enumerate(per_rank[1:], 1):
+            for cause, k in counts.items():
+                key = f"rank {rank}: {cause}"
+                if key not in self.failures:
+                    warnings.warn(f"reward {cause}: {k} samples failed on rank {rank} (reported once; later ones are "
+                                  "counted in RewardModel.failures)", RewardWarning, stacklevel=3)
+                self.failures[key] = self.failures.get(key, 0) + k
+
     def _score(self, name: str, images: Tensor, prompts: list[str], metadata) -> Tensor:
         fn, n = self.fns[name], len(prompts)
         try:

@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import math
 import os
-import signal
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from flow_cps import checkpoints, engine, hub, logs, models, plan, prompts, scoring
-from flow_cps.config import RESUMABLE_CHANGES, Config, reward_options, validate
+from flow_cps.config import RESUMABLE_CHANGES, Config, reward_options, sampler_problem, validate
 
 EVAL = "eval/"  # the prefix of the held-out metrics in the logs
 TRAIN_GRID = 8  # the training-sample grid: up to 8 members of each of the first 8 prompts' groups
@@ -89,19 +88,31 @@ class Session:
     Every check that can fail runs before the folder is written; errors stop all ranks with one message."""
 
     def __init__(self, cfg: Config):
-        validate(cfg)
-        self.cfg = cfg
-        self.rank, self.world, self.device = engine.setup(cfg.device, need_group=cfg.parallel == "fsdp")
-        self.is_main, self.batch = self.rank == 0, plan.batch(cfg, self.world)
-        if not self.is_main:  # each distinct reward failure is reported once, by rank 0
-            warnings.filterwarnings("ignore", category=scoring.RewardWarning)
-        path = engine.from_rank_zero(lambda: checkpoints.resolve(cfg.output_dir, cfg.preset, cfg.resume))
-        self.folder = checkpoints.RunFolder(path, self.is_main, auto=not cfg.output_dir)
+        self.cfg, self.folder = cfg, None
+        self.rank, self.world, self.device = engine.setup(cfg.device, need_group=cfg.parallel == "fsdp",
+                                                          timeout_minutes=cfg.collective_timeout)
         try:
+            validate(cfg)
+            self.is_main, self.batch = self.rank == 0, plan.batch(cfg, self.world)
+            if not self.is_main:  # each distinct reward failure is reported once, by rank 0 (`all_ranks`)
+                warnings.filterwarnings("ignore", category=scoring.RewardWarning)
+            path = engine.from_rank_zero(lambda: checkpoints.resolve(cfg.output_dir, cfg.preset, cfg.resume))
+            self.folder = checkpoints.RunFolder(path, self.is_main, auto=not cfg.output_dir)
             self._open(cfg, path)
-        except BaseException:  # release the run folder's lock (an in-process caller may start another run)
-            self.folder.close()
+        except BaseException as e:
+            self._fail(e)
             raise
+
+    def _fail(self, error: BaseException) -> None:
+        """With several ranks, stop every rank with one message (engine.stop_every_rank). In a world of one, leave
+        nothing behind for an in-process caller that starts another run: the logs, the run folder's lock and the
+        process group (FSDP2's group of one) are released."""
+        if getattr(self, "logger", None) is not None:
+            self.logger.close()
+        if self.folder is not None:
+            self.folder.close()
+        engine.stop_every_rank(error)
+        engine.teardown(wait=False)
 
     def _open(self, cfg: Config, path) -> None:
         ckpt = engine.from_rank_zero(lambda: self.folder.check(cfg.resume))
@@ -115,9 +126,7 @@ class Session:
         self.policy, self.reward_fn, self.metrics = self._load(self.precision)
         note = {"prompt_set": plan.prompt_note(cfg)} if plan.prompt_note(cfg) else {}
         self.folder.start(dict(self.config, **note), fresh=ckpt is None)  # the first write
-        # trained weights, EMA, AdamW m and v (fp32) and the two exports: ~6 x 4 bytes per trained parameter
-        self.folder.warn_if_disk_is_short(24 * sum(p.numel() for p in self.policy.params) * self.world
-                                          ** self.policy.fsdp, cfg.keep_checkpoints)
+        self.folder.warn_if_disk_is_short(checkpoints.checkpoint_bytes(self.policy), cfg.keep_checkpoints)
         self.history, self.start, self.iteration = [], 1, 0
         if ckpt is not None:
             self.history, last = self.folder.load(ckpt, self.policy)
@@ -143,6 +152,9 @@ class Session:
                 metrics = scoring.RewardModel(cfg.eval_metrics, device=self.device, **opts)
             for texts, _ in (self.train_set, self.eval_set):
                 backbone.check_prompts(texts)
+            problem = sampler_problem(cfg, backbone.sigmas(cfg.num_steps))  # on the model's own schedule
+            if problem:
+                raise ValueError(problem)
             policy = engine.Policy(
                 backbone, self.device, self.world, parallel=cfg.parallel, lr=cfg.lr, weight_decay=cfg.weight_decay,
                 lora=cfg.lora, gradient_checkpointing=cfg.gradient_checkpointing, precision=prec,
@@ -163,16 +175,19 @@ class Session:
 
     def __exit__(self, kind, error, tb) -> None:
         """A diverged model or a failing reward stops the run with the iteration and the likely cause, before
-        anything of that iteration is checkpointed."""
-        if error is not None:
-            self.folder.close()
+        anything of that iteration is checkpointed; any error on one rank stops every rank (`_fail`)."""
+        if error is None:
+            return
         if isinstance(error, engine.Diverged):
-            raise SystemExit(f"iteration {self.iteration}: training diverged: {error}. Nothing of this iteration was "
-                             f"saved. The learning rate ({self.cfg.lr}) is likely too high (or the gradient clip "
-                             f"max_grad_norm {self.cfg.max_grad_norm} too loose); resume from the last checkpoint "
-                             "with a smaller --lr") from None
-        if isinstance(error, scoring.RewardError):
-            raise SystemExit(f"iteration {self.iteration}: {error}") from None
+            error = SystemExit(f"iteration {self.iteration}: training diverged: {error}. Nothing of this iteration "
+                               f"was saved. The learning rate ({self.cfg.lr}) is likely too high (or the gradient clip "
+                               f"max_grad_norm {self.cfg.max_grad_norm} too loose); resume from the last checkpoint "
+                               "with a smaller --lr")
+        elif isinstance(error, scoring.RewardError):
+            error = SystemExit(f"iteration {self.iteration}: {error}")
+        self._fail(error)
+        if isinstance(error, SystemExit):
+            raise error from None
 
     def train_metrics(self, images, texts, meta) -> dict:
         """The held-out metrics on this iteration's (stochastic) training samples, over all ranks."""
@@ -223,8 +238,6 @@ class Session:
         if self.is_main or self.policy.fsdp:  # FSDP2: every rank writes its shards
             self.folder.save(it, self.policy, self.history, self.config, self.cfg.keep_checkpoints)
         engine.barrier()
-        if it == self.cfg.kill_at:  # testing: die right after this checkpoint
-            os.kill(os.getpid(), signal.SIGKILL)
 
     def finish(self) -> dict:
         self.logger.close()
@@ -246,16 +259,21 @@ class Session:
         return dict(summary=summary, history=self.history, policy=self.policy, output_dir=self.folder.path)
 
 
-def all_ranks(reward_fn, *args):
+def all_ranks(reward_fn: scoring.RewardModel, *args):
     """reward_fn(*args) on every rank; a RewardError on any rank is raised on all of them, so no rank waits at the
-    next collective for one that has stopped."""
+    next collective for one that has stopped. The samples other ranks could not score are reported by rank 0,
+    naming the rank (once per cause), and counted in its `reward_fn.failures`."""
+    before = dict(reward_fn.failures)
     try:
         out, error = reward_fn(*args), None
     except scoring.RewardError as e:
         out, error = None, str(e)
-    errors = [e for e in engine.all_gather_objects(error) if e]
+    gathered = engine.all_gather_objects((error, reward_fn.failures_since(before)))
+    errors = [e for e, _ in gathered if e]
     if errors:
         raise scoring.RewardError(errors[0])
+    if engine.rank_and_world()[0] == 0:
+        reward_fn.merge_failures([f for _, f in gathered])
     return out
 
 

@@ -1,6 +1,7 @@
 """config.py and the checks before any work: every bad flag stops the run with one line that names the problem and
 writes nothing; unknown flags get a suggestion; presets and booleans resolve."""
 import dataclasses
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 import grpo
 import sampling
 import train
-from flow_cps import config, engine, logs, lora
+from flow_cps import config, engine, logs, lora, prompts
 
 ROOT = Path(__file__).resolve().parent.parent
 SHORT = ["--iterations", "1", "--eval_per_prompt", "1", "--report_to", "none"]
@@ -50,6 +51,21 @@ SHORT = ["--iterations", "1", "--eval_per_prompt", "1", "--report_to", "none"]
     (["--resolution", "12"], "digits models exist at sizes"),
     (["--learning_rate", "1e-3"], "unknown option: --learning_rate"),
     (["--micro_batch", "abc"], "argument --micro_batch: invalid int value"),
+    # round 2: flags that used to pass validation and then fail or do nothing
+    (["--eta", "0"], "--sampler cps with eta 0.0 adds no noise on any step"),
+    (["--sampler", "flow_sde", "--eta", "0"], "adds no noise on any step"),
+    (["--sampler", "cpws"], "--sampler cpws cannot take step 8 (t 0.2000 -> 0.1000) of a training rollout"),
+    (["--device", "foo"], "argument --device: invalid choice: 'foo' (choose from 'auto', 'cpu', 'cuda')"),
+    (["--device", "cuda:3"], "argument --device: invalid choice: 'cuda:3'"),  # --help: CUDA_VISIBLE_DEVICES
+    (["--collective_timeout", "0"], "collective_timeout must be > 0"),
+    (["--reward", "jpeg_compressibility", "--reward_options", '{"jpeg_compressibility": {"quality": 101}}'],
+     "jpeg_compressibility's quality must be a whole number in [0, 100] (got 101)"),
+    (["--reward", "pickscore", "--reward_options", '{"pickscore": {"batch_size": 0}}'],
+     "pickscore's batch_size must be a whole number >= 1 (got 0)"),
+    (["--reward", "pickscore", "--reward_options", '{"pickscore": {"dtype": "float8"}}'],
+     "pickscore's dtype must be one of float32, float16, bfloat16"),
+    (["--reward", "geneval_partial", "--reward_options", '{"geneval_partial": {"threshold": 3}}'],
+     "geneval_partial's threshold must be a number in [0, 1] (got 3)"),
 ])
 def test_bad_flags_stop_with_one_line_and_write_nothing(argv, message, tmp_path):
     out = tmp_path / "run"
@@ -77,6 +93,31 @@ def test_bad_paths_stop_with_one_line_and_write_nothing(tmp_path):
         train.main([*SHORT, "--eval_prompt_file", str(tmp_path / "missing.txt"), "--output_dir", str(tmp_path / "r")])
 
 
+def test_bad_prompt_files_stop_with_one_line_and_write_nothing(tmp_path, monkeypatch):
+    counting = tmp_path / "geneval.jsonl"  # GenEval metadata whose count would divide by zero in every score
+    counting.write_text("\n".join(json.dumps({"prompt": f"a photo of {w} clocks", "tag": "counting",
+                                              "include": [{"class": "clock", "count": n}]})
+                                  for w, n in (("two", 2), ("zero", 0))) + "\n")
+    with pytest.raises(SystemExit) as e:
+        train.main([*SHORT, "--prompts", str(counting), "--output_dir", str(tmp_path / "run")])
+    assert str(e.value) == (f"prompt error: {counting}:2: GenEval metadata: include[0]: 'count' must be a whole "
+                            "number >= 1 (got 0)")
+    monkeypatch.setattr(prompts, "MAX_FILE_BYTES", 100)  # a file far larger than any prompt set
+    big = tmp_path / "big.txt"
+    big.write_text("a handwritten digit 7\n" * 10)
+    with pytest.raises(SystemExit, match=r"big.txt is 0 MiB; prompt files are read whole on every rank and capped"):
+        train.main([*SHORT, "--prompts", str(big), "--output_dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
+def test_cpws_trains_when_its_window_avoids_the_last_steps(tmp_path):
+    """Flow-CPWS is undefined at t' = 0: refused up front on every step a rollout can draw (see the bad flags
+    above); with an SDE window in the first half it trains."""
+    res = train.main([*SHORT, "--sampler", "cpws", "--eta", "0.5", "--sde_window", "2", "--prompts_per_iter", "2",
+                      "--group_size", "4", "--output_dir", str(tmp_path / "run")])
+    assert res["history"][-1]["iteration"] == 1 and res["history"][-1]["kept"] > 0
+
+
 def test_a_bad_flag_exits_nonzero_with_one_line_on_stderr(tmp_path):
     p = subprocess.run([sys.executable, "train.py", "--micro_batch", "0", "--output_dir", str(tmp_path / "r")],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -99,7 +140,7 @@ def test_each_choice_is_declared_once_and_shared():
     registries = {"sampler": sampling.SAMPLERS, "log_prob": {"": None, **sampling.LOG_PROBS},
                   "advantage": grpo.ADVANTAGES, "kl_form": {"": None, **grpo.KL_FORMS}, "timesteps": grpo.TIMESTEPS,
                   "parallel": engine.PARALLEL, "precision": ("auto", *engine.PRECISIONS),
-                  "reward_image": ("final", "x0_hat"), "report_to": logs.REPORT_TO}
+                  "reward_image": ("final", "x0_hat"), "report_to": logs.REPORT_TO, "device": engine.DEVICES}
     declared = {f.name: f.metadata["choices"] for f in dataclasses.fields(config.Config) if "choices" in f.metadata}
     assert declared == {k: tuple(v) for k, v in registries.items()}
     for name in declared:

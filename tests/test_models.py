@@ -22,7 +22,7 @@ import torch
 
 import sampling
 import train
-from flow_cps import lora, models
+from flow_cps import hub, lora, models
 
 ROOT = Path(__file__).resolve().parent.parent
 RES, MSL, STEPS = 32, 16, 6  # 32 px: 8x8 latents (VAE scale 4) = 16 tokens for FLUX (2x2 packing) and SD3 (patch 2)
@@ -193,6 +193,50 @@ def test_missing_weights_stop_before_any_work(tiny, tmp_path):
     # a guidance scale for a model without guidance embeddings is refused, not ignored
     with pytest.raises(ValueError, match="no guidance embedding"):
         models.load_backbone(str(tiny["flux-schnell"]), resolution=RES, guidance=3.5)
+
+
+def test_a_missing_local_path_is_never_downloaded_and_a_revision_can_be_pinned(tiny, tmp_path, monkeypatch):
+    """`data/flux` with a data/ folder here is a missing local folder, not a Hub id to download; `owner/name@rev`
+    resolves that revision in the Hugging Face cache (a cache with two revisions of one repo, built here)."""
+    import huggingface_hub
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    with pytest.raises(ValueError, match=r"--model data/flux: no such folder.*; data/ is a folder here, so data/flux "
+                                         r"is read as a local path\.$"):
+        hub.resolve_model("data/flux")
+    assert hub.hub_id("data/flux") is None and hub.hub_id("./flux/x") is None
+    assert hub.hub_id("black-forest-labs/FLUX.1-dev@v1") == ("black-forest-labs/FLUX.1-dev", "v1")
+    repo, old, new = tmp_path / "hub" / "models--acme--tiny-flux", "a" * 40, "b" * 40
+    for sha, kind in ((old, "flux-dev"), (new, "flux-schnell")):
+        shutil.copytree(tiny[kind], repo / "snapshots" / sha)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(old)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert hub.resolve_model("acme/tiny-flux") == (repo / "snapshots" / old, "flux")
+    assert hub.resolve_model(f"acme/tiny-flux@{new}") == (repo / "snapshots" / new, "flux")
+    bb = models.load_backbone(f"acme/tiny-flux@{new}", resolution=RES, max_sequence_length=MSL)
+    assert bb.guidance is None  # the schnell revision: no guidance embedding
+    with pytest.raises(ValueError, match="(?s)not in the Hugging Face cache at revision v2.*--revision v2"):
+        hub.resolve_model("acme/tiny-flux@v2")
+
+
+def test_the_lora_header_rewrite_never_overwrites_tensor_bytes(tmp_path):
+    """The sorted header is longer when json.dumps escapes non-ASCII metadata: the file is then rewritten whole."""
+    from safetensors.torch import load_file, safe_open, save_file
+
+    tensors = {"b": torch.arange(6.0).reshape(2, 3), "a": torch.ones(4, dtype=torch.float16)}
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    save_file(tensors, path, metadata={"zeta": "naïve café", "alpha": "1"})
+    lora._sort_safetensors_header(path)
+    loaded = load_file(path)
+    assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
+    with safe_open(path, "pt") as f:
+        assert f.metadata() == {"zeta": "naïve café", "alpha": "1"}
+    n = int.from_bytes(path.read_bytes()[:8], "little")
+    header = path.read_bytes()[8:8 + n]
+    assert n % 8 == 0 and header.rstrip() == json.dumps(json.loads(header), sort_keys=True,
+                                                        separators=(",", ":")).encode()
 
 
 def test_flux_packing_matches_the_pipeline():

@@ -29,6 +29,7 @@ def test_geneval_metadata_follows_the_benchmark_format():
     assert len(texts) > 300 and {m["tag"] for m in meta} == set(geneval.TAGS)
     for text, m in zip(texts, meta):
         assert m["prompt"] == text and text.startswith("a photo of ")
+        assert geneval.metadata_problem(m) is None  # what a GenEval-format .jsonl is checked against
         for req in m["include"]:
             assert req["class"] in geneval.COCO_CLASSES
             assert (req["class"] if m["tag"] != "counting" else prompts.plural(req["class"])) in text
@@ -164,6 +165,26 @@ def test_malformed_jsonl_names_file_line_and_problem(tmp_path, content, message)
     bad.write_text(content)
     with pytest.raises(ValueError, match=message):
         prompts.load(str(bad), "train")
+
+
+@pytest.mark.parametrize("clause, message", [
+    ({"include": [{"class": "clock", "count": 0}]}, r"include\[0\]: 'count' must be a whole number >= 1 \(got 0\)"),
+    ({"include": [{"class": "clock", "count": "2"}]}, r"include\[0\]: 'count' must be a whole number"),
+    ({"include": [{"class": "unicorn", "count": 1}]}, r"include\[0\]: 'class' must be one of GenEval's 80 COCO"),
+    ({"include": [{"class": "cat", "count": 1, "color": "teal"}]}, r"include\[0\]: 'color' must be one of red, orange"),
+    ({"include": [{"class": "cat", "count": 1}, {"class": "dog", "count": 1, "position": ["left of", 1]}]},
+     r"include\[1\]: 'position' must be \[one of left of, right of, above, below, an earlier include's index\]"),
+    ({"include": [], "exclude": []}, r"'include' / 'exclude' must be lists of clauses, at least one clause"),
+    ({"include": {"class": "cat"}}, r"'include' / 'exclude' must be lists of clauses"),
+])
+def test_geneval_jsonl_metadata_is_checked_when_loaded(tmp_path, clause, message):
+    """A clause that would break the rules at scoring time (count 0 divides by zero in every sample's score) stops
+    the load, naming file, line and clause."""
+    f = tmp_path / "geneval.jsonl"
+    good = {"prompt": "a photo of a cat", "tag": "single_object", "include": [{"class": "cat", "count": 1}]}
+    f.write_text(json.dumps(good) + "\n" + json.dumps({"prompt": "bad", "tag": "counting", **clause}) + "\n")
+    with pytest.raises(ValueError, match=r"geneval\.jsonl:2: GenEval metadata: " + message):
+        prompts.load_file(f)
 
 
 def test_unknown_names_extensions_and_splits(tmp_path):

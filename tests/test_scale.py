@@ -8,8 +8,9 @@
     identical: an SD3.5-style DDP LoRA run with true CFG (ranks identical, no buffer broadcasts, on-policy at every
     first update) and a FLUX.1-dev-style FSDP2 full fine-tuning run whose diffusers export, written shard by shard,
     reloads with from_pretrained and gives the trained velocities; the EMA equals a one-process run's;
-  * DanceGRPO-style full fine-tuning under FSDP2 in one process: its sharded checkpoint consolidates with torch's
-    `dcp_to_torch` into the diffusers transformer and its export, matches the unsharded run and resumes bit for bit;
+  * DanceGRPO-style full fine-tuning under FSDP2 in one process: its sharded checkpoint (a safetensors file per
+    rank) consolidates with `checkpoints.read_sharded` into the diffusers transformer and its export, matches the
+    unsharded run and resumes bit for bit;
   * FSDP2 full fine-tuning on 2 ranks keeps each rank's gradient at its shard while an update accumulates
     (tests/fsdp_grads_check.py), with the same gradient as the old accumulation and as one process.
 Each launch costs ~10 s, mostly imports.
@@ -29,7 +30,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from flow_cps import config, engine, models
+from flow_cps import checkpoints, config, engine, models
 from flow_cps.lora import LoRA
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,15 +85,24 @@ def test_fsdp2_flux_matches_one_process_and_resumes_exactly(tiny, prompts, tmp_p
     assert all(torch.equal(r0[k], exported["transformer." + k]) for k in r0)
     assert any(v.abs().max() > 0 for k, v in r0.items() if "lora_B" in k)  # it trained
     ckpt = run / "checkpoints" / "iter_000002"
-    assert len(list((ckpt / "dcp").glob("*.distcp"))) == 2  # one shard file per rank, nothing gathered
-    assert "params" not in torch.load(ckpt / "training_state.pt", weights_only=False)
+    assert len(list((ckpt / "dcp").iterdir())) == 2  # one safetensors file per rank, nothing gathered or pickled
+    assert all(f.suffix == ".safetensors" for f in (ckpt / "dcp").iterdir())
+    whole = checkpoints.read_sharded(ckpt / "dcp")  # the two ranks' shards, assembled in one process
+    assert all(torch.equal(whole["model." + k.replace(".weight", ".default.weight")], r0[k]) for k in r0)
+    assert "params" not in torch.load(ckpt / "training_state.pt", weights_only=True)
     assert all(r["first_ratio_max_dev"] == 0.0 for r in _rows(run)[1:])  # on-policy at every first update
     # the same config in one process (no sharding, no checkpointing): the same training up to float rounding
     torch.set_num_threads(1)
     try:
-        train.main([*args, "--output_dir", str(tmp_path / "single")])
+        one = train.main([*args, "--output_dir", str(tmp_path / "single")])
     finally:
         torch.set_num_threads(n)
+    # the disk estimate: numel() of an FSDP2 parameter is already global, so 2 ranks estimate what one process does
+    # (the old formula multiplied by the world size), and the estimate is the checkpoint's size
+    estimate = checkpoints.checkpoint_bytes(one["policy"])
+    assert [json.loads((run / f"rank{r}.json").read_text())["checkpoint_bytes"] for r in (0, 1)] == [estimate] * 2
+    size = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
+    assert 0.8 < size / estimate < 1.5, (size, estimate)
     single = _lora(tmp_path / "single", 2)
     assert max(float((exported[k] - single[k]).abs().max()) for k in single) < 1e-5
     assert [r["reward"] for r in _rows(run)[1:]] == pytest.approx([r["reward"] for r in
@@ -198,7 +208,6 @@ def test_fsdp2_full_fine_tuning_consolidates_and_resumes(tiny, prompts, tmp_path
     """World 1 keeps it in-process (a gloo group of one): the sharding maths is the two-rank test's; this one covers
     full fine-tuning's sharded checkpoint (weights, AdamW state, EMA), its consolidation and its diffusers export."""
     from diffusers import FluxTransformer2DModel
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     args = [*RUN, *DANCE, "--model", str(tiny["flux-dev"]), "--prompts", prompts]
     n = torch.get_num_threads()
@@ -211,9 +220,13 @@ def test_fsdp2_full_fine_tuning_consolidates_and_resumes(tiny, prompts, tmp_path
         monkeypatch.setenv("MASTER_PORT", str(_free_port()))
         return train.main([*args, "--parallel", "fsdp", "--output_dir", str(out), *extra])
 
-    def consolidated(out, it):
-        dcp_to_torch_save(out / "checkpoints" / f"iter_{it:06d}" / "dcp", tmp_path / "full.pt")
-        return torch.load(tmp_path / "full.pt", weights_only=False)
+    def consolidated(out, it):  # {"model": {name: tensor}, "ema": ..., "optim": ...} from the ranks' files
+        full = checkpoints.read_sharded(out / "checkpoints" / f"iter_{it:06d}" / "dcp")
+        parts: dict = {}
+        for key, value in full.items():
+            part, name = key.split(".", 1)
+            parts.setdefault(part, {})[name] = value
+        return parts
 
     try:
         fsdp_run(tmp_path / "fsdp")

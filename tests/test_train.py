@@ -4,6 +4,7 @@ per-step reference, the KL, the LoRA export, streamed evaluation, 2-rank DDP and
 The subprocess tests run the real command lines (`python train.py`, `torchrun ... train.py`) with few iterations.
 """
 import json
+import math
 import os
 import subprocess
 import sys
@@ -136,6 +137,27 @@ def test_flattened_objective_equals_the_per_step_loss(backbone):
             torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-7)
 
 
+def test_padding_never_injects_nan(backbone, monkeypatch):
+    """A rank with fewer forwards than another pads with a sample whose loss is multiplied by 0; 0 x NaN is NaN in
+    backward, so the padding must be a finite sample: here sample 0 (perm[0], the old choice) diverged, its reward
+    is invalid and it is not kept. Another rank's extra forward is simulated by the forward-count reduction."""
+    policy = _policy(backbone)
+    traj, cond, step, lp = _rollout(policy, n=16, micro_batch=16)
+    traj.latents[0] = float("nan")
+    keep, adv = torch.ones(16, dtype=torch.bool), torch.randn(16)
+    keep[0], adv[0] = False, float("nan")
+    steps = grpo.ordered_timesteps(traj.stochastic, 16, 0.99)
+    reduce = engine.all_reduce
+    monkeypatch.setattr(engine, "all_reduce", lambda x, op="sum": x + 1 if op == "max" else reduce(x, op))
+    b = plan.Batch(world=1, prompts=2, group_size=8, updates=1, micro_batch=1000)
+    J = train.Objective(step, 0.5, lp, grpo.kl_mse, beta=0.0, clip_range=1e-4)
+    tally = train.update(J, policy, traj, cond, adv, keep, steps, b=b, perm=torch.arange(16), world=1,
+                         max_grad_norm=1.0)
+    monkeypatch.undo()
+    assert math.isfinite(tally.reduce()["grad_norm"]) and all(torch.isfinite(p).all() for p in policy.params)
+    assert torch.equal(train.padding_row(traj, adv, keep), torch.tensor([1]))
+
+
 def test_kl_is_zero_at_init_and_positive_after(backbone):
     policy = _policy(backbone, randomise=False)
     traj, cond, step, lp = _rollout(policy, n=8, micro_batch=8)
@@ -216,7 +238,7 @@ def test_resume_after_kill_is_bitwise_exact(pretrained, tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     first = _run([sys.executable, "train.py", *FAST, "--output_dir", str(straight)])
     assert "batch on 1 process: " in first.stdout and "GPU" not in first.stdout  # a CPU run's plan names processes
-    p = _run([sys.executable, "train.py", *FAST, "--output_dir", str(killed), "--kill_at", "2"], check=False)
+    p = _run([sys.executable, "tests/kill_check.py", "2", *FAST, "--output_dir", str(killed)], check=False)
     assert p.returncode == -9, p.stderr[-2000:]  # SIGKILL right after the iteration-2 checkpoint
     assert (killed / "checkpoints" / "latest").read_text() == "iter_000002"
     _run([sys.executable, "train.py", *FAST, "--output_dir", str(killed), "--resume", "true"])

@@ -277,7 +277,7 @@ def run_preset(preset: str, args, workdir: Path) -> dict:
                terms_s=last["kept"] * k / last["time/train"] if last["time/train"] else math.nan,
                checkpoint=bool(ckpt), **use)
     del res, pipe
-    hub.IN_MEMORY.pop(model, None)
+    hub.unregister(model)
     gc.collect()
     shutil.rmtree(workdir / preset, ignore_errors=True)
     return out
@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 if args.tiny:
                     raise
                 results.append(dict(preset=preset, error=f"{type(e).__name__}: {str(e)[:400]}"))
-                hub.IN_MEMORY.clear()
+                hub.unregister()
                 gc.collect()
                 torch.cuda.empty_cache()
             print(f"gpu_check: {preset} done ({time.perf_counter() - t0:.0f} s)", flush=True)
