@@ -13,7 +13,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 FLAGS = ["--iterations", "3", "--eval_every", "100", "--checkpoint_every", "100", "--eval_per_prompt", "1",
-         "--prompts_per_iter", "4", "--group_size", "4", "--micro_batch", "8", "--tensorboard", "false"]
+         "--prompts_per_iter", "4", "--group_size", "4", "--micro_batch", "8", "--report_to", "none"]
 
 
 def _logs(folder: Path) -> dict[tuple[int, str], str]:

@@ -17,7 +17,7 @@ import train
 from flow_cps import checkpoints, digits, lock
 
 RUN = ["--iterations", "2", "--eval_every", "2", "--checkpoint_every", "2", "--eval_per_prompt", "1",
-       "--prompts_per_iter", "4", "--group_size", "4", "--micro_batch", "72", "--tensorboard", "false"]
+       "--prompts_per_iter", "4", "--group_size", "4", "--micro_batch", "72", "--report_to", "none"]
 
 
 @pytest.fixture(scope="module")
