@@ -6,7 +6,10 @@ loud failures, options checked at start-up).
 
 Built-in, offline rewards (no download):
   digit_judge           probability that the image shows the prompt's digit (the OCR/GenEval analogue), in [0, 1]
-  digit_judge_accuracy  1 if the judge's top class is the prompt's digit, else 0 (evaluation metric)
+  digit_judge_accuracy  1 if the judge's top class is the prompt's digit, else 0
+  digit_svm_accuracy    the same with an independent classifier (another architecture, disjoint data): evaluation
+  scene_match           shapes task: p(image shows the prompt's scene), a learned matcher that sees every pixel
+  scene_judge           shapes task: 1 if an exact analytic detector finds the prompt's scene, else 0: evaluation
   clean_background      1 - 4 x background brightness: the residual-noise detector (the paper's point)
   smoothness            1 - total variation; a weaker noise detector
   jpeg_compressibility  -kB of the JPEG-encoded image (DDPO); smaller files = less high-frequency noise
@@ -44,7 +47,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from flow_cps import clip, digits, geneval
+from flow_cps import clip, digits, geneval, scenes, shapes
 
 RewardFn = Callable[..., Tensor]
 REGISTRY: dict[str, Callable[..., RewardFn]] = {}  # name -> factory(device, **options) -> reward fn
@@ -86,6 +89,52 @@ def digit_judge(device="cpu", judge=None) -> RewardFn:
 def digit_judge_accuracy(device="cpu", judge=None) -> RewardFn:
     """1 if the judge's most likely digit is the prompt's, else 0. Its batch mean is the held-out accuracy."""
     return _judge_reward(device, judge, lambda logits, t: logits.argmax(-1) == t)
+
+
+@register("digit_svm_accuracy")
+def digit_svm_accuracy(device="cpu") -> RewardFn:
+    """The digits task's independent judge: 1 if an RBF support-vector classifier (scikit-learn, `digits.train_svm`)
+    reads the prompt's digit, else 0. It is trained on the quarter of the data digit_judge never saw, with another
+    architecture, so a model that learns to please digit_judge's MLP is not automatically right by it."""
+    svm = digits.train_svm()
+
+    def fn(images: Tensor, prompts: list[str], metadata=None) -> Tensor:
+        check_images(images)
+        pred = svm.predict(digits.svm_features(images))
+        return torch.tensor(pred == np.array([digits.parse_digit(p) for p in prompts]), dtype=torch.float32)
+    return fn
+
+
+@register("scene_judge")
+def scene_judge(device="cpu") -> RewardFn:
+    """The shapes task's evaluation judge, GenEval's rule for its scenes: 1 if the exact analytic detector
+    (`scenes.judge`) finds exactly the prompt's objects (colour, shape, count) and their relation, else 0. Exact on
+    every rendered scene; no learned weights, so it shares nothing with the scene_match reward. Its held-out value
+    is the mean over the four tags of the tag means, as GenEval's overall score."""
+    def fn(images: Tensor, prompts: list[str], metadata=None) -> Tensor:
+        check_images(images)
+        arr = images.detach().float().cpu().numpy()
+        return torch.tensor([float(scenes.judge(a, scenes.parse(p))) for a, p in zip(arr, prompts)])
+    fn.group_key = lambda m: m.get("tag") if isinstance(m, dict) else None
+    return fn
+
+
+@register("scene_match")
+def scene_match(device="cpu") -> RewardFn:
+    """The shapes task's training reward: p(the image shows the prompt's scene) under a learned image-text matching
+    network (`shapes.Matcher`: convolutions over every pixel at the native resolution, a GRU over the words), the
+    PickScore / VQA-score analogue. Scale [0, 1]; the matcher of the images' size, trained with the shapes model on
+    first use. Residual noise lowers it (`python rewards.py --scales`)."""
+    nets: dict[int, torch.nn.Module] = {}
+
+    @torch.no_grad()
+    def fn(images: Tensor, prompts: list[str], metadata=None) -> Tensor:
+        check_images(images)
+        size = images.shape[-1]
+        if size not in nets:
+            nets[size] = shapes.load_matcher(size).to(device)
+        return torch.sigmoid(nets[size](images.to(device), prompts)).float()
+    return fn
 
 
 def total_variation(images: Tensor) -> Tensor:

@@ -56,13 +56,15 @@ class Config:
     device: str = choice("auto", "'auto' (cuda:LOCAL_RANK if available, else cpu), 'cpu' or 'cuda' (each process "
                          "uses cuda:LOCAL_RANK: choose the GPUs with CUDA_VISIBLE_DEVICES)", engine.DEVICES)
     # model and prompts
-    model: str = option("digits", "'digits' (built-in tiny FLUX) or a hub id / local diffusers folder (FLUX.1, SD3.5)")
-    prompts: str = option("digits", "prompt set: 'digits', 'geneval', 'ocr', a .txt/.jsonl file, or a folder with "
-                          "train.txt/test.txt (Flow-GRPO's dataset/pickscore)")
+    model: str = option("digits", "'digits' or 'shapes' (built-in tiny FLUX models) or a hub id / local diffusers "
+                        "folder (FLUX.1, SD3.5)")
+    prompts: str = option("digits", "prompt set: 'digits', 'shapes', 'geneval', 'ocr', a .txt/.jsonl file, or a folder "
+                          "with train.txt/test.txt (Flow-GRPO's dataset/pickscore)")
     eval_prompts: int = option(0, "held-out prompts evaluated (the first N of the test split); 0 = all")
     eval_prompt_file: str = option("", "a .txt/.jsonl prompt file to evaluate on instead of the test split of "
                                    "--prompts")
-    resolution: int = option(0, "image height = width in pixels; 0 = the model's default (digits 8, pipelines 1024)")
+    resolution: int = option(0, "image height = width in pixels; 0 = the model's default (digits 8, shapes 16, "
+                             "pipelines 1024)")
     guidance: float = option(-1.0, "FLUX.1-dev guidance embedding / SD3.5 CFG scale (<= 1: no CFG) for rollouts and "
                              "training; -1 = the paper's value (3.5 / 4.5; none for FLUX.1-schnell and digits)")
     eval_guidance: float = option(-1.0, "guidance of the evaluation rollouts; -1 = the same as --guidance")
@@ -140,7 +142,8 @@ class Config:
     reward: str = option("digit_judge", "training reward, or a weighted sum 'name:w,name:w'")
     reward_options: str = option("{}", "JSON: per-reward factory options, e.g. "
                                  "'{\"pickscore\": {\"model\": \"/path\"}}'")
-    eval_metrics: str = option("digit_judge_accuracy,digit_judge,clean_background", "held-out metrics (reward names)")
+    eval_metrics: str = option("digit_svm_accuracy,digit_judge_accuracy,digit_judge,clean_background",
+                               "held-out metrics (reward names); the first is the run's headline metric")
     eval_every: int = option(15, "evaluate every this many iterations (and at the start and end)")
     eval_per_prompt: int = option(20, "fixed noises per held-out prompt")
     # outputs
@@ -197,7 +200,11 @@ _FLUX = dict(_FLOW_GRPO, guidance=3.5, eval_guidance=3.5, micro_batch=3, eta=0.9
              drop_zero_adv=False, reward="pickscore", eval_metrics="pickscore", prompts="flow_grpo/dataset/pickscore",
              eval_every=30, ema_updates_per_step=6)
 PRESETS: dict[str, dict] = {
-    "tiny": {},  # the defaults: built-in digits model, CPS eta 0.7, ~3 min on 2 CPU cores
+    "tiny": {},  # the defaults: built-in digits model, CPS eta 0.7, ~1.5 min on 2 CPU cores
+    # The built-in GenEval-like task (flow_cps/scenes.py): coloured shapes with counts and positions at 16x16, held-out
+    # colour-shape compositions; trained on the learned scene_match reward, judged by the analytic scene_judge.
+    "shapes": dict(model="shapes", prompts="shapes", reward="scene_match",
+                   eval_metrics="scene_judge,scene_match,clean_background"),
     # Flow-GRPO's reward server's GenEval rule (rewards.geneval_flow_grpo) trains; the benchmark's rule evaluates.
     # prompts: this project's generated GenEval-like / OCR sets (offline defaults); the paper's are Flow-GRPO's
     # dataset/geneval and dataset/ocr folders: --prompts /path/flow_grpo/dataset/geneval (docs/SCALE.md)
@@ -230,7 +237,7 @@ PRESETS: dict[str, dict] = {
 }
 # GPUs each preset's numbers assume (the dry run's default world size). The paper's configs used 32 GPUs, but 48
 # prompts do not split over 32 ranks with every group on one rank; 8 GPUs is Flow-GRPO's `*_8gpu` layout.
-PRESET_GPUS = {"tiny": 2, "sd3.5-geneval": 8, "sd3.5-ocr": 8, "sd3.5-pickscore": 8, "flux-dev-pickscore": 8,
+PRESET_GPUS = {"tiny": 2, "shapes": 2, "sd3.5-geneval": 8, "sd3.5-ocr": 8, "sd3.5-pickscore": 8, "flux-dev-pickscore": 8,
                "flux-schnell-pickscore": 8, "flux-dev-hpsv2": 16}
 # Where the prompt sets without a generator in prompts.py come from.
 PROMPT_SOURCES = {"flow_grpo/dataset/pickscore": "git clone https://github.com/yifan123/flow_grpo (its "

@@ -126,23 +126,41 @@ def train_judge(seed: int = 0, epochs: int = 300) -> tuple[Judge, float]:
     return judge, acc
 
 
+def svm_features(images: torch.Tensor) -> np.ndarray:
+    """Images (B, C, H, W) in [0, 1] as the SVM reads them: grey, at the data's 8x8, on scikit-learn's 0-16 scale."""
+    grey = images.detach().float().mean(1, keepdim=True).cpu()
+    if grey.shape[-2:] != (SIZE, SIZE):
+        grey = nn.functional.adaptive_avg_pool2d(grey, SIZE)
+    return (grey.flatten(1) * 16).numpy()
+
+
+def train_svm():
+    """The independent judge (rewards.digit_svm_accuracy): an RBF support-vector classifier fitted on the test
+    quarter of the data, which the Judge MLP (the reward) never saw; accuracy 0.98 on the MLP's training part
+    (tests/test_shapes.py). Deterministic and ~0.1 s, so it is fitted on use rather than cached."""
+    from sklearn.svm import SVC
+
+    images, labels = load("test")
+    return SVC(C=10.0, gamma="scale").fit(svm_features(images), labels.numpy())
+
+
 def cache_dir() -> Path:
     """Where the pre-trained digits model and judge live: $FLOW_CPS_CACHE, else ~/.cache/flow_cps."""
     return Path(os.environ.get("FLOW_CPS_CACHE") or Path.home() / ".cache" / "flow_cps")
 
 
-def _key(*spec) -> str:
+def cache_key(*spec) -> str:
     return hashlib.sha256(json.dumps([*spec, torch.__version__], sort_keys=True).encode()).hexdigest()[:10]
 
 
-def _cached(path: Path, build, what: str) -> Path:
+def cached(path: Path, build, what: str) -> Path:
     """`path` if it holds a finished build (info.json), else build(tmp) into a temporary folder renamed into place:
     a killed build leaves nothing, and concurrent builders (ranks, bench workers) agree on one result."""
     if (path / "info.json").exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    print(f"[digits] first use: {what} into {path}")
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-digits-", dir=path.parent))
+    print(f"[flow_cps] first use: {what} into {path}")
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-build-", dir=path.parent))
     try:
         build(tmp)
         try:  # no check-then-rename: the rename itself decides, atomically, which builder's result is kept
@@ -157,6 +175,27 @@ def _cached(path: Path, build, what: str) -> Path:
     return path
 
 
+def flow_matching(backbone, params, batch, steps: int, *, lr: float, seed: int, progress: bool = True) -> float:
+    """Pre-train a built-in model by flow matching (AdamW, logit-normal t as in SD3's recipe): each step draws
+    `batch(g) -> (x0 latents, prompts)` and regresses v_theta(x_t, t, c) on v = eps - x0 at x_t = (1-t) x0 + t eps.
+    Returns the seconds it took."""
+    from tqdm.auto import tqdm
+
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(params, lr=lr)
+    t0 = time.time()
+    for _ in tqdm(range(steps), desc="pre-training", disable=not progress):
+        x0, text = batch(g)
+        t = torch.sigmoid(torch.randn(len(x0), generator=g))
+        eps = torch.randn(x0.shape, generator=g)
+        xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps
+        loss = (backbone.velocity(xt, t, backbone.encode(text, cache=False)) - (eps - x0)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return time.time() - t0
+
+
 def judge_dir() -> Path:
     """The cached judge (judge.safetensors, info.json), trained on first use (~1 s)."""
     def build(out: Path) -> None:
@@ -164,7 +203,7 @@ def judge_dir() -> Path:
         save_file(judge.state_dict(), out / "judge.safetensors")
         (out / "info.json").write_text(json.dumps(dict(judge_accuracy=acc), indent=1))
         print(f"[digits] judge held-out accuracy {acc:.4f}")
-    return _cached(cache_dir() / f"judge-{_key('judge', 300, 0)}", build, "training the digit judge")
+    return cached(cache_dir() / f"judge-{cache_key('judge', 300, 0)}", build, "training the digit judge")
 
 
 def model_dir(make_backbone, progress: bool = True, size: int = SIZE) -> Path:
@@ -173,15 +212,14 @@ def model_dir(make_backbone, progress: bool = True, size: int = SIZE) -> Path:
     if size not in PRETRAIN_STEPS:
         raise ValueError(f"digits models exist at sizes {sorted(PRETRAIN_STEPS)}, not {size}")
     judge_dir()  # the pre-training reports its base accuracy with the judge
-    key = _key(TRANSFORMER_CONFIG, PRETRAIN, PRETRAIN_STEPS[size], EMBED_DIM, size)
+    key = cache_key(TRANSFORMER_CONFIG, PRETRAIN, PRETRAIN_STEPS[size], EMBED_DIM, size)
     path = cache_dir() / (f"digits-{key}" if size == SIZE else f"digits{size}-{key}")
-    return _cached(path, lambda out: _build(out, make_backbone, progress, size),
+    return cached(path, lambda out: _build(out, make_backbone, progress, size),
                    f"pre-training the tiny FLUX model ({PRETRAIN_STEPS[size]} steps, about 20 s)")
 
 
 def _build(out: Path, make_backbone, progress: bool, size: int = SIZE) -> dict:
     from diffusers import FluxTransformer2DModel
-    from tqdm.auto import tqdm
 
     judge = load_judge()
     torch.manual_seed(PRETRAIN["seed"])
@@ -190,20 +228,12 @@ def _build(out: Path, make_backbone, progress: bool, size: int = SIZE) -> dict:
     images, labels = load("train", size)
     x0_all = backbone.encode_images(images)
     text = [TRAIN_TEMPLATES[0].format(d=int(d), w="") for d in labels]
-    g = torch.Generator().manual_seed(PRETRAIN["seed"])
-    opt = torch.optim.AdamW([*transformer.parameters(), *encoder.parameters()], lr=PRETRAIN["lr"])
-    t0 = time.time()
-    for _ in tqdm(range(PRETRAIN_STEPS[size]), desc="pre-training", disable=not progress):
+
+    def batch(g):
         idx = torch.randint(0, len(x0_all), (PRETRAIN["batch"],), generator=g)
-        x0, t = x0_all[idx], torch.sigmoid(torch.randn(len(idx), generator=g))  # logit-normal t (SD3 recipe)
-        eps = torch.randn(x0.shape, generator=g)
-        xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps  # x_t = (1-t) x0 + t eps, v = eps - x0
-        cond = backbone.encode([text[i] for i in idx.tolist()], cache=False)
-        loss = (backbone.velocity(xt, t, cond) - (eps - x0)).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    seconds = time.time() - t0
+        return x0_all[idx], [text[i] for i in idx.tolist()]
+    seconds = flow_matching(backbone, [*transformer.parameters(), *encoder.parameters()], batch, PRETRAIN_STEPS[size],
+                            lr=PRETRAIN["lr"], seed=PRETRAIN["seed"], progress=progress)
     transformer.save_pretrained(out / "transformer")
     save_file(encoder.state_dict(), out / "prompt_encoder.safetensors")
     # the headroom figure: judge accuracy of 20 ODE samples per digit, 10 steps

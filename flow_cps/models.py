@@ -11,13 +11,13 @@
 transformer via peft (lora.py), and `lora.adapter_disabled` gives the reference policy for the KL term. Two classes:
 
   * FluxBackbone, kind "flux": FLUX.1-dev (guidance embedding 3.5, resolution-dependent shift), FLUX.1-schnell (no
-    guidance embedding, no shift, 4 steps) and the built-in digits model, a real tiny `FluxTransformer2DModel`, so the
-    default CPU run exercises the exact code path FLUX.1 uses;
+    guidance embedding, no shift, 4 steps) and the built-in digits and shapes models, real tiny
+    `FluxTransformer2DModel`s, so the default CPU run exercises the exact code path FLUX.1 uses;
   * SD3Backbone, kind "sd3": SD3 / SD3.5 (three text encoders, true classifier-free guidance, static shift 3).
 
 What they share (embedding cache, guidance switching, offloading, timesteps, fp32 decode) is backbone.Backbone, and
-how they are loaded and run is backbone.Options. `load_backbone(model, device, **options)` takes "digits", a hub id
-or a local diffusers folder (found by hub.py), or
+how they are loaded and run is backbone.Options. `load_backbone(model, device, **options)` takes "digits" or "shapes",
+a hub id or a local diffusers folder (found by hub.py), or
 a pipeline built in memory and registered with hub.register_pipeline (gpu_check.py's random-weight FLUX.1-dev and
 SD3.5), and detects FLUX vs SD3 from model_index.json (the pipeline's class). plan.py sizes a run without loading
 weights (`train.py --dry_run true`).
@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 import sampling
-from flow_cps import digits, hub
+from flow_cps import digits, hub, scenes, shapes
 from flow_cps.backbone import Backbone, Options
 
 # The paper's guidance (Flow-GRPO's configs: SD3.5 CFG 4.5, FLUX.1-dev guidance embedding 3.5); diffusers' SD3 default
@@ -59,7 +59,7 @@ class FluxBackbone(Backbone):
     """FLUX.1 (dev, schnell) and the built-in digits model: 2x2-packed latents, position ids, timestep = t.
 
     encode_prompt(prompts) -> (prompt_embeds (B, L, D), pooled (B, P), text_ids (L, 3)), as FluxPipeline's.
-    vae=None means pixels are the latents (the digits model): decode is the same unpack -> unscale -> x/2 + 1/2 path.
+    vae=None means pixels are the latents (the built-in models): decode is the same unpack -> unscale -> x/2 + 1/2 path.
     guidance: the guidance-embedding scale for FLUX.1-dev (3.5); must be None for models without guidance embeds.
     scheduler_config: the pipeline scheduler's config, read for shift / dynamic shifting (None: no shift).
     """
@@ -118,9 +118,9 @@ class FluxBackbone(Backbone):
         return unpack_latents(x, self.height // step, self.width // step)
 
     def encode_images(self, images: Tensor) -> Tensor:
-        """Images in [0, 1] -> packed latents (the inverse of decode; used to pre-train the digits model)."""
+        """Images in [0, 1] -> packed latents (the inverse of decode; used to pre-train the built-in models)."""
         if self.vae is not None:
-            raise NotImplementedError("encode_images is only needed for the VAE-free digits model")
+            raise NotImplementedError("encode_images is only needed for the VAE-free built-in models")
         return pack_latents(images * 2 - 1)
 
 
@@ -264,29 +264,41 @@ def digits_backbone(transformer: nn.Module, encoder: nn.Module, size: int = digi
                         prompt_check=digits.parse_digit)
 
 
-def load_digits_backbone(device: str | torch.device = "cpu", **options) -> FluxBackbone:
-    """The built-in default: pre-trained on first use (digits.py, through this backbone), loaded like any diffusers
-    transformer. Always fp32 (0.46 M parameters); the options that have no meaning for it (text length, offloading,
-    dtype, cache) are ignored."""
+def shapes_backbone(transformer: nn.Module, encoder: nn.Module, size: int = shapes.SIZE,
+                    options: Options | None = None) -> FluxBackbone:
+    """The shapes model behind the FLUX backbone: RGB pixels are the latents (no VAE), 2x2-packed into 12-channel
+    tokens; prompts must follow the scenes' grammar (scenes.parse). shapes.model_dir pre-trains through it."""
+    return FluxBackbone(transformer, encoder, vae=None, height=size, width=size, options=options,
+                        prompt_check=scenes.parse)
+
+
+BUILT_IN = {"digits": (digits, digits_backbone), "shapes": (shapes, shapes_backbone)}  # name -> (task, backbone)
+
+
+def load_builtin_backbone(name: str = "digits", device: str | torch.device = "cpu", **options) -> FluxBackbone:
+    """A built-in model, 'digits' (the default) or 'shapes': pre-trained on first use (digits.py / shapes.py, through
+    its backbone), loaded like any diffusers transformer. Always fp32 (~0.46 M parameters); the options that have no
+    meaning for it (text length, offloading, dtype, cache) are ignored."""
     from diffusers import FluxTransformer2DModel
 
+    task, make_backbone = BUILT_IN[name]
     opts = Options(**options)
     if opts.guidance >= 0:
-        raise ValueError("the digits model has no guidance embedding; leave --guidance at -1")
-    size = opts.resolution or digits.SIZE
-    path = digits.model_dir(digits_backbone, size=size)
+        raise ValueError(f"the {name} model has no guidance embedding; leave --guidance at -1")
+    size = opts.resolution or task.SIZE
+    path = task.model_dir(make_backbone, size=size)
     transformer = FluxTransformer2DModel.from_pretrained(path, subfolder="transformer").to(device).eval()
-    encoder = digits.load_prompt_encoder(path).to(device)
-    return digits_backbone(transformer, encoder, size, opts)
+    return make_backbone(transformer, task.load_prompt_encoder(path).to(device), size, opts)
 
 
 def load_backbone(model: str, device: str | torch.device = "cpu", **options) -> Backbone:
-    """'digits', a hub id, a local diffusers folder or a pipeline registered in memory (hub.register_pipeline) ->
+    """'digits' or 'shapes' (the built-in models), a hub id, a local diffusers folder or a pipeline registered in
+    memory (hub.register_pipeline) ->
     a backbone on `device` (transformer, text encoders and VAE frozen, in eval mode; transformer and text encoders
     in options' dtype, the VAE in fp32; text encoders and VAE on the CPU between uses if `offload`). `options` are
     backbone.Options' fields (resolution, guidance, max_sequence_length, shift, ...)."""
-    if model == "digits":
-        return load_digits_backbone(device, **options)
+    if model in BUILT_IN:
+        return load_builtin_backbone(model, device, **options)
     opts = Options(**options)
     pipe = hub.load_pipeline(model, opts.dtype)
     # Every text-encoder weight in the run's dtype, T5's `wo` layers included (from_pretrained keeps those fp32,

@@ -4,6 +4,7 @@
     texts, metadata = prompts.load("geneval", "train", seed=0)   # GenEval-style prompts + their GenEval metadata
     texts, metadata = prompts.load("ocr", "test")                 # 'A sign that says "OPEN LATE"', ...; metadata None
     texts, metadata = prompts.load("digits", "train")             # the built-in task (digits.prompts)
+    texts, metadata = prompts.load("shapes", "test")              # the shapes task: held-out compositions
     texts, metadata = prompts.load("my_prompts.txt", "train")     # the file's train part (see below)
     texts, metadata = prompts.load("my_eval.txt", "all")          # every prompt of a file (an explicit eval set)
     texts, metadata = prompts.load("flow_grpo/dataset/geneval", "test")   # a folder with test_metadata.jsonl, ...
@@ -33,7 +34,7 @@ import zlib
 from collections.abc import Callable
 from pathlib import Path
 
-from flow_cps import digits
+from flow_cps import digits, scenes
 from flow_cps.geneval import COCO_CLASSES, COLORS, POSITIONS, metadata_problem
 
 SPLITS = ("train", "test")
@@ -179,7 +180,24 @@ def digit_prompts(split: str = "train", seed: int = 0) -> tuple[list[str], list[
     return texts, [None] * len(texts)
 
 
-GENERATORS = {"digits": digit_prompts, "geneval": geneval, "ocr": ocr}
+def shape_prompts(split: str = "train", seed: int = 0, per_tag: int = 6) -> tuple[list[str], list[dict]]:
+    """The shapes task (scenes.py), metadata {"tag": ...}. Train: every scene without a held-out colour-shape pair,
+    each tag's list repeated to the length of the longest, so the four tags are drawn equally often. Test: up to
+    `per_tag` scenes per tag (all 3 single, all 6 counting, 6 two-object and 6 position prompts), each holding a
+    colour-shape pair never trained on; the same for every seed."""
+    _check_split(split)
+    by_tag = scenes.scenes(split)
+    if split == "test":
+        rng = random.Random("shapes/test")
+        chosen = [s for tag in scenes.TAGS for s in (by_tag[tag] if len(by_tag[tag]) <= per_tag else
+                                                      rng.sample(by_tag[tag], per_tag))]
+    else:
+        longest = max(map(len, by_tag.values()))
+        chosen = [ss[k % len(ss)] for ss in by_tag.values() for k in range(longest)]
+    return [scenes.text(s) for s in chosen], [{"tag": s.tag} for s in chosen]
+
+
+GENERATORS = {"digits": digit_prompts, "geneval": geneval, "ocr": ocr, "shapes": shape_prompts}
 
 
 # -- users' own files ----------------------------------------------------------------------------------------------

@@ -87,7 +87,7 @@ def test_preset_ema_is_the_papers_32_gpu_run(preset):
 
 
 def test_non_finite_gradients_stop_before_the_step():
-    bb = models.load_digits_backbone()
+    bb = models.load_builtin_backbone("digits")
     policy = engine.Policy(bb, torch.device("cpu"), 1, lora=LORA, ema=engine.EMASchedule(0.9))
     before = [p.detach().clone() for p in policy.params]
     for p in policy.params:
@@ -112,7 +112,7 @@ def test_precision_names():
 
 
 def _digits_policy(prec):
-    bb = models.load_digits_backbone()
+    bb = models.load_builtin_backbone("digits")
     return engine.Policy(bb, torch.device("cpu"), 1, lora=LORA, precision=prec,
                          ema=engine.EMASchedule(0.9), seed=3)
 

@@ -28,12 +28,12 @@ FAST = ["--iterations", "4", "--eval_every", "2", "--checkpoint_every", "2", "--
 
 @pytest.fixture(scope="module")
 def pretrained():
-    return models.load_digits_backbone()  # pre-train once into the test cache (conftest sets FLOW_CPS_CACHE)
+    return models.load_builtin_backbone("digits")  # pre-train once into the test cache (conftest sets FLOW_CPS_CACHE)
 
 
 @pytest.fixture
 def backbone(pretrained):
-    return models.load_digits_backbone()  # fresh per test: each test adds its own LoRA
+    return models.load_builtin_backbone("digits")  # fresh per test: each test adds its own LoRA
 
 
 def _policy(backbone, lora_rank=8, lora_alpha=16.0, randomise=True):

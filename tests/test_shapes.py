@@ -1,0 +1,62 @@
+"""The shapes task's models and rewards (flow_cps/shapes.py, rewards.py), and the digits task's independent judge:
+the generator is a real FLUX transformer behind the same adapter as FLUX.1, the reward sees residual noise, the judge
+is exact, and neither judge shares a model with its task's reward."""
+import random
+
+import numpy as np
+import torch
+
+from flow_cps import digits, models, prompts, scenes, shapes
+from flow_cps.scoring import RewardModel
+from rewards import REGISTRY
+
+
+def test_the_shapes_model_is_a_flux_transformer_on_packed_rgb_pixels():
+    bb = models.load_builtin_backbone("shapes")  # pre-trained once into the test cache
+    assert type(bb.transformer).__name__ == "FluxTransformer2DModel" and bb.kind == "flux"
+    assert bb.latent_shape == ((shapes.SIZE // 2) ** 2, 12)
+    images = torch.rand(2, 3, shapes.SIZE, shapes.SIZE)
+    torch.testing.assert_close(bb.decode(bb.encode_images(images)), images)  # pixels are the latents, 2x2-packed
+    bb.check_prompts(["a blue circle above a red square"])
+    try:
+        bb.check_prompts(["a handwritten digit 7"])
+        raise AssertionError("the shapes model accepted a digits prompt")
+    except ValueError as e:
+        assert "not a shapes prompt" in str(e)
+
+
+def test_scene_match_prefers_the_right_scene_and_falls_with_noise():
+    fn = REGISTRY["scene_match"]()
+    rng = random.Random(3)
+    texts = prompts.load("shapes", "test")[0] * 3
+    right = torch.tensor(np.stack([scenes.render(scenes.layout(scenes.parse(t), 16, rng), 16) for t in texts]),
+                         dtype=torch.float32)
+    wrong = torch.tensor(np.stack([scenes.render(scenes.layout(shapes.mutate(scenes.parse(t), rng), 16, rng), 16)
+                                   for t in texts]), dtype=torch.float32)
+    r_right, r_wrong = fn(right, texts), fn(wrong, texts)
+    assert float((r_right > r_wrong).float().mean()) > 0.8
+    g = torch.Generator().manual_seed(0)
+    means = [float(fn((right + s / 2 * torch.randn(right.shape, generator=g)).clamp(0, 1), texts).mean())
+             for s in (0.0, 0.1, 0.2, 0.4)]
+    assert means == sorted(means, reverse=True) and means[0] - means[-1] > 0.1, means
+
+
+def test_scene_judge_scores_renders_one_and_is_grouped_by_tag():
+    texts, meta = prompts.load("shapes", "test")
+    rng = random.Random(0)
+    images = torch.tensor(np.stack([scenes.render(scenes.layout(scenes.parse(t), 24, rng), 24) for t in texts]),
+                          dtype=torch.float32)
+    judge = RewardModel("scene_judge")
+    assert judge(images, texts, meta).total.tolist() == [1.0] * len(texts)
+    assert judge(images.flip(0), texts, meta).total.mean() < 0.3
+    assert set(judge.group_keys(meta)["scene_judge"]) == set(scenes.TAGS)
+
+
+def test_the_digits_judge_is_independent_of_the_digits_reward():
+    x, y = digits.load("train")  # the reward's training data, unseen by the SVM
+    prompts_ = [f"a handwritten digit {int(d)}" for d in y]
+    assert float(REGISTRY["digit_svm_accuracy"]()(x, prompts_).mean()) > 0.97
+    svm, judge = digits.train_svm(), digits.load_judge()
+    xt, yt = digits.load("test")  # the SVM's training data, unseen by the reward's MLP
+    assert float((judge(xt).argmax(1) == yt).float().mean()) > 0.9
+    assert (svm.predict(digits.svm_features(xt)) == yt.numpy()).mean() == 1.0  # its own data: fitted exactly
