@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> dict:
             with timer("eval"):  # 5. held-out evaluation (and the held-out metrics on the training samples)
                 ev, train_metrics = (held_out(), run.train_metrics(images, texts, meta)) if due else (None, {})
             run.log(Report(it, scores=scores, stats=tally.reduce(), evaluation=ev, train_metrics=train_metrics,
-                           timer=dict(timer), images=images if due else None))
+                           timer=dict(timer), images=images if due else None, texts=texts if due else []))
             if it % cfg.checkpoint_every == 0 or it == cfg.iterations:
                 run.checkpoint(it)
         return run.finish()

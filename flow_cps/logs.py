@@ -15,20 +15,49 @@ from flow_cps import files
 from flow_cps.clip import to_uint8
 
 
-def image_grid(images: Tensor, rows: int, min_side: int = 64) -> np.ndarray:
-    """Images (B, C, H, W) in [0, 1] as one rows x ceil(B/rows) grid, (H, W, 3) uint8; tiny images are upscaled
-    (nearest) so residual noise stays visible pixel by pixel."""
+def image_grid(images: Tensor, rows: int, min_side: int = 64, row_labels: list[str] = (),
+               col_labels: list[str] = ()) -> np.ndarray:
+    """Images (B, C, H, W) in [0, 1] as one rows x ceil(B/rows) grid, (H, W, 3) uint8, rows and columns labelled in
+    the margins; tiny images are upscaled (nearest) so residual noise stays visible pixel by pixel."""
+    from PIL import Image, ImageDraw, ImageFont
+
     b, _, h, w = images.shape
     cols = math.ceil(b / rows)
     up = max(1, min_side // max(h, w))
     pad = max(1, up // 4)
-    canvas = np.full((rows * (h * up + pad) + pad, cols * (w * up + pad) + pad, 3), 255, np.uint8)
+    cell_w, cell_h = w * up + pad, h * up + pad
+    font = ImageFont.load_default(size=10)
+    col_text = [_wrap(t, font, cell_w - 2) for t in col_labels[:cols]]
+    row_text = [_wrap(t, font, 110) for t in row_labels[:rows]]
+    top = max((12 * len(t.splitlines()) + 4 for t in col_text), default=0)
+    left = max((int(font.getlength(line)) + 6 for t in row_text for line in t.splitlines()), default=0)
+    canvas = np.full((top + rows * cell_h + pad, left + cols * cell_w + pad, 3), 255, np.uint8)
     arr = to_uint8(images).repeat(up, 1).repeat(up, 2)  # (B, H, W, C); one channel broadcasts to grey
     for i in range(b):
         r, q = divmod(i, cols)
-        y, x = pad + r * (h * up + pad), pad + q * (w * up + pad)
+        y, x = top + pad + r * cell_h, left + pad + q * cell_w
         canvas[y:y + h * up, x:x + w * up] = arr[i]
-    return canvas
+    if not (col_text or row_text):
+        return canvas
+    image = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(image)
+    for q, t in enumerate(col_text):
+        draw.multiline_text((left + pad + q * cell_w, 2), t, fill=(0, 0, 0), font=font, spacing=2)
+    for r, t in enumerate(row_text):
+        draw.multiline_text((3, top + pad + r * cell_h), t, fill=(0, 0, 0), font=font, spacing=2)
+    return np.asarray(image)
+
+
+def _wrap(text: str, font, width: int) -> str:
+    """Greedy word wrap of `text` to lines at most `width` pixels wide in `font`."""
+    lines = [""]
+    for word in text.split():
+        trial = f"{lines[-1]} {word}".strip()
+        if font.getlength(trial) <= width or not lines[-1]:
+            lines[-1] = trial
+        else:
+            lines.append(word)
+    return "\n".join(lines)
 
 
 def strict(row: dict) -> dict:
@@ -87,14 +116,15 @@ class Logger:
         if self.wandb is not None:
             self.wandb.log(scalars(row), step=row["iteration"])
 
-    def image(self, tag: str, images: Tensor, rows: int, iteration: int) -> None:
-        """A grid of images (B, C, H, W) in [0, 1], `rows` rows: images/<tag>_<iteration>.png, and the same grid
-        under `tag` in TensorBoard / W&B."""
+    def image(self, tag: str, images: Tensor, rows: int, iteration: int, row_labels: list[str] = (),
+              col_labels: list[str] = ()) -> None:
+        """A grid of images (B, C, H, W) in [0, 1], `rows` rows, labelled: images/<tag>_<iteration>.png, and the same
+        grid under `tag` in TensorBoard / W&B."""
         if not self.enabled:
             return
         from PIL import Image
 
-        grid = image_grid(images, rows)
+        grid = image_grid(images, rows, row_labels=row_labels, col_labels=col_labels)
         self.images.mkdir(parents=True, exist_ok=True)
         png = io.BytesIO()
         Image.fromarray(grid).save(png, format="PNG")

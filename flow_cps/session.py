@@ -55,6 +55,7 @@ class Report:
     train_metrics: dict = field(default_factory=dict)  # the held-out metrics on the training samples ('train/...')
     timer: dict = field(default_factory=dict)  # seconds per phase
     images: Tensor | None = None  # this rank's training samples, on evaluation iterations
+    texts: list[str] = field(default_factory=list)  # their prompts (the training grid's row labels)
 
 
 class Timer(dict):
@@ -213,12 +214,17 @@ class Session:
         self.logger.log(row)
         if not self.is_main:
             return
-        if rep.evaluation is not None:
-            self._image("eval", rep.evaluation.images, rep.evaluation.columns, rep.iteration)
+        if rep.evaluation is not None:  # rows: fixed noises; columns: the first held-out prompts
+            cols = rep.evaluation.columns
+            self._image("eval", rep.evaluation.images, cols, rep.iteration,
+                        [f"noise {k}" for k in range(Evaluation.GRID)], self.eval_set[0][:cols])
         if rep.images is not None:  # the training samples: the first prompts' groups of rank 0, one row each
             g = self.batch.group_size
             shown = [i for i in range(len(rep.images)) if i // g < TRAIN_GRID and i % g < TRAIN_GRID]
-            self._image("train", list(rep.images[shown]), min(g, TRAIN_GRID), rep.iteration)
+            cols = min(g, TRAIN_GRID)
+            self._image("train", list(rep.images[shown]), cols, rep.iteration,
+                        [rep.texts[i] for i in shown[::cols]] if rep.texts else [],
+                        [f"sample {m + 1}" for m in range(cols)])
         evs = "  ".join(f"{k} {v:.4f}" for k, v in ev.items())
         if rep.scores is None:
             tqdm.write(f"base model (ODE, held-out): {evs}")
@@ -228,11 +234,14 @@ class Session:
                    f"{row['approx_kl']:.2e}{kl} | invalid {row['invalid']} | rollout {t['rollout']:.2f}s reward "
                    f"{t['reward']:.2f}s train {t['train']:.2f}s" + (f" | eval: {evs}" if evs else ""))
 
-    def _image(self, tag: str, images: list[Tensor], columns: int, iteration: int) -> None:
-        """The complete rows of `columns` images, one grid (images/<tag>_<iteration>.png, TensorBoard / W&B)."""
+    def _image(self, tag: str, images: list[Tensor], columns: int, iteration: int, row_labels: list[str],
+               col_labels: list[str]) -> None:
+        """The complete rows of `columns` images, one labelled grid (images/<tag>_<iteration>.png, TensorBoard /
+        W&B)."""
         rows = len(images) // columns
         if rows:
-            self.logger.image(tag, torch.stack(images[:rows * columns]), rows, iteration)
+            self.logger.image(tag, torch.stack(images[:rows * columns]), rows, iteration, row_labels[:rows],
+                              col_labels)
 
     def checkpoint(self, it: int) -> None:
         if self.is_main or self.policy.fsdp:  # FSDP2: every rank writes its shards

@@ -116,3 +116,19 @@ def test_a_run_reports_to_wandb(tmp_path, monkeypatch):
     grids = sorted((s, k) for s, d in sent for k, v in d.items() if isinstance(v, wandb.Image))
     assert grids == [(0, "eval"), (2, "eval"), (2, "train")]
     assert sorted(p.stem for p in (out / "images").glob("*.png")) == ["eval_00000", "eval_00002", "train_00002"]
+
+
+def test_image_grids_label_their_rows_and_columns():
+    """Each image lands in its cell, pixel for pixel, and the labels are drawn in the margins around the grid."""
+    images = torch.rand(6, 3, 16, 16)
+    plain = logs.image_grid(images, 2)
+    labelled = logs.image_grid(images, 2, row_labels=["noise 0", "noise 1"],
+                               col_labels=["a red square above a blue circle", "two", "x"])
+    up, pad = 4, 1  # 16 px upscaled to min_side 64, padding up // 4
+    top, left = labelled.shape[0] - plain.shape[0], labelled.shape[1] - plain.shape[1]
+    assert top > 24 and left > 20  # the long column label wraps to several lines
+    cell = images[4].permute(1, 2, 0).numpy().repeat(up, 0).repeat(up, 1)  # row 1, column 1
+    y, x = top + pad + (16 * up + pad), left + pad + (16 * up + pad)
+    np.testing.assert_array_equal(labelled[y:y + 16 * up, x:x + 16 * up], (cell * 255).round().astype(np.uint8))
+    assert (labelled[:top, left:] < 128).any() and (labelled[top:, :left] < 128).any()  # ink in both margins
+    assert (plain[:pad] == 255).all()
