@@ -1,10 +1,11 @@
 """Measured, side by side: what each phase of the loop costs, and what CPS changes against Flow-SDE and Dance-SDE at
-the scale this project can run (the built-in digits model, CPU).
+the scale this project can run (the two built-in tasks, CPU).
 
-    python -m tools.bench                            # everything -> results/report.md + figures (~3 h on 2 CPU cores)
-    python -m tools.bench --quick                    # the same sections with tiny budgets (~2 min): CI's smoke test
-    python -m tools.bench --only cost,speed,scaling  # some sections: cost, speed, scaling, main_job, study
-    python -m tools.bench --seeds 200,201,202,203,204,205 --out my_results   # the comparison on seeds of your choice
+    python -m tools.bench                            # everything -> results/report.md, figures, README's Results
+    python -m tools.bench --quick                    # the same sections with tiny budgets (~3 min): CI's smoke test
+    python -m tools.bench --only cost,speed,scaling  # some sections: cost, speed, scaling, main_job, noise, study
+    python -m tools.bench --only study --tasks shapes   # one task's study
+    python -m tools.bench --seeds 200,201,202,203,204,205,206,207,208,209 --out my_results   # your report seeds
     python -m tools.bench --only speed --baseline 55484a0   # also time that commit's loop, interleaved, in this run
 
 Sections:
@@ -13,10 +14,13 @@ Sections:
             --baseline, the same for another commit, interleaved on this machine
   scaling   data-parallel efficiency: images/s of N processes x 1 thread over N x that of 1 process x 1 thread
   main_job  the Quickstart command (torchrun, 2 processes), cold (empty cache) and warm
-  study     the sampler comparison (study.py): eta tuned on tuning seeds, every difference on report seeds, at
-            several budgets and image sizes; Appendix D's log-prob ablation; the residual noise of training
-            samples; the paper's Figure 1 from a trained model
-Training runs are cached under <out>/runs/ by argv and code version, so an interrupted report resumes.
+  noise     each task's reward, judge and quality measure against added Gaussian noise, and the residual noise each
+            sampler leaves, per eta (noise.py)
+  study     the sampler comparison on each task (study.py, docs/STUDY.md): eta tuned on tuning seeds, the primary
+            comparison and the Holm-adjusted secondary family on report seeds, equivalence tests, censored time to
+            threshold, reward hacking, the image-size dose-response (shapes), the paper's Figure 1
+Training runs are cached under <out>/runs/ by argv and code version, so an interrupted report resumes. Written to the
+default results/ folder, the report also regenerates the README's generated blocks (report.update_readme).
 """
 from __future__ import annotations
 
@@ -37,27 +41,37 @@ import torch
 
 import sampling
 import train
-from flow_cps import digits, models
-from tools import report, study
+from flow_cps import digits, models, prompts
+from tools import figures, noise, report, study
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository root
 SDE = ["cps", "flow_sde", "dance_sde"]
 
 
 def budget(quick: bool) -> dict:
+    """Every budget of the bench; the study's are docs/STUDY.md's (written before any report seed ran)."""
     if quick:
-        return dict(repeats=2, speed_iterations=4, scaling_iterations=3, tuning_seeds=[0], report_seeds=[1],
-                    etas={"cps": [0.7], "flow_sde": [0.7], "dance_sde": [0.7]}, sizes=[8],
-                    run=dict(iterations=4, eval_every=2, eval_per_prompt=2), budgets=[2, 4], thresholds=[0.85],
-                    noise=16, size_run={}, equal_sizes=[8])
-    return dict(repeats=7, speed_iterations=12, scaling_iterations=10, tuning_seeds=[0, 1, 2],
-                report_seeds=[100, 101, 102, 103, 104, 105],
-                etas={"cps": [0.15, 0.3, 0.5, 0.7, 0.9], "flow_sde": [0.3, 0.5, 0.7, 0.9, 1.2, 1.5],
-                      "dance_sde": [0.1, 0.3, 0.5, 0.7, 0.9, 1.2]}, sizes=[8, 16, 24],
-                run=dict(iterations=80, eval_every=10, eval_per_prompt=50), budgets=[20, 40, 80],
-                thresholds=[0.90, 0.95], noise=200, size_run={16: dict(eval_every=20), 24: dict(eval_every=20)},
-                # the equal-eta pair (0.7) at every size (a 24x24 run is ~8 process-minutes)
-                equal_sizes=[8, 16, 24])
+        study_budget = dict(tuning_seeds=[0], report_seeds=[1, 2], etas={s: [0.7] for s in SDE},
+                            run=dict(iterations=4, eval_every=2, eval_per_prompt=2), budgets=[2, 4], noise=16)
+        return dict(repeats=2, speed_iterations=4, scaling_iterations=3, noise_sigmas=[0.1, 0.4],
+                    noise_etas={s: [0.7] for s in SDE}, noise_images=32,
+                    studies={"digits": dict(study_budget, thresholds=[0.85], sizes=[8]),
+                             "shapes": dict(study_budget, thresholds=[0.3], sizes=[16])})
+    report_seeds = list(range(100, 110))
+    return dict(repeats=7, speed_iterations=12, scaling_iterations=10, noise_sigmas=[0.05, 0.1, 0.2, 0.4],
+                noise_etas={"cps": [0.3, 0.5, 0.7, 0.9, 1.0], "flow_sde": [0.3, 0.5, 0.7, 0.9, 1.2, 1.5],
+                            "dance_sde": [0.1, 0.3, 0.5, 0.7, 0.9, 1.2]}, noise_images=240,
+                studies={"digits": dict(tuning_seeds=[0, 1, 2], report_seeds=report_seeds,
+                                        etas={"cps": [0.15, 0.3, 0.5, 0.7], "flow_sde": [0.5, 0.7, 0.9, 1.2],
+                                              "dance_sde": [0.3, 0.5, 0.7, 0.9]},
+                                        run=dict(iterations=80, eval_every=10, eval_per_prompt=50),
+                                        budgets=[20, 40, 80], thresholds=[0.90, 0.95], noise=200, sizes=[8]),
+                         "shapes": dict(tuning_seeds=[0, 1, 2], report_seeds=report_seeds,
+                                        etas={"cps": [0.15, 0.3, 0.5, 0.7], "flow_sde": [0.5, 0.7, 0.9, 1.2],
+                                              "dance_sde": [0.3, 0.5, 0.7, 0.9]},
+                                        run=dict(iterations=60, eval_every=10, eval_per_prompt=24),
+                                        budgets=[20, 40, 60], thresholds=[0.5, 0.6], noise=200,
+                                        sizes=[16, 24, 32])})
 
 
 def spread(xs) -> dict:
@@ -69,7 +83,7 @@ def spread(xs) -> dict:
 @torch.no_grad()
 def section_cost(b: dict) -> dict:
     """Each sampler's rollout against the ODE's: same model, prompts, noise and 10 steps; interleaved repeats."""
-    bb = models.load_digits_backbone()
+    bb = models.load_builtin_backbone("digits")
     texts = digits.prompts("train")[:32] * 2
     gens = lambda: train.generators(train.Stream.SAMPLE_NOISE, [(1, 0, i, 0) for i in range(len(texts))])  # noqa: E731
     times = {s: [] for s in ["ode", *SDE]}
@@ -188,98 +202,73 @@ def section_main_job(out: Path, tree: Path = ROOT, name: str = "this") -> dict:
                              (f"images/train_{last:05d}.png", "train_samples")):
                 if name == "this":  # the README shows what the Quickstart draws
                     shutil.copy(run / src, out / f"quickstart_{dst}.png")
-            evals = [r for r in rows if study.METRIC in r]
-            res[kind] = dict(wall=wall, base=evals[0][study.METRIC], trained=evals[-1][study.METRIC],
+            evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
+            res[kind] = dict(wall=wall, held_out={k[5:]: [evals[0][k], evals[-1][k]] for k in evals[0]
+                                                  if k.startswith("eval/")},
+                             **run_settings(json.loads((run / "config.json").read_text())),
                              first_ratio_max_dev=max(r.get("first_ratio_max_dev") or 0 for r in rows))
     return res
 
 
+def run_settings(config: dict) -> dict:
+    """What a run's numbers rest on, for the report's labels: iterations, samples per iteration, held-out images."""
+    n = len(prompts.load(config["prompts"], "test", config["seed"])[0])
+    n = min(n, config["eval_prompts"]) if config["eval_prompts"] else n
+    return dict(iterations=config["iterations"], samples=config["prompts_per_iter"] * config["group_size"],
+                eval_prompts=n, eval_images=n * config["eval_per_prompt"], model=config["model"])
+
+
+# -- noise: the rewards' response and the samplers' residual noise ---------------------------------------------------
+def section_noise(b: dict) -> dict:
+    """Per task and image size, the reward / judge / quality against added noise, and the residual noise of the base
+    model's training samples per sampler and eta (noise.py)."""
+    return {name: dict(response=[noise.reward_response(task, size, b["noise_sigmas"], b["noise_images"])
+                                 for size in b["studies"][name]["sizes"]],
+                       residual=noise.residual_by_eta(task, b["studies"][name]["sizes"][0], b["noise_etas"]))
+            for name, task in study.TASKS.items()}
+
+
 # -- the study -------------------------------------------------------------------------------------------------------
-def section_study(b: dict, out: Path, workers: int) -> dict:
-    """Tuning seeds choose each sampler's eta; report seeds measure everything (study.py's docstring)."""
-    run = lambda size=8: dict(b["run"], **b["size_run"].get(size, {}))  # noqa: E731
-    tuning = [study.job(f"tune/{s}/eta{eta}/seed{seed}", s, eta, seed, run(), out)
-              for s, etas in b["etas"].items() for eta in etas for seed in b["tuning_seeds"]]
-    results = study.run_jobs(tuning, workers)
-    tuned = {s: max(etas, key=lambda e, s=s: np.mean([study.auc(results[f"tune/{s}/eta{e}/seed{k}"])
-                                                     for k in b["tuning_seeds"]]))
-             for s, etas in b["etas"].items()}
-    tuning_table = {f"{s}/{e}": study.summary([study.auc(results[f"tune/{s}/eta{e}/seed{k}"])
-                                               for k in b["tuning_seeds"]]) for s, etas in b["etas"].items()
-                    for e in etas}
-    groups = {}  # label -> job list on the report seeds
-
-    def add(label, sampler, eta, size=8, log_prob="", noise=0):
-        groups[label] = [study.job(f"report/{size}/{sampler}/eta{eta}/{log_prob or 'own'}/seed{k}", sampler, eta, k,
-                                   run(size), out, size, log_prob, noise) for k in b["report_seeds"]]
-    for s in SDE:
-        add(f"{s} tuned", s, tuned[s], noise=b["noise"])
-    for s in ("cps", "flow_sde"):
-        add(f"{s} 0.7", s, 0.7, noise=b["noise"])
-    add("flow_sde 0.7 + cps log-prob", "flow_sde", 0.7, log_prob="cps")  # Appendix D
-    add("cps 0.7 + gaussian log-prob", "cps", 0.7, log_prob="gaussian")
-    for size in b["sizes"][1:]:
-        digits_ready(size)
-        for s in ("cps", "flow_sde"):
-            add(f"{s} tuned @{size}", s, tuned[s], size, noise=b["noise"])
-            if size in b["equal_sizes"]:
-                add(f"{s} 0.7 @{size}", s, 0.7, size, noise=b["noise"])
-    results.update(study.run_jobs([j for js in groups.values() for j in js], workers))
-    runs = {label: [results[j["name"]] for j in js] for label, js in groups.items()}
-    budgets, thresholds = b["budgets"], b["thresholds"]
-    described = {label: study.describe(rs, budgets, thresholds) for label, rs in runs.items()}
-    pairs = {"CPS − Flow-SDE, each at its tuned η": ("cps tuned", "flow_sde tuned"),
-             "CPS − Dance-SDE, each at its tuned η": ("cps tuned", "dance_sde tuned"),
-             "CPS − Flow-SDE, both at η 0.7": ("cps 0.7", "flow_sde 0.7"),
-             "Flow-SDE with CPS's log-prob − with its Gaussian (η 0.7)": ("flow_sde 0.7 + cps log-prob",
-                                                                          "flow_sde 0.7"),
-             "CPS with the Gaussian log-prob − with its own (η 0.7)": ("cps 0.7 + gaussian log-prob", "cps 0.7")}
-    comparisons = {k: study.compare(runs[a], runs[c], budgets) for k, (a, c) in pairs.items()}
-    dose = []
-    for size in b["sizes"]:
-        tag = "" if size == 8 else f" @{size}"
-        tokens = (size // 2) ** 2
-        for kind, (a, c) in {"tuned": ("cps tuned", "flow_sde tuned"), "equal": ("cps 0.7", "flow_sde 0.7")}.items():
-            if kind == "equal" and size not in b["equal_sizes"]:
-                continue
-            cmp = study.compare(runs[a + tag], runs[c + tag], budgets)
-            dose.append(dict(size=size, tokens=tokens, kind=kind, auc=cmp["auc"],
-                             final=cmp[f"acc@{budgets[-1]}"], residual={s: described[s + tag]["residual"]
-                                                                        for s in (a, c)}))
-    study.plot_curves({f"{study.NAMES[s]} η {tuned[s]:g} (tuned)": runs[f"{s} tuned"] for s in SDE} |
-                      {f"{study.NAMES[s]} η 0.7": runs[f"{s} 0.7"] for s in ("cps", "flow_sde")},
-                      out / "convergence.png", f"report seeds {b['report_seeds']}, 8x8")
-    study.plot_dose_response(dose, out / "dose_response.png")
-    largest = b["sizes"][-1]
-    fig_run = groups["cps tuned" + ("" if largest == 8 else f" @{largest}")][0]["dir"]
-    figure = study.figure1(fig_run, largest, {s: tuned[s] for s in SDE}, out / "figure1.png")
-    return dict(tuned=tuned, tuning=tuning_table, groups=described, comparisons=comparisons, dose=dose,
-                figure1_residual=figure, base=study.at(runs["cps tuned"][0], 0),
-                process_minutes=sum(r["wall"] for r in results.values()) / 60, runs=len(results))
-
-
-def digits_ready(size: int) -> None:
-    """Pre-train the digits model of this size once, before the workers start."""
-    models.load_digits_backbone(resolution=size)
+def section_study(b: dict, out: Path, workers: int, tasks: list[str]) -> dict:
+    """Each task's study (study.run_study) and its figures: convergence, the dose-response (several sizes), and the
+    paper's Figure 1 from the first report seed's CPS-trained model at the largest size."""
+    res = {}
+    for name in tasks:
+        task, sb = study.TASKS[name], b["studies"][name]
+        st = study.run_study(task, sb, out, workers)
+        figures.convergence(st, sb, out / f"{name}_convergence.png")
+        if len(sb["sizes"]) > 1:
+            figures.dose_response(st, out / f"{name}_dose_response.png")
+        largest = sb["sizes"][-1]
+        group = "cps tuned" + (f" @{largest}" if largest != sb["sizes"][0] else "")
+        st["figure1_residual"] = figures.figure1(task, st["run_dirs"][group][0], largest, st["tuned"],
+                                                 out / f"{name}_figure1.png")
+        res[name] = st
+    return res
 
 
 def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny budgets (~2 min) for smoke tests")
     p.add_argument("--out", default=None, help="results folder (default: results/, or bench_out/ with --quick)")
-    p.add_argument("--only", default="", help="comma-separated sections: cost,speed,scaling,main_job,study")
+    p.add_argument("--only", default="", help="comma-separated sections: cost,speed,scaling,main_job,noise,study")
+    p.add_argument("--tasks", default="digits,shapes", help="the study's tasks, comma-separated")
     p.add_argument("--workers", type=int, default=2, help="training runs in parallel, one thread each")
-    p.add_argument("--seeds", default="", help="report seeds of the study, comma-separated (default: 100-105)")
+    p.add_argument("--seeds", default="", help="report seeds of the study, comma-separated (default: 100-109)")
     p.add_argument("--baseline", default="", help="a git commit whose loop the speed section also times")
     args = p.parse_args(argv)
     out = Path(args.out or ("bench_out" if args.quick else "results"))
     out.mkdir(parents=True, exist_ok=True)
-    sections = set(filter(None, args.only.split(","))) or ({"cost", "speed", "scaling", "study"} if args.quick else
-                                                          {"cost", "speed", "scaling", "main_job", "study"})
+    sections = set(filter(None, args.only.split(","))) or (
+        {"cost", "speed", "scaling", "noise", "study"} | (set() if args.quick else {"main_job"}))
     b = budget(args.quick)
     if args.seeds:
-        b["report_seeds"] = [int(s) for s in args.seeds.split(",")]
-    models.load_digits_backbone()  # pre-train before the workers start, once
+        for sb in b["studies"].values():
+            sb["report_seeds"] = [int(s) for s in args.seeds.split(",")]
+    tasks = [t for t in args.tasks.split(",") if t]
+    unknown = [t for t in tasks if t not in study.TASKS]
+    if unknown:
+        p.error(f"unknown task(s) {', '.join(unknown)}; the tasks are {', '.join(study.TASKS)}")
     t0, res = time.perf_counter(), dict(budget=b, quick=args.quick)
     earlier = out / "results.json"
     if earlier.exists() and args.only:  # a partial run keeps the other sections of the last report
@@ -290,7 +279,8 @@ def main(argv: list[str] | None = None) -> Path:
         for name, fn in (("cost", lambda: section_cost(b)), ("speed", lambda: section_speed(b, trees, out)),
                          ("scaling", lambda: {k: section_scaling(b, out, t, k) for k, t in trees.items()}),
                          ("main_job", lambda: {k: section_main_job(out, t, k) for k, t in trees.items()}),
-                         ("study", lambda: section_study(b, out, args.workers))):
+                         ("noise", lambda: section_noise(b)),
+                         ("study", lambda: section_study(b, out, args.workers, tasks))):
             if name in sections:
                 print(f"[bench] {name}", flush=True)
                 res[name] = fn()
@@ -301,6 +291,8 @@ def main(argv: list[str] | None = None) -> Path:
         torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU")
     (out / "results.json").write_text(json.dumps(res, indent=1, default=str))
     path = report.write(json.loads((out / "results.json").read_text()), out)
+    if out.resolve() == (ROOT / "results").resolve():  # the README's generated blocks follow results/
+        report.update_readme()
     print(path.read_text())
     print(f"[bench] report: {path} (and figures in {out}/)")
     return path

@@ -1,15 +1,17 @@
-"""The sampler comparison behind bench.py's report: GRPO training runs on the built-in digits model, and the
-statistics a reviewer asks for.
+"""The sampler comparison behind bench.py's report, on both built-in tasks. docs/STUDY.md is its design, written and
+committed before any report seed ran; this file is that design as code:
 
-Design (each choice made before any result was seen):
-  * tuning seeds choose each sampler's eta (by the area under its held-out curve, mean over tuning seeds); every
-    claimed difference is measured on report seeds that played no part in choosing anything;
-  * held-out metric: judge accuracy of deterministic ODE samples with the EMA weights, 10 held-out prompts x 50 fixed
-    noises = 500 images (one image = 0.002), at several budgets (20 / 40 / 80 iterations), the iterations to reach
-    fixed thresholds, and the area under the curve (AUC: mean accuracy over training, trapezoid);
-  * differences are paired by seed (same prompts, noises and initial LoRA): mean, 95% t-interval over seeds, and the
-    minimum difference the design detects (two-sided 5%, power 80%) from the observed spread;
-  * runs are cached by their full argv and a hash of the training code, so a changed loop retrains.
+  * each task has a training reward and an independent judge (another model, other data) that is the held-out
+    metric, and a quality measure beside them, so reward hacking shows: the reward rising while the judge or the
+    quality falls;
+  * tuning seeds choose each sampler's eta (largest mean AUC of the judge); report seeds choose nothing;
+  * ONE primary comparison (PRIMARY): CPS - Flow-SDE, each at its tuned eta, held-out judge AUC, paired by seed;
+    every other comparison is secondary (SECONDARY), its p-values Holm-adjusted as one family;
+  * "level" is claimed only where TOST shows equivalence within MARGIN; an interval that merely contains 0 is
+    "inconclusive";
+  * time to a threshold counts the runs that never reach it (censored: Kaplan-Meier median, fraction reached);
+  * every setting is evaluated at the same iterations, so AUC is integrated alike;
+  * runs are cached by their argv and a hash of the training code, so a changed loop retrains.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import multiprocessing
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
 from pathlib import Path
 
 import diffusers
@@ -31,19 +34,58 @@ import numpy as np
 import peft
 import torch
 import transformers
-from scipy import stats
 from tqdm.auto import tqdm
 
 import sampling
 import train
-from flow_cps import digits, models, scoring
+from flow_cps import models, prompts, scoring
+from tools import stats
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository root
 NAMES = {"cps": "CPS", "flow_sde": "Flow-SDE", "dance_sde": "Dance-SDE", "ode": "ODE"}
-METRIC = "eval/digit_judge_accuracy"
-# Per-run GRPO settings of every comparison (one process, one thread): 8 prompts x 8 samples per iteration.
-RUN_ARGS = ["--prompts_per_iter", "8", "--group_size", "8", "--updates_per_iter", "2", "--report_to", "none"]
+SDE = ["cps", "flow_sde", "dance_sde"]
+# Per-run GRPO settings of every comparison (one process, one thread).
+RUN = dict(prompts_per_iter=8, group_size=8, updates_per_iter=2, report_to="none")
+RUN_ARGS = [x for k, v in RUN.items() for x in (f"--{k}", str(v))]
+SAMPLES_PER_ITERATION = RUN["prompts_per_iter"] * RUN["group_size"]
+# DanceGRPO's recipe (its advantage rule and a random 60% of the steps), for Dance-SDE and for CPS on that recipe.
 DANCE_ARGS = ["--advantage", "dance", "--timesteps", "random", "--timestep_fraction", "0.6"]
+MARGIN = 0.02  # equivalence margin of every TOST, in judge-accuracy AUC (docs/STUDY.md)
+EQUAL_ETA = 0.7  # the paper's eta for CPS and Flow-SDE
+
+
+@dataclass(frozen=True)
+class Task:
+    """A built-in task as the study runs it."""
+    name: str
+    judge: str  # the held-out metric: independent of the reward
+    reward: str  # what GRPO trains on
+    args: tuple[str, ...]  # train.py flags selecting the task
+    figure_prompts: tuple[str, ...]  # the columns of the Figure-1 grid
+    quality: str = "clean_background"  # the quality measure beside the reward
+
+    @property
+    def eval_prompts(self) -> int:
+        return len(prompts.load(self.name, "test")[0])
+
+
+TASKS = {
+    "digits": Task("digits", "digit_svm_accuracy", "digit_judge", ("--model", "digits"),
+                   tuple(f"a handwritten digit {d}" for d in range(10))),
+    "shapes": Task("shapes", "scene_judge", "scene_match", ("--preset", "shapes"),
+                   ("a red square", "two blue triangles", "three yellow circles", "a green circle and a red square",
+                    "a yellow square above a blue triangle", "a red circle left of a green triangle")),
+}
+
+# The comparisons: label -> (a, b), each a - b paired by seed. Group labels are built by `groups`.
+PRIMARY = ("CPS − Flow-SDE, each at its tuned η", "cps tuned", "flow_sde tuned")
+SECONDARY = {
+    "CPS − Dance-SDE, each at its tuned η and recipe": ("cps tuned", "dance_sde tuned"),
+    "CPS − Dance-SDE, both on the Dance recipe (the sampler alone)": ("cps tuned, dance recipe", "dance_sde tuned"),
+    "CPS − Flow-SDE, both at η 0.7": ("cps 0.7", "flow_sde 0.7"),
+    "Flow-SDE η 0.7: CPS log-prob − Gaussian (App. D)": ("flow_sde 0.7 + cps log-prob", "flow_sde 0.7"),
+    "Flow-SDE η 0.7 + CPS log-prob − CPS tuned": ("flow_sde 0.7 + cps log-prob", "cps tuned"),
+}
 
 
 def training_modules(entry: Path = ROOT / "train.py") -> list[Path]:
@@ -86,16 +128,17 @@ def quiet(fn, *args, **kwargs):
 
 
 # -- training runs ---------------------------------------------------------------------------------------------------
-def job(name: str, sampler: str, eta: float, seed: int, budget: dict, out: Path, size: int = 8, log_prob: str = "",
-        noise: int = 0) -> dict:
-    """One training run's description: its argv decides it (and its cache key)."""
-    argv = [*RUN_ARGS, "--iterations", str(budget["iterations"]), "--eval_every", str(budget["eval_every"]),
-            "--eval_per_prompt", str(budget["eval_per_prompt"]), "--sampler", sampler, "--eta", f"{eta:.6g}",
-            "--seed", str(seed), "--checkpoint_every", str(budget["iterations"]),
-            *(DANCE_ARGS if sampler == "dance_sde" else []), *(["--resolution", str(size)] if size != 8 else []),
-            *(["--log_prob", log_prob] if log_prob else [])]
-    return dict(name=name, sampler=sampler, eta=eta, seed=seed, size=size, log_prob=log_prob, argv=argv,
-                noise=noise, dir=str(out / "runs" / name.replace("/", "_")))
+def job(task: Task, name: str, sampler: str, eta: float, seed: int, run: dict, out: Path, size: int,
+        log_prob: str = "", recipe: str = "", noise: int = 0) -> dict:
+    """One training run's description: its argv decides it (and its cache key). recipe 'dance' = DanceGRPO's
+    advantage rule and trained steps (the default for Dance-SDE)."""
+    dance = recipe == "dance" or (not recipe and sampler == "dance_sde")
+    argv = [*task.args, *RUN_ARGS, "--iterations", str(run["iterations"]), "--eval_every", str(run["eval_every"]),
+            "--eval_per_prompt", str(run["eval_per_prompt"]), "--sampler", sampler, "--eta", f"{eta:.6g}",
+            "--seed", str(seed), "--checkpoint_every", str(run["iterations"]), "--resolution", str(size),
+            *(DANCE_ARGS if dance else []), *(["--log_prob", log_prob] if log_prob else [])]
+    return dict(name=f"{task.name}/{name}", task=task.name, sampler=sampler, eta=eta, seed=seed, size=size,
+                log_prob=log_prob, argv=argv, noise=noise, dir=str(out / "runs" / task.name / name.replace("/", "_")))
 
 
 def run_training(j: dict, version: str) -> dict:
@@ -113,7 +156,8 @@ def run_training(j: dict, version: str) -> dict:
     out = quiet(train.main, [*j["argv"], "--output_dir", j["dir"]])
     res = dict(key=key, name=j["name"], wall=time.perf_counter() - t0, history=out["history"])
     if j["noise"]:
-        res["noise"] = residual_noise(out["policy"].backbone, j["sampler"], j["eta"], j["noise"], j["log_prob"])
+        res["noise"] = residual_noise(out["policy"].backbone, TASKS[j["task"]], j["sampler"], j["eta"], j["noise"],
+                                      j["log_prob"])
     cache.write_text(json.dumps(res))
     return res
 
@@ -134,52 +178,63 @@ def run_jobs(jobs: list[dict], workers: int) -> dict[str, dict]:
     return results
 
 
+def sample(backbone, texts: list[str], sampler: str, eta: float, seed: int, log_prob: str = ""):
+    """Training samples as a run draws them (10 steps, fixed noises): the trajectory, with its final x0_hat."""
+    gens = train.generators(train.Stream.SAMPLE_NOISE, [(seed, 0, i, 0) for i in range(len(texts))])
+    return train.rollout(backbone, texts, gens, gens, grid=backbone.sigmas(10), step=sampling.SAMPLERS[sampler],
+                         eta=eta, window=None, micro_batch=64, device="cpu",
+                         log_prob=sampling.LOG_PROBS[log_prob or sampling.DEFAULT_LOG_PROB.get(sampler, "gaussian")])[0]
+
+
+def residual(traj) -> float:
+    """std(final sample - the last step's x0_hat), per sample, mean, in latent units (images x 2 - 1): exactly 0
+    for a coefficients-preserving sampler, whose last step returns x0_hat."""
+    return float((traj.final - traj.x0_hat).flatten(1).std(1).mean())
+
+
 @torch.no_grad()
-def residual_noise(backbone, sampler: str, eta: float, n: int, log_prob: str = "", seed: int = 999) -> dict:
-    """Final training samples (fixed prompts and noises): residual noise std(final - the last step's x0_hat) in
-    latent units (exactly 0 for a coefficients-preserving sampler, whose last step returns x0_hat) and the
-    clean_background reward of the images."""
-    texts = (digits.prompts("train") * n)[:n]
-    gens = train.generators(train.Stream.SAMPLE_NOISE, [(seed, 0, i, 0) for i in range(n)])
-    step = sampling.SAMPLERS[sampler]
-    traj, _ = train.rollout(backbone, texts, gens, gens, grid=backbone.sigmas(10), step=step, eta=eta, window=None,
-                            log_prob=sampling.LOG_PROBS[log_prob or sampling.DEFAULT_LOG_PROB[sampler]],
-                            micro_batch=64, device="cpu")
-    images = backbone.decode(traj.final)
-    cb = scoring.RewardModel("clean_background")(images, texts).total
-    return dict(residual=float((traj.final - traj.x0_hat).flatten(1).std(1).mean()),
-                clean_background=float(cb.mean()))
+def residual_noise(backbone, task: Task, sampler: str, eta: float, n: int, log_prob: str = "", seed: int = 999) -> dict:
+    """The final training samples of fixed prompts and noises: their residual noise and their quality measure."""
+    texts = (prompts.load(task.name, "train")[0] * n)[:n]
+    traj = quiet(sample, backbone, texts, sampler, eta, seed, log_prob)
+    quality = scoring.RewardModel(task.quality)(backbone.decode(traj.final), texts).total
+    return dict(residual=residual(traj), quality=float(quality.mean()))
 
 
-def trained_backbone(run_dir: str, size: int = 8):
-    """The digits model with a finished run's final LoRA (the live weights that drew its last training samples)."""
-    bb = models.load_digits_backbone(resolution=size)
+def load_runs(dirs: list[str]) -> list[dict]:
+    """Finished runs' results (result.json in each run folder)."""
+    return [json.loads((Path(d) / "result.json").read_text()) for d in dirs]
+
+
+def trained_backbone(task: Task, run_dir: str, size: int):
+    """The task's model with a finished run's final LoRA (the live weights that drew its last training samples)."""
+    bb = models.load_builtin_backbone(task.name, resolution=size)
     ckpt = sorted((Path(run_dir) / "checkpoints").glob("iter_*"))[-1]
     bb.transformer.load_lora_adapter(str(ckpt / "lora"), weight_name="pytorch_lora_weights.safetensors")
     return bb
 
 
 # -- what a run's held-out curve says -------------------------------------------------------------------------------
-def curve(run: dict) -> tuple[np.ndarray, np.ndarray]:
-    rows = [h for h in run["history"] if METRIC in h]
-    return np.array([h["iteration"] for h in rows]), np.array([h[METRIC] for h in rows])
+def curve(run: dict, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    rows = [h for h in run["history"] if f"eval/{metric}" in h]
+    return np.array([h["iteration"] for h in rows]), np.array([h[f"eval/{metric}"] for h in rows])
 
 
-def at(run: dict, iteration: int) -> float:
-    its, acc = curve(run)
+def at(run: dict, metric: str, iteration: int) -> float:
+    its, acc = curve(run, metric)
     return float(acc[its == iteration][0]) if iteration in its else math.nan
 
 
-def auc(run: dict) -> float:
-    """Mean held-out accuracy over the run: trapezoid area under the curve / its length."""
-    its, acc = curve(run)
+def auc(run: dict, metric: str) -> float:
+    """Mean held-out value over the run: trapezoid area under the curve / its length."""
+    its, acc = curve(run, metric)
     return float(np.trapezoid(acc, its) / (its[-1] - its[0]))
 
 
-def iterations_to(run: dict, threshold: float) -> float:
-    """First iteration whose held-out accuracy reaches the threshold, linearly interpolated between evaluations;
-    inf if never."""
-    its, acc = curve(run)
+def iterations_to(run: dict, metric: str, threshold: float) -> float:
+    """First iteration whose held-out value reaches the threshold, linearly interpolated between evaluations;
+    inf if never (censored at the last evaluation by stats.time_to)."""
+    its, acc = curve(run, metric)
     for k in range(len(its)):
         if acc[k] >= threshold:
             if k == 0:
@@ -188,130 +243,106 @@ def iterations_to(run: dict, threshold: float) -> float:
     return math.inf
 
 
-def summary(values: list[float]) -> dict:
-    """Mean and 95% t-interval over seeds (inf values, runs that never reached a threshold, are counted apart)."""
-    x = np.array([v for v in values if math.isfinite(v)])
-    n = len(x)
-    half = float(stats.t.ppf(0.975, n - 1) * x.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
-    return dict(mean=float(x.mean()) if n else math.nan, lo=float(x.mean() - half) if n else math.nan,
-                hi=float(x.mean() + half) if n else math.nan, n=n, of=len(values), values=list(values))
+def training_reward(run: dict, first: bool, window: int = 5) -> float:
+    """The mean training reward (stochastic samples, the reward GRPO sees) of the first or last `window` iterations."""
+    r = [h["reward"] for h in run["history"] if "reward" in h]
+    return float(np.mean(r[:window] if first else r[-window:]))
 
 
-def paired(a: list[float], b: list[float]) -> dict:
-    """a - b paired by seed: mean, 95% t-interval, p (paired t-test), and the minimum detectable difference of this
-    design (two-sided 5%, power 80%, the observed spread of the differences)."""
-    d = np.array(a) - np.array(b)
-    n = len(d)
-    sd = float(d.std(ddof=1)) if n > 1 else math.nan
-    se = sd / math.sqrt(n) if n > 1 else math.nan
-    t = float(stats.t.ppf(0.975, n - 1)) if n > 1 else math.nan
-    p = float(stats.ttest_rel(a, b).pvalue) if n > 1 and sd > 0 else math.nan
-    return dict(diff=float(d.mean()), lo=float(d.mean() - t * se), hi=float(d.mean() + t * se), p=p, n=n, sd=sd,
-                mdd=float((t + stats.t.ppf(0.8, n - 1)) * se) if n > 1 else math.nan,
-                detected=bool(n > 1 and (d.mean() - t * se > 0 or d.mean() + t * se < 0)), diffs=d.tolist())
+def describe(task: Task, runs: list[dict], b: dict) -> dict:
+    """A group of seeds' runs: the judge at each budget and its AUC, time to each threshold (censored), the reward
+    hacking measures (training reward, held-out reward and quality, base -> final), the residual noise."""
+    last = b["run"]["iterations"]
 
-
-def describe(runs: list[dict], budgets: list[int], thresholds: list[float]) -> dict:
-    """A group of seeds' runs (one sampler, eta, size): budgets, thresholds, AUC, each with its interval."""
-    return dict(acc={b: summary([at(r, b) for r in runs]) for b in budgets}, auc=summary([auc(r) for r in runs]),
-                reach={t: summary([iterations_to(r, t) for r in runs]) for t in thresholds},
-                residual=summary([r["noise"]["residual"] for r in runs if "noise" in r]),
-                clean_background=summary([r["noise"]["clean_background"] for r in runs if "noise" in r]),
+    def change(metric):
+        return stats.summary([at(r, metric, last) - at(r, metric, 0) for r in runs])
+    return dict(acc={k: stats.summary([at(r, task.judge, k) for r in runs]) for k in b["budgets"]},
+                auc=stats.summary([auc(r, task.judge) for r in runs]),
+                reach={t: stats.time_to([iterations_to(r, task.judge, t) for r in runs], last)
+                       for t in b["thresholds"]},
+                hacking=dict(reward_first=stats.summary([training_reward(r, True) for r in runs]),
+                             reward_last=stats.summary([training_reward(r, False) for r in runs]),
+                             judge=change(task.judge), reward=change(task.reward), quality=change(task.quality)),
+                residual=stats.summary([r["noise"]["residual"] for r in runs if "noise" in r]),
+                quality=stats.summary([r["noise"]["quality"] for r in runs if "noise" in r]),
                 wall=float(np.mean([r["wall"] for r in runs])))
 
 
-def compare(a: list[dict], b: list[dict], budgets: list[int]) -> dict:
-    """a vs b, paired by seed: at each budget and on AUC."""
-    out = {f"acc@{k}": paired([at(r, k) for r in a], [at(r, k) for r in b]) for k in budgets}
-    out["auc"] = paired([auc(r) for r in a], [auc(r) for r in b])
-    return out
+def compare(task: Task, a: list[dict], b: list[dict], measure: str, final: int) -> dict:
+    """a - b, paired by seed, on the judge's AUC ('auc') or its value at the last iteration ('final'): difference,
+    interval, p, sign test, and TOST at MARGIN."""
+    value = (lambda r: auc(r, task.judge)) if measure == "auc" else (lambda r: at(r, task.judge, final))
+    x, y = [value(r) for r in a], [value(r) for r in b]
+    return dict(stats.paired(x, y), measure=measure, tost=stats.tost(x, y, MARGIN))
 
 
-# -- figures --------------------------------------------------------------------------------------------------------
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def plot_curves(groups: dict[str, list[dict]], path: Path, title: str) -> Path:
-    """Held-out accuracy vs iteration, mean and 95% band over report seeds, one line per group."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for label, runs in groups.items():
-        its = curve(runs[0])[0]
-        acc = np.array([curve(r)[1] for r in runs])
-        mean = acc.mean(0)
-        half = stats.t.ppf(0.975, len(runs) - 1) * acc.std(0, ddof=1) / math.sqrt(len(runs)) if len(runs) > 1 else 0
-        ax.plot(its, mean, marker="o", ms=3, label=label)
-        ax.fill_between(its, mean - half, mean + half, alpha=0.15)
-    ax.set(xlabel="GRPO iteration (64 samples each)", ylabel="held-out judge accuracy (ODE, 500 images)", title=title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+def verdict(d: dict, p_adjusted: float, tost_adjusted: float) -> str:
+    """The words a table may use (docs/STUDY.md): a difference only where the (adjusted) test rejects; "level" only
+    where TOST shows equivalence within the margin; otherwise "inconclusive"."""
+    if p_adjusted < 0.05:
+        return "higher" if d["diff"] > 0 else "lower"
+    if tost_adjusted < 0.05:
+        return f"level (within ±{MARGIN:g})"
+    return "inconclusive"
 
 
-def plot_dose_response(rows: list[dict], path: Path) -> Path:
-    """CPS - Flow-SDE (AUC, 95% interval over report seeds) against the number of image tokens."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    for k, (label, style) in enumerate({"tuned": ("each at its tuned η", "o-"),
-                                        "equal": ("both at η 0.7", "s--")}.items()):
-        pts = [r for r in rows if r["kind"] == label]
-        x = np.array([r["tokens"] for r in pts]) * (1 + 0.03 * (2 * k - 1))
-        y = np.array([r["auc"]["diff"] for r in pts])
-        err = np.array([[r["auc"]["diff"] - r["auc"]["lo"] for r in pts], [r["auc"]["hi"] - r["auc"]["diff"]
-                                                                           for r in pts]])
-        ax.errorbar(x, y, yerr=err, fmt=style[1], capsize=4, label=style[0])
-    ax.axhline(0, color="k", lw=0.8)
-    ax.set_xscale("log")
-    ax.minorticks_off()  # log-scale minor labels would overprint the sizes
-    ax.set_xticks([r["tokens"] for r in rows if r["kind"] == "tuned"])
-    ax.set_xticklabels([f"{r['size']}x{r['size']}\n{r['tokens']} tokens" for r in rows if r["kind"] == "tuned"])
-    ax.set(ylabel="CPS − Flow-SDE, held-out AUC", title="Does CPS's advantage grow with the image size?")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+# -- a task's study --------------------------------------------------------------------------------------------------
+def run_study(task: Task, b: dict, out: Path, workers: int) -> dict:
+    """Tuning seeds choose each sampler's eta; report seeds measure every group; the primary comparison, the Holm-
+    adjusted secondary family and the dose-response over image sizes (docs/STUDY.md)."""
+    sizes = b["sizes"]  # the first is the main size, the others the dose-response
+    for size in sizes:  # pre-train each size once, before the workers start
+        models.load_builtin_backbone(task.name, resolution=size)
+    tuning = [job(task, f"tune/{s}/eta{eta}/seed{seed}", s, eta, seed, b["run"], out, sizes[0])
+              for s, etas in b["etas"].items() for eta in etas for seed in b["tuning_seeds"]]
+    results = run_jobs(tuning, workers)
+    tuning_auc = {s: {e: [auc(results[f"{task.name}/tune/{s}/eta{e}/seed{k}"], task.judge) for k in b["tuning_seeds"]]
+                      for e in etas} for s, etas in b["etas"].items()}
+    tuned = {s: max(etas, key=lambda e, s=s: np.mean(tuning_auc[s][e])) for s, etas in b["etas"].items()}
+    jobs = groups(task, b, tuned, out)
+    results.update(run_jobs([j for js in jobs.values() for j in js], workers))
+    runs = {label: [results[j["name"]] for j in js] for label, js in jobs.items()}
+    final = b["run"]["iterations"]
+    primary = {m: compare(task, runs[PRIMARY[1]], runs[PRIMARY[2]], m, final) for m in ("auc", "final")}
+    for d in primary.values():
+        d["verdict"] = verdict(d, d["p"], d["tost"]["p"])
+    secondary = {label: compare(task, runs[a], runs[c], "auc", final) for label, (a, c) in SECONDARY.items()}
+    secondary[f"{PRIMARY[0]}, final value"] = primary["final"]
+    for size in sizes[1:]:
+        secondary[f"{PRIMARY[0]}, at {size}×{size}"] = compare(task, runs[f"cps tuned @{size}"],
+                                                                 runs[f"flow_sde tuned @{size}"], "auc", final)
+    p_holm = stats.holm({k: d["p"] for k, d in secondary.items()})
+    tost_holm = stats.holm({k: d["tost"]["p"] for k, d in secondary.items()})
+    secondary = {k: dict(d, p_holm=p_holm[k], tost_p_holm=tost_holm[k], verdict=verdict(d, p_holm[k], tost_holm[k]))
+                 for k, d in secondary.items()}
+    return dict(task=task.name, judge=task.judge, reward=task.reward, quality=task.quality, tuned=tuned,
+                samples=SAMPLES_PER_ITERATION, primary_label=PRIMARY[0], margin=MARGIN,
+                tuning={s: {str(e): stats.summary(v) for e, v in es.items()} for s, es in tuning_auc.items()},
+                groups={label: describe(task, rs, b) for label, rs in runs.items()}, primary=primary,
+                secondary=secondary, eval_prompts=task.eval_prompts, sizes=sizes,
+                run_dirs={label: [j["dir"] for j in js] for label, js in jobs.items()},
+                base=stats.summary([at(r, task.judge, 0) for r in runs["cps tuned"]]),
+                process_minutes=sum(r["wall"] for r in results.values()) / 60, runs=len(results))
 
 
-@torch.no_grad()
-def figure1(run_dir: str, size: int, etas: dict[str, float], path: Path, n: int = 10) -> dict:
-    """The paper's Figure 1 from a trained model: the same prompts (digits 0-9) and initial noises, sampled with the
-    ODE and with each SDE at its tuned eta (all with the CPS-trained model, so only the sampler differs); rows
-    labelled by sampler, columns by digit. Returns each row's residual noise."""
-    plt = _plt()
-    bb = trained_backbone(run_dir, size)
-    texts = [f"a handwritten digit {d}" for d in range(n)]
-    gens = lambda: train.generators(train.Stream.SAMPLE_NOISE, [(2024, 0, i, 0) for i in range(n)])  # noqa: E731
-    rows, residual = {}, {}
-    for sampler in ["ode", "cps", "flow_sde", "dance_sde"]:
-        eta = etas.get(sampler, 0.0)
-        step = sampling.SAMPLERS[sampler]
-        traj, _ = train.rollout(bb, texts, gens(), gens(), grid=bb.sigmas(10), step=step, eta=eta, window=None,
-                                log_prob=sampling.LOG_PROBS[sampling.DEFAULT_LOG_PROB[sampler]], micro_batch=n,
-                                device="cpu")
-        rows[sampler] = bb.decode(traj.final)[:, 0]
-        residual[sampler] = float((traj.final - traj.x0_hat).flatten(1).std(1).mean())
-    fig, axes = plt.subplots(len(rows), n, figsize=(1.25 * n, 1.45 * len(rows)))
-    for r, (sampler, images) in enumerate(rows.items()):
-        for c in range(n):
-            ax = axes[r, c]
-            ax.imshow(images[c].numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title(f"digit {c}", fontsize=9)
-            if c == 0:
-                label = NAMES[sampler] + ("" if sampler == "ode" else f"\nη {etas[sampler]:g}")
-                ax.set_ylabel(label, fontsize=9)
-    fig.suptitle(f"Final training samples, {size}x{size}, one trained model, the same prompts and noises", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return residual
+def groups(task: Task, b: dict, tuned: dict[str, float], out: Path) -> dict[str, list[dict]]:
+    """The report seeds' groups: each sampler at its tuned eta (Dance-SDE on its recipe), CPS on the Dance recipe,
+    CPS and Flow-SDE at the paper's eta 0.7, Flow-SDE with CPS's log-prob (App. D), and CPS / Flow-SDE at their tuned
+    eta at every other size. Residual noise is measured for the groups of the Figure-1 comparison."""
+    jobs = {}
+
+    def add(label, sampler, eta, size=b["sizes"][0], log_prob="", recipe="", noise=0):
+        name = f"report/{size}/{sampler}/eta{eta}/{log_prob or 'own'}/{recipe or 'own'}"
+        jobs[label] = [job(task, f"{name}/seed{k}", sampler, eta, k, b["run"], out, size, log_prob, recipe, noise)
+                       for k in b["report_seeds"]]
+    for s in SDE:
+        add(f"{s} tuned", s, tuned[s], noise=b["noise"])
+    add("cps tuned, dance recipe", "cps", tuned["cps"], recipe="dance")
+    for s in ("cps", "flow_sde"):
+        add(f"{s} {EQUAL_ETA:g}", s, EQUAL_ETA, noise=b["noise"])
+    add(f"flow_sde {EQUAL_ETA:g} + cps log-prob", "flow_sde", EQUAL_ETA, log_prob="cps")
+    for size in b["sizes"][1:]:
+        for s in ("cps", "flow_sde"):
+            add(f"{s} tuned @{size}", s, tuned[s], size, noise=b["noise"])
+    return jobs
+
