@@ -237,8 +237,8 @@ PRESETS: dict[str, dict] = {
 }
 # GPUs each preset's numbers assume (the dry run's default world size). The paper's configs used 32 GPUs, but 48
 # prompts do not split over 32 ranks with every group on one rank; 8 GPUs is Flow-GRPO's `*_8gpu` layout.
-PRESET_GPUS = {"tiny": 2, "shapes": 2, "sd3.5-geneval": 8, "sd3.5-ocr": 8, "sd3.5-pickscore": 8, "flux-dev-pickscore": 8,
-               "flux-schnell-pickscore": 8, "flux-dev-hpsv2": 16}
+PRESET_GPUS = {"tiny": 2, "shapes": 2, "sd3.5-geneval": 8, "sd3.5-ocr": 8, "sd3.5-pickscore": 8,
+               "flux-dev-pickscore": 8, "flux-schnell-pickscore": 8, "flux-dev-hpsv2": 16}
 # Where the prompt sets without a generator in prompts.py come from.
 PROMPT_SOURCES = {"flow_grpo/dataset/pickscore": "git clone https://github.com/yifan123/flow_grpo (its "
                   "dataset/pickscore holds train.txt and test.txt)",

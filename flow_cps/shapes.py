@@ -85,23 +85,23 @@ def draw(split: str, n: int, size: int, rng: random.Random) -> tuple[list[scenes
 
 
 # -- the generator -----------------------------------------------------------------------------------------------
-def model_dir(make_adapter, progress: bool = True, size: int = SIZE) -> Path:
+def model_dir(make_backbone, progress: bool = True, size: int = SIZE) -> Path:
     """The cached shapes model folder (transformer/, prompt_encoder.safetensors, info.json), pre-trained on first
-    use through `make_adapter(transformer, prompt_encoder, size)` (models.shapes_adapter)."""
+    use through `make_backbone(transformer, prompt_encoder, size)` (models.shapes_backbone)."""
     if size not in PRETRAIN_STEPS:
         raise ValueError(f"shapes models exist at sizes {sorted(PRETRAIN_STEPS)}, not {size}")
     key = digits.cache_key(TRANSFORMER_CONFIG, PRETRAIN, PRETRAIN_STEPS[size], VOCAB, size, SCENES_CODE)
-    return digits.cached(digits.cache_dir() / f"shapes{size}-{key}", lambda out: _build(out, make_adapter, progress,
+    return digits.cached(digits.cache_dir() / f"shapes{size}-{key}", lambda out: _build(out, make_backbone, progress,
                                                                                         size),
                          f"pre-training the shapes model at {size}x{size} ({PRETRAIN_STEPS[size]} steps)")
 
 
-def _build(out: Path, make_adapter, progress: bool, size: int) -> dict:
+def _build(out: Path, make_backbone, progress: bool, size: int) -> dict:
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(PRETRAIN["seed"])
     transformer, encoder = FluxTransformer2DModel(**TRANSFORMER_CONFIG), PromptEncoder()
-    backbone = make_adapter(transformer, encoder, size)
+    backbone = make_backbone(transformer, encoder, size)
     rng = random.Random(PRETRAIN["seed"])
 
     def batch(_g):

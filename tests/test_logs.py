@@ -1,7 +1,7 @@
-"""logs.py: the logs are the run. metrics.jsonl is strict JSON (null, never NaN) and starts fresh; after a resume it
-holds exactly the checkpoint's history, and TensorBoard shows every iteration once (the events a killed run wrote
-past its checkpoint are purged). --report_to wandb logs the same scalars and images as TensorBoard (wandb's
-offline mode, no network), and nothing imports wandb unless it is asked for."""
+"""logs.py: the logs are the run, and its image grids are labelled. metrics.jsonl is strict JSON (null, never NaN)
+and starts fresh; after a resume it holds exactly the checkpoint's history, and TensorBoard shows every iteration once
+(the events a killed run wrote past its checkpoint are purged). --report_to wandb logs the same scalars and images as
+TensorBoard (wandb's offline mode, no network), and nothing imports wandb unless it is asked for."""
 import io
 import json
 import math

@@ -63,7 +63,7 @@ def test_rendering_is_native_and_antialiased():
 @pytest.mark.parametrize("size", scenes.SIZES)
 def test_the_judge_is_exact_on_rendered_scenes(size):
     rng = random.Random(size)
-    for tag, ss in scenes.all_scenes().items():
+    for ss in scenes.all_scenes().values():
         for s in rng.sample(ss, min(len(ss), 12)):
             image = scenes.render(scenes.layout(s, size, rng), size)
             assert scenes.judge(image, s), (size, scenes.text(s))

@@ -79,9 +79,9 @@ def design(st: dict, b: dict) -> str:
     return (f"{run['iterations']} GRPO iterations of {st['samples']} samples, one process and thread per run, "
             f"evaluated every {run['eval_every']} iterations at every setting. Training reward `{st['reward']}`; "
             f"held-out metric `{st['judge']}` (independent of the reward) on deterministic ODE samples with the EMA "
-            f"weights: {st['eval_prompts']} held-out prompts × {run['eval_per_prompt']} fixed noises = {images} images; "
-            f"quality measure `{st['quality']}`. Tuning seeds {', '.join(map(str, b['tuning_seeds']))} chose each "
-            f"sampler's η (largest mean AUC); report seeds {seeds(b)} chose nothing. Intervals: 95% t over seeds; "
+            f"weights: {st['eval_prompts']} held-out prompts × {run['eval_per_prompt']} fixed noises = {images} "
+            f"images; quality measure `{st['quality']}`. Tuning seeds {', '.join(map(str, b['tuning_seeds']))} chose "
+            f"each sampler's η (largest mean AUC); report seeds {seeds(b)} chose nothing. Intervals: 95% t over seeds; "
             f"differences paired by seed.")
 
 
@@ -154,8 +154,8 @@ def dose(st: dict) -> list[str]:
 def noise_tables(noise: dict, task: str) -> list[str]:
     resp = noise[task]["response"]
     sigmas = list(resp[0]["rows"])
-    L = ["| added noise std (latent units) | " + " | ".join(f"{r['size']}×{r['size']}: reward (drop in SDs) / judge / "
-                                                           "quality" for r in resp) + " |", "|---" * (1 + len(resp)) + "|"]
+    head = " | ".join(f"{r['size']}×{r['size']}: reward (drop in SDs) / judge / quality" for r in resp)
+    L = [f"| added noise std (latent units) | {head} |", "|---" * (1 + len(resp)) + "|"]
     for s in sigmas:
         L.append(f"| {s} | " + " | ".join(f"{f(r['rows'][s]['reward'])} ({f(r['rows'][s]['effect'], 1)}) / "
                                           f"{f(r['rows'][s]['judge'])} / {f(r['rows'][s]['quality'])}" for r in resp)
@@ -224,7 +224,8 @@ def machine_sections(res: dict) -> list[str]:
         s = res["speed"]
         L += ["## 2. Speed of the default iteration", "", "The default iteration, one process, 2 threads (`python "
               "train.py`), steady-state iterations without evaluation, each code tree run as a fresh process, "
-              "interleaved.", "", "| code | seconds per iteration (min / median / max) | samples / s |", "|---|---|---|"]
+              "interleaved.", "", "| code | seconds per iteration (min / median / max) | samples / s |",
+              "|---|---|---|"]
         for k in ("baseline", "this"):
             if k in s:
                 r = s[k]["seconds_per_iteration"]
@@ -270,9 +271,10 @@ def quickstart_table(res: dict) -> list[str]:
     L.append(f"| on-policy check `first_ratio_max_dev` (the ratio at each first update) | {w['first_ratio_max_dev']} "
              f"at every iteration |")
     if s:
+        before = f" (the previous loop: {s['baseline']['samples_per_second']:.0f}; **{s['speedup']:.2f}×**)" \
+            if "speedup" in s else ""
         L.append(f"| samples per second, default iteration, one process × 2 threads | "
-                 f"{s['this']['samples_per_second']:.0f}" + (f" (the previous loop: {s['baseline']['samples_per_second']:.0f};"
-                                                           f" **{s['speedup']:.2f}×**)" if "speedup" in s else "") + " |")
+                 f"{s['this']['samples_per_second']:.0f}{before} |")
     if sc:
         L.append(f"| data-parallel efficiency, 2 processes × 1 thread vs 2 × (1 × 1) | {sc['this']['efficiency']:.2f}"
                  + (f" (the previous loop: {sc['baseline']['efficiency']:.2f})" if "baseline" in sc else "") + " |")
