@@ -108,6 +108,7 @@ class Judge(nn.Module):
         return self.net(images.float().mean(1, keepdim=True))
 
 
+@torch.enable_grad()  # a first use may come from inside a caller's no_grad (a reward, an evaluation)
 def train_judge(seed: int = 0, epochs: int = 300) -> tuple[Judge, float]:
     """Full-batch AdamW with light pixel noise for robustness; returns the judge and its held-out accuracy."""
     torch.manual_seed(seed)
@@ -175,6 +176,7 @@ def cached(path: Path, build, what: str) -> Path:
     return path
 
 
+@torch.enable_grad()  # a first use may come from inside a caller's no_grad (an evaluation, a figure)
 def flow_matching(backbone, params, batch, steps: int, *, lr: float, seed: int, progress: bool = True) -> float:
     """Pre-train a built-in model by flow matching (AdamW, logit-normal t as in SD3's recipe): each step draws
     `batch(g) -> (x0 latents, prompts)` and regresses v_theta(x_t, t, c) on v = eps - x0 at x_t = (1-t) x0 + t eps.

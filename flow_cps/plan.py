@@ -178,8 +178,8 @@ def describe(cfg: Config, world: int, check_files: bool = True, device: str = "c
     lines = [f"preset {cfg.preset}: model {cfg.model}, reward {cfg.reward}, prompts {cfg.prompts}"]
     lines += [f"  {note}" for note in [prompt_note(cfg)] if note]
     info = None
-    if cfg.model == "digits":
-        image_tokens = (cfg.resolution or 8) ** 2 // 4
+    if cfg.model in models.BUILT_IN:
+        image_tokens = (cfg.resolution or models.BUILT_IN[cfg.model][0].SIZE) ** 2 // 4
         grid_fn = lambda n: models.model_sigmas("flux", {}, image_tokens, n, cfg.shift)  # noqa: E731
     else:
         info = model_info(cfg.model)

@@ -180,17 +180,16 @@ def digit_prompts(split: str = "train", seed: int = 0) -> tuple[list[str], list[
     return texts, [None] * len(texts)
 
 
-def shape_prompts(split: str = "train", seed: int = 0, per_tag: int = 6) -> tuple[list[str], list[dict]]:
-    """The shapes task (scenes.py), metadata {"tag": ...}. Train: every scene without a held-out colour-shape pair,
-    each tag's list repeated to the length of the longest, so the four tags are drawn equally often. Test: up to
-    `per_tag` scenes per tag (all 3 single, all 6 counting, 6 two-object and 6 position prompts), each holding a
-    colour-shape pair never trained on; the same for every seed."""
+def shape_prompts(split: str = "train", seed: int = 0, per_tag: int = 8) -> tuple[list[str], list[dict]]:
+    """The shapes task (scenes.py), metadata {"tag": ...}. Train: every scene without a held-out composition, each
+    tag's list repeated to the length of the longest, so the four tags are drawn equally often. Test: `per_tag`
+    scenes of each tag that has held-out ones (counting, two-object, position: 24 prompts), each holding a
+    composition never trained on; the same for every seed."""
     _check_split(split)
     by_tag = scenes.scenes(split)
     if split == "test":
         rng = random.Random("shapes/test")
-        chosen = [s for tag in scenes.TAGS for s in (by_tag[tag] if len(by_tag[tag]) <= per_tag else
-                                                      rng.sample(by_tag[tag], per_tag))]
+        chosen = [s for tag in scenes.TAGS for s in rng.sample(by_tag[tag], min(per_tag, len(by_tag[tag])))]
     else:
         longest = max(map(len, by_tag.values()))
         chosen = [ss[k % len(ss)] for ss in by_tag.values() for k in range(longest)]

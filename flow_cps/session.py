@@ -140,7 +140,7 @@ class Session:
     def _load(self, prec: engine.Precision):
         cfg = self.cfg
         opts = reward_options(cfg)
-        if cfg.model != "digits":  # weights missing: stop before loading anything, naming the files
+        if cfg.model not in models.BUILT_IN:  # weights missing: stop before loading anything, naming the files
             engine.from_rank_zero(lambda: _resolve(cfg.model))
         try:
             with engine.rank_zero_first():  # rank 0 fills caches (digits pre-training, downloads) first

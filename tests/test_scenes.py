@@ -1,5 +1,6 @@
 """The shapes task's world (flow_cps/scenes.py): the grammar, the held-out compositions, native rendering, and the
 analytic judge, checked against scenes built by hand."""
+import itertools
 import random
 
 import numpy as np
@@ -21,11 +22,21 @@ def test_every_prompt_parses_back_to_its_scene():
         scenes.parse("two red squares above a blue circle")
 
 
-def test_held_out_pairs_never_reach_training_and_every_test_prompt_holds_one():
+def test_held_out_compositions_never_reach_training_and_every_test_prompt_holds_one():
     train, test = prompts.load("shapes", "train")[0], prompts.load("shapes", "test")[0]
-    held = [f"{c} {s}" for c, s in scenes.HELD_OUT]
-    assert not [t for t in set(train) if any(h in t for h in held)]
-    assert all(any(h in t for h in held) for t in test) and not set(train) & set(test)
+
+    def compositions(text):
+        s = scenes.parse(text)
+        if s.tag == "counting":
+            return {(s.objects[0].count, s.objects[0].shape)}
+        return {frozenset((o.colour, o.shape) for o in s.objects)} if len(s.objects) == 2 else set()
+    held = {(n, s) for n, s in scenes.HELD_OUT_COUNTS} | {
+        frozenset(((a.colour, a.shape), (b.colour, b.shape))) for a, b in itertools.combinations(
+            [Obj(c, s) for c in scenes.COLOURS for s in scenes.SHAPES], 2) if scenes.held_out_pair(a, b)}
+    assert len(held) > 2 + 10
+    assert not set().union(*map(compositions, set(train))) & held
+    assert all(compositions(t) & held for t in test) and not set(train) & set(test)
+    assert len(test) == 24 and {scenes.parse(t).tag for t in test} == {"counting", "two_object", "position"}
     # every word of a held-out prompt is a trained word: only the composition is new
     trained_words = {w for t in train for w in t.split()}
     assert {w for t in test for w in t.split()} <= trained_words
@@ -36,11 +47,13 @@ def test_held_out_pairs_never_reach_training_and_every_test_prompt_holds_one():
 def test_the_encoder_reads_words_so_a_new_composition_conditions_differently():
     enc = shapes.PromptEncoder()
     train = sorted(set(prompts.load("shapes", "train")[0]))
-    seq, pooled, ids = enc(train + ["a blue circle"])
+    new = prompts.load("shapes", "test")[0][0]
+    seq, pooled, ids = enc(train + [new])
     assert seq.shape == (len(train) + 1, shapes.MAX_WORDS, shapes.EMBED_DIM) and ids.shape == (shapes.MAX_WORDS, 3)
     assert (pooled[:-1] - pooled[-1]).abs().amax(1).min() > 1e-3  # distinct from every training prompt's encoding
-    # built from the trained words: the word table rows of "blue" and "circle" are the ones training prompts use
-    torch.testing.assert_close(seq[-1, 1], enc.word.weight[shapes.VOCAB.index("blue")] + enc.position.weight[1])
+    # built from the trained words: each position holds its word's vector, the same rows training prompts use
+    word = new.split()[1]
+    torch.testing.assert_close(seq[-1, 1], enc.word.weight[shapes.VOCAB.index(word)] + enc.position.weight[1])
 
 
 def test_rendering_is_native_and_antialiased():

@@ -51,7 +51,7 @@ SDE = ["cps", "flow_sde", "dance_sde"]
 def budget(quick: bool) -> dict:
     """Every budget of the bench; the study's are docs/STUDY.md's (written before any report seed ran)."""
     if quick:
-        study_budget = dict(tuning_seeds=[0], report_seeds=[1, 2], etas={s: [0.7] for s in SDE},
+        study_budget = dict(tuning_seeds=[0], report_seeds=[1], etas={s: [0.7] for s in SDE},
                             run=dict(iterations=4, eval_every=2, eval_per_prompt=2), budgets=[2, 4], noise=16)
         return dict(repeats=2, speed_iterations=4, scaling_iterations=3, noise_sigmas=[0.1, 0.4],
                     noise_etas={s: [0.7] for s in SDE}, noise_images=32,
@@ -69,7 +69,7 @@ def budget(quick: bool) -> dict:
                          "shapes": dict(tuning_seeds=[0, 1, 2], report_seeds=report_seeds,
                                         etas={"cps": [0.15, 0.3, 0.5, 0.7], "flow_sde": [0.5, 0.7, 0.9, 1.2],
                                               "dance_sde": [0.3, 0.5, 0.7, 0.9]},
-                                        run=dict(iterations=60, eval_every=10, eval_per_prompt=24),
+                                        run=dict(iterations=60, eval_every=10, eval_per_prompt=20),
                                         budgets=[20, 40, 60], thresholds=[0.5, 0.6], noise=200,
                                         sizes=[16, 24, 32])})
 
@@ -283,7 +283,10 @@ def main(argv: list[str] | None = None) -> Path:
                          ("study", lambda: section_study(b, out, args.workers, tasks))):
             if name in sections:
                 print(f"[bench] {name}", flush=True)
-                res[name] = fn()
+                if name == "study":  # one entry per task: a run of some tasks keeps the others' last results
+                    res["studies"] = {**res.get("studies", {}), **fn()}
+                else:
+                    res[name] = fn()
     if args.baseline:
         res["baseline_ref"] = args.baseline
     res["wall"] = time.perf_counter() - t0
