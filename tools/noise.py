@@ -22,7 +22,7 @@ from tools import study
 def clean_images(task: study.Task, size: int, n: int, seed: int = 0) -> tuple[torch.Tensor, list[str]]:
     """Held-out images that are exactly right: the digits' test quarter, or renders of the held-out scenes."""
     if task.name == "digits":
-        images, labels = digits.load("test", size)
+        images, labels = digits.load("test")
         return images[:n], [f"a handwritten digit {int(d)}" for d in labels[:n]]
     texts = (prompts.load("shapes", "test")[0] * n)[:n]
     rng = random.Random(seed)
