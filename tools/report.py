@@ -80,9 +80,9 @@ def design(st: dict, b: dict) -> str:
             f"evaluated every {run['eval_every']} iterations at every setting. Training reward `{st['reward']}`; "
             f"held-out metric `{st['judge']}` (independent of the reward) on deterministic ODE samples with the EMA "
             f"weights: {st['eval_prompts']} held-out prompts × {run['eval_per_prompt']} fixed noises = {images} "
-            f"images; quality measure `{st['quality']}`. Tuning seeds {', '.join(map(str, b['tuning_seeds']))} chose "
-            f"each sampler's η (largest mean AUC); report seeds {seeds(b)} chose nothing. Intervals: 95% t over seeds; "
-            f"differences paired by seed.")
+            f"images, holding out {st['held_out']}; quality measure `{st['quality']}`. Tuning seeds "
+            f"{', '.join(map(str, b['tuning_seeds']))} chose each sampler's η (largest mean AUC); report seeds "
+            f"{seeds(b)} chose nothing. Intervals: 95% t over seeds; differences paired by seed.")
 
 
 def primary(st: dict, b: dict) -> list[str]:
@@ -92,6 +92,14 @@ def primary(st: dict, b: dict) -> list[str]:
             f"{t['cps']:g} − Flow-SDE η {t['flow_sde']:g}, each at its tuned η, held-out `{st['judge']}` AUC, report "
             f"seeds {seeds(b)}: **{interval(d)}**, paired t p = {pval(d['p'])}, CPS ahead on {d['wins']} of {d['n']} "
             f"seeds (sign test p = {pval(d['sign_p'])}): {meaning(d)}. At the last iteration: {interval(fin)}.", ""]
+
+
+def appendix_d(st: dict) -> list[str]:
+    """Appendix D in one sentence: how much of the gain the log-prob's form carries."""
+    lp, vs = (st["secondary"][k] for k in st["appendix_d"])
+    return [f"**Appendix D** (the log-prob's form, Flow-SDE η 0.7): with CPS's log-prob − with its Gaussian: "
+            f"{interval(lp)}, {lp['verdict']}; with CPS's log-prob − CPS at its tuned η: {interval(vs)}, "
+            f"{vs['verdict']}.", ""]
 
 
 def secondary(st: dict) -> list[str]:
@@ -169,7 +177,7 @@ def noise_tables(noise: dict, task: str) -> list[str]:
 
 def study_section(task: str, st: dict, b: dict, number: str) -> list[str]:
     L = [f"## {number}. The sampler comparison on the {task} task", "", design(st, b), ""]
-    L += primary(st, b) + secondary(st)
+    L += primary(st, b) + secondary(st) + appendix_d(st)
     L += [f"### {number}.1 Every group, report seeds", ""] + groups(st, b)
     L += [f"![convergence]({task}_convergence.png)", ""]
     L += [f"### {number}.2 Reward hacking: the reward against the judge and the quality measure", ""] + hacking(st)
@@ -291,7 +299,8 @@ def results_block(res: dict) -> list[str]:
             L += [f"**The {task} task.** " + NOT_YET.format(f" --only study --tasks {task}"), ""]
             continue
         st, b = studies[task], res["budget"]["studies"][task]
-        L += [f"**The {task} task.** {design(st, b)}", ""] + primary(st, b) + secondary(st) + hacking(st)
+        L += [f"**The {task} task.** {design(st, b)}", ""] + primary(st, b) + secondary(st) + appendix_d(st)
+        L += hacking(st)
         if len(st["sizes"]) > 1:
             L += dose(st) + [f"![{task}: dose-response](results/{task}_dose_response.png)", ""]
         L += [f"| {task}: held-out judge during training | the paper's Figure 1 from a trained model |", "|---|---|",

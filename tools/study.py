@@ -62,6 +62,7 @@ class Task:
     reward: str  # what GRPO trains on
     args: tuple[str, ...]  # train.py flags selecting the task
     figure_prompts: tuple[str, ...]  # the columns of the Figure-1 grid
+    held_out: str  # what the held-out evaluation holds out, in words
     quality: str = "clean_background"  # the quality measure beside the reward
 
     @property
@@ -71,10 +72,14 @@ class Task:
 
 TASKS = {
     "digits": Task("digits", "digit_svm_accuracy", "digit_judge", ("--model", "digits"),
-                   tuple(f"a handwritten digit {d}" for d in range(10))),
+                   tuple(f"a handwritten digit {d}" for d in range(10)),
+                   "the noises, the ODE sampler and the EMA weights, not the prompts (the digits' encoder maps every "
+                   "phrasing of a digit to one vector)"),
     "shapes": Task("shapes", "scene_judge", "scene_match", ("--preset", "shapes"),
                    ("a red square", "two blue triangles", "three yellow circles", "a green circle and a red square",
-                    "a yellow square above a blue triangle", "a red circle left of a green triangle")),
+                    "a yellow square above a blue triangle", "a red circle left of a green triangle"),
+                   "compositions never trained on (a count of a shape, or a pair of objects), besides the noises, the "
+                   "ODE sampler and the EMA weights"),
 }
 
 # The comparisons: label -> (a, b), each a - b paired by seed. Group labels are built by `groups`.
@@ -86,6 +91,7 @@ SECONDARY = {
     "Flow-SDE η 0.7: CPS log-prob − Gaussian (App. D)": ("flow_sde 0.7 + cps log-prob", "flow_sde 0.7"),
     "Flow-SDE η 0.7 + CPS log-prob − CPS tuned": ("flow_sde 0.7 + cps log-prob", "cps tuned"),
 }
+APPENDIX_D = list(SECONDARY)[3:5]  # how much of the gain the log-prob's form carries
 
 
 def training_modules(entry: Path = ROOT / "train.py") -> list[Path]:
@@ -315,8 +321,9 @@ def run_study(task: Task, b: dict, out: Path, workers: int) -> dict:
     tost_holm = stats.holm({k: d["tost"]["p"] for k, d in secondary.items()})
     secondary = {k: dict(d, p_holm=p_holm[k], tost_p_holm=tost_holm[k], verdict=verdict(d, p_holm[k], tost_holm[k]))
                  for k, d in secondary.items()}
-    return dict(task=task.name, judge=task.judge, reward=task.reward, quality=task.quality, tuned=tuned,
-                samples=SAMPLES_PER_ITERATION, primary_label=PRIMARY[0], margin=MARGIN,
+    return dict(task=task.name, judge=task.judge, reward=task.reward, quality=task.quality, held_out=task.held_out,
+                tuned=tuned,
+                samples=SAMPLES_PER_ITERATION, primary_label=PRIMARY[0], appendix_d=APPENDIX_D, margin=MARGIN,
                 tuning={s: {str(e): stats.summary(v) for e, v in es.items()} for s, es in tuning_auc.items()},
                 groups={label: describe(task, rs, b) for label, rs in runs.items()}, primary=primary,
                 secondary=secondary, eval_prompts=task.eval_prompts, sizes=sizes,
