@@ -64,7 +64,7 @@ def group_name(group: str, tuned: dict) -> str:
 
 def meaning(d: dict, a: str = "CPS") -> str:
     """The primary result in words, by the rule of docs/STUDY.md."""
-    if d["verdict"] in ("higher", "lower"):
+    if d["verdict"].startswith(("higher", "lower")):
         return f"**{a} {d['verdict']}**"
     if d["verdict"].startswith("level"):
         return f"**level** within ±{d['tost']['margin']:g} (TOST p = {pval(d['tost']['p'])})"

@@ -285,11 +285,10 @@ def compare(task: Task, a: list[dict], b: list[dict], measure: str, final: int) 
 def verdict(d: dict, p_adjusted: float, tost_adjusted: float) -> str:
     """The words a table may use (docs/STUDY.md): a difference only where the (adjusted) test rejects; "level" only
     where TOST shows equivalence within the margin; otherwise "inconclusive"."""
+    within = tost_adjusted < 0.05
     if p_adjusted < 0.05:
-        return "higher" if d["diff"] > 0 else "lower"
-    if tost_adjusted < 0.05:
-        return f"level (within ±{MARGIN:g})"
-    return "inconclusive"
+        return ("higher" if d["diff"] > 0 else "lower") + (f", by less than {MARGIN:g}" if within else "")
+    return f"level (within ±{MARGIN:g})" if within else "inconclusive"
 
 
 # -- a task's study --------------------------------------------------------------------------------------------------
