@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from scipy import stats
 
-from tools import study
+from tools import report, study
 
 
 def _plt():
@@ -23,15 +23,6 @@ def _plt():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
-
-
-def label(group: str, tuned: dict[str, float]) -> str:
-    """'cps tuned' -> 'CPS η 0.3 (tuned)', 'flow_sde 0.7 + cps log-prob' -> 'Flow-SDE η 0.7 + CPS log-prob'."""
-    sampler, _, rest = group.partition(" ")
-    eta, _, extra = rest.partition(" ")
-    text = f"{study.NAMES[sampler]} η {tuned[sampler]:g} (tuned)" if eta == "tuned" else \
-        f"{study.NAMES[sampler]} η {eta}"
-    return text + (" " + extra.replace("cps", "CPS").replace("dance recipe", "Dance recipe") if extra else "")
 
 
 def convergence(st: dict, b: dict, path: Path) -> Path:
@@ -45,7 +36,7 @@ def convergence(st: dict, b: dict, path: Path) -> Path:
         its = study.curve(study.load_runs(dirs[:1])[0], st["judge"])[0]
         mean, n = curves.mean(0), len(curves)
         half = stats.t.ppf(0.975, n - 1) * curves.std(0, ddof=1) / math.sqrt(n) if n > 1 else 0 * mean
-        ax.plot(its, mean, marker="o", ms=3, label=label(group, st["tuned"]))
+        ax.plot(its, mean, marker="o", ms=3, label=report.group_name(group, st["tuned"]))
         ax.fill_between(its, mean - half, mean + half, alpha=0.12)
     images = st["eval_prompts"] * b["run"]["eval_per_prompt"]
     ax.set(xlabel=f"GRPO iteration ({study.SAMPLES_PER_ITERATION} training samples each)",
