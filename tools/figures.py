@@ -101,7 +101,7 @@ def figure1(task: study.Task, run_dir: str, size: int, etas: dict[str, float], p
                              .replace(" and", "\nand"), fontsize=7)
             if c == 0:
                 eta = "" if sampler == "ode" else f" η {etas[sampler]:g}"
-                ax.set_ylabel(f"{study.NAMES[sampler]}{eta}\nresidual {residual[sampler]:.3f}", fontsize=7)
+                ax.set_ylabel(f"{report.NAMES[sampler]}{eta}\nresidual {residual[sampler]:.3f}", fontsize=7)
     fig.suptitle(f"{task.name}, {size}×{size}: final training samples of one CPS-trained model, the same prompts "
                  "and initial noises; rows: sampler", fontsize=8)
     fig.tight_layout()

@@ -42,7 +42,6 @@ from flow_cps import models, prompts, scoring
 from tools import stats
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository root
-NAMES = {"cps": "CPS", "flow_sde": "Flow-SDE", "dance_sde": "Dance-SDE", "ode": "ODE"}
 SDE = ["cps", "flow_sde", "dance_sde"]
 # Per-run GRPO settings of every comparison (one process, one thread).
 RUN = dict(prompts_per_iter=8, group_size=8, updates_per_iter=2, report_to="none")
