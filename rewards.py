@@ -8,8 +8,9 @@ Built-in, offline rewards (no download):
   digit_judge           probability that the image shows the prompt's digit (the OCR/GenEval analogue), in [0, 1]
   digit_judge_accuracy  1 if the judge's top class is the prompt's digit, else 0
   digit_svm_accuracy    the same with an independent classifier (another architecture, disjoint data): evaluation
-  scene_match           shapes task: p(image shows the prompt's scene), a learned matcher that sees every pixel
+  scene_reward          shapes task: GenEval's partial credit on a learned per-pixel detector that sees every pixel
   scene_judge           shapes task: 1 if an exact analytic detector finds the prompt's scene, else 0: evaluation
+  scene_credit          shapes task: the same detections' partial credit (GenEval's graded form): evaluation
   clean_background      1 - 4 x background brightness: the residual-noise detector (the paper's point)
   smoothness            1 - total variation; a weaker noise detector
   jpeg_compressibility  -kB of the JPEG-encoded image (DDPO); smaller files = less high-frequency noise
@@ -109,31 +110,50 @@ def digit_svm_accuracy(device="cpu") -> RewardFn:
 def scene_judge(device="cpu") -> RewardFn:
     """The shapes task's evaluation judge, GenEval's rule for its scenes: 1 if the exact analytic detector
     (`scenes.judge`) finds exactly the prompt's objects (colour, shape, count) and their relation, else 0. Exact on
-    every rendered scene; no learned weights, so it shares nothing with the scene_match reward. Its held-out value
+    every rendered scene; no learned weights, so it shares no model with the scene_reward reward. Its held-out value
     is the mean over the four tags of the tag means, as GenEval's overall score."""
     def fn(images: Tensor, prompts: list[str], metadata=None) -> Tensor:
         check_images(images)
         arr = images.detach().float().cpu().numpy()
         return torch.tensor([float(scenes.judge(a, scenes.parse(p))) for a, p in zip(arr, prompts)])
-    fn.group_key = lambda m: m.get("tag") if isinstance(m, dict) else None
+    fn.group_key = _tag
     return fn
 
 
-@register("scene_match")
-def scene_match(device="cpu") -> RewardFn:
-    """The shapes task's training reward: p(the image shows the prompt's scene) under a learned image-text matching
-    network (`shapes.Matcher`: convolutions over every pixel at the native resolution, a GRU over the words), the
-    PickScore / VQA-score analogue. Scale [0, 1]; the matcher of the images' size, trained with the shapes model on
-    first use. Residual noise lowers it (`python rewards.py --scales`)."""
+def _tag(metadata) -> str | None:
+    """The group key of the shapes judges: the prompt's tag (prompts.load('shapes') metadata)."""
+    return metadata.get("tag") if isinstance(metadata, dict) else None
+
+
+@register("scene_credit")
+def scene_credit(device="cpu") -> RewardFn:
+    """The shapes task's graded judge, GenEval's partial credit for its scenes (`scenes.credit`): the mean of the
+    prompt's checks (each object kind's count, nothing extra, the relation) on the same exact detections as
+    scene_judge. Grouped by tag like it."""
+    def fn(images: Tensor, prompts: list[str], metadata=None) -> Tensor:
+        check_images(images)
+        arr = images.detach().float().cpu().numpy()
+        return torch.tensor([scenes.credit(scenes.detect(a), scenes.parse(p)) for a, p in zip(arr, prompts)])
+    fn.group_key = _tag
+    return fn
+
+
+@register("scene_reward")
+def scene_reward(device="cpu") -> RewardFn:
+    """The shapes task's training reward, GenEval's partial credit on a learned detector (as Flow-GRPO's GenEval
+    reward scores a learned detector's detections): `shapes.Detector`, a convolutional per-pixel classifier at the
+    native resolution, finds the objects, and `scenes.credit` scores them against the prompt. Scale [0, 1]; the
+    detector of the images' size, trained with the shapes model on first use. Residual noise lowers it (report
+    section 5: `python -m tools.bench --only noise`)."""
     nets: dict[int, torch.nn.Module] = {}
 
-    @torch.no_grad()
     def fn(images: Tensor, prompts: list[str], metadata=None) -> Tensor:
         check_images(images)
         size = images.shape[-1]
         if size not in nets:
-            nets[size] = shapes.load_matcher(size).to(device)
-        return torch.sigmoid(nets[size](images.to(device), prompts)).float()
+            nets[size] = shapes.load_detector(size).to(device)
+        found = shapes.learned_detect(nets[size], images.to(device))
+        return torch.tensor([scenes.credit(f, scenes.parse(p)) for f, p in zip(found, prompts)])
     return fn
 
 

@@ -202,9 +202,10 @@ _FLUX = dict(_FLOW_GRPO, guidance=3.5, eval_guidance=3.5, micro_batch=3, eta=0.9
 PRESETS: dict[str, dict] = {
     "tiny": {},  # the defaults: built-in digits model, CPS eta 0.7, ~1.5 min on 2 CPU cores
     # The built-in GenEval-like task (flow_cps/scenes.py): coloured shapes with counts and positions at 16x16, held-out
-    # colour-shape compositions; trained on the learned scene_match reward, judged by the analytic scene_judge.
-    "shapes": dict(model="shapes", prompts="shapes", reward="scene_match",
-                   eval_metrics="scene_judge,scene_match,clean_background"),
+    # compositions; trained on scene_reward (a learned detector + GenEval's partial credit), judged by the exact
+    # analytic scene_judge (and its partial credit, scene_credit).
+    "shapes": dict(model="shapes", prompts="shapes", reward="scene_reward",
+                   eval_metrics="scene_judge,scene_credit,scene_reward,clean_background"),
     # Flow-GRPO's reward server's GenEval rule (rewards.geneval_flow_grpo) trains; the benchmark's rule evaluates.
     # prompts: this project's generated GenEval-like / OCR sets (offline defaults); the paper's are Flow-GRPO's
     # dataset/geneval and dataset/ocr folders: --prompts /path/flow_grpo/dataset/geneval (docs/SCALE.md)

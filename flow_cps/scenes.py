@@ -118,7 +118,9 @@ def scenes(split: str) -> dict[str, list[Scene]]:
 
 # -- rendering ---------------------------------------------------------------------------------------------------
 SUPERSAMPLE = 4  # anti-aliasing: each pixel is the mean of 4 x 4 point samples of the exact shape
-RADIUS = (0.15, 0.2)  # an object's half-size, a fraction of the canvas side
+# An object's half-size, a fraction of the canvas side: as large as the scene allows (one or two objects, or three),
+# so that a shape spans enough pixels to be told apart at 16x16.
+RADIUS = {1: (0.19, 0.25), 2: (0.17, 0.23), 3: (0.14, 0.18)}
 GAP = 0.12  # the least empty space between two objects' boxes, a fraction of the side
 
 
@@ -163,7 +165,7 @@ def layout(scene: Scene, size: int, rng: random.Random, tries: int = 100) -> lis
         placed: list[Placed] = []
         for o in kinds:
             for _ in range(tries):
-                r = rng.uniform(*RADIUS) * size
+                r = rng.uniform(*RADIUS[len(kinds)]) * size
                 p = Placed(o.colour, o.shape, rng.uniform(r, size - r), rng.uniform(r, size - r), r)
                 if all(max(abs(p.x - q.x) - p.r - q.r, abs(p.y - q.y) - p.r - q.r) >= GAP * size for q in placed) \
                         and (len(placed) != scene.objects[0].count or scene.relation is None
@@ -211,6 +213,25 @@ def _template(shape: str, x: float, y: float, area: float, size: int) -> np.ndar
     return coverage(shape, x, y, r, size)
 
 
+def blobs(weight: np.ndarray, min_area: float) -> list[tuple[float, float, float, np.ndarray]]:
+    """The connected regions (4-neighbour) of a map of how much each pixel belongs to a kind of object:
+    (x, y, area, the region's weights) of each region of area at least min_area; x, y the weighted centroid."""
+    labels, n = ndimage.label(weight >= INK)
+    ys, xs = np.indices(weight.shape) + 0.5
+    out = []
+    for j in range(1, n + 1):
+        w = np.where(labels == j, weight, 0.0)
+        area = float(w.sum())
+        if area >= min_area:
+            out.append((float((w * xs).sum() / area), float((w * ys).sum() / area), area, w))
+    return out
+
+
+def min_area(size: int) -> float:
+    """The least area an object may cover: MIN_AREA of the smallest triangle the renderer draws."""
+    return MIN_AREA * (2 * RADIUS[3][0] * size) ** 2 / 2
+
+
 def detect(image: np.ndarray) -> list[Found]:
     """The objects of an RGB image (3, S, S) in [0, 1]: pixels take the palette colour they are most aligned with
     (cosine), each colour's connected ink is one object, and its shape is the template (drawn by `coverage` with the
@@ -222,33 +243,30 @@ def detect(image: np.ndarray) -> list[Found]:
     norm = np.linalg.norm(image, axis=0) * np.linalg.norm(pal, axis=1)[:, None, None]
     cosine = np.einsum("chw,kc->khw", image, pal) / np.maximum(norm, 1e-8)
     owner = cosine.argmax(0)
-    smallest = (2 * RADIUS[0] * size) ** 2 / 2  # the area of the smallest triangle
     found = []
     for k, colour in enumerate(COLOURS):
-        cov = proj[k].clip(0, 1) * (owner == k)
-        labels, n = ndimage.label(cov >= INK)
-        for j in range(1, n + 1):
-            c = np.where(labels == j, cov, 0.0)
-            area = float(c.sum())
-            if area < MIN_AREA * smallest:
-                continue
-            ys, xs = np.indices(c.shape) + 0.5
-            x, y = float((c * xs).sum() / area), float((c * ys).sum() / area)
+        for x, y, area, c in blobs(proj[k].clip(0, 1) * (owner == k), min_area(size)):
             misfit = {s: float(np.abs(c - _template(s, x, y, area, size)).sum() / area) for s in SHAPES}
             shape = min(misfit, key=misfit.get)
             found.append(Found(colour, shape, x, y, area, misfit[shape]))
     return found
 
 
-def judge(image: np.ndarray, scene: Scene) -> bool:
-    """GenEval's rule for these scenes: exactly the objects the prompt asks for (colour, shape and count; nothing
-    else), and for 'position' the first object in the named direction of the second."""
-    found = detect(image)
-    want = sorted((o.colour, o.shape) for o in scene.objects for _ in range(o.count))
-    if sorted((f.colour, f.shape) for f in found) != want:
-        return False
-    if scene.relation is None:
-        return True
-    a, b = ([f for f in found if (f.colour, f.shape) == (o.colour, o.shape)][0] for o in scene.objects)
-    return relation_holds(scene.relation, a, b)
+def credit(found: list[Found], scene: Scene) -> float:
+    """GenEval's partial credit for these scenes (the graded form Flow-GRPO trains on), from detections: the mean
+    over the prompt's checks: per object kind asked for n times, 1 - |found - n| / n (at least 0); 1 if nothing else
+    was found; for 'position', 1 if the relation holds between the first detected of each kind."""
+    kinds = [(o.colour, o.shape, o.count) for o in scene.objects]
+    counts = [sum((f.colour, f.shape) == (c, s) for f in found) for c, s, _ in kinds]
+    checks = [max(0.0, 1 - abs(k - n) / n) for k, (_, _, n) in zip(counts, kinds)]
+    checks.append(float(len(found) == sum(counts)))  # no object the prompt did not ask for
+    if scene.relation is not None:
+        firsts = [next((f for f in found if (f.colour, f.shape) == (c, s)), None) for c, s, _ in kinds]
+        checks.append(float(None not in firsts and relation_holds(scene.relation, *firsts)))
+    return float(np.mean(checks))
 
+
+def judge(image: np.ndarray, scene: Scene) -> bool:
+    """GenEval's rule for these scenes, on the exact detections: every check of `credit` passes (exactly the objects
+    the prompt asks for, nothing else, and for 'position' the first object in the named direction of the second)."""
+    return credit(detect(image), scene) == 1.0

@@ -25,19 +25,19 @@ def test_the_shapes_model_is_a_flux_transformer_on_packed_rgb_pixels():
         assert "not a shapes prompt" in str(e)
 
 
-def test_scene_match_prefers_the_right_scene_and_falls_with_noise():
-    fn = REGISTRY["scene_match"]()
+def test_scene_reward_sees_scenes_as_the_judge_does_and_falls_with_noise():
+    """The learned detector (another model than the judge) gives renders of the held-out scenes nearly full credit;
+    the credit falls as added noise grows (how much, per size: report section 5)."""
+    fn = REGISTRY["scene_reward"]()
     rng = random.Random(3)
-    texts = prompts.load("shapes", "test")[0] * 3
+    texts = prompts.load("shapes", "test")[0] * 4
     right = torch.tensor(np.stack([scenes.render(scenes.layout(scenes.parse(t), 16, rng), 16) for t in texts]),
                          dtype=torch.float32)
-    wrong = torch.tensor(np.stack([scenes.render(scenes.layout(shapes.mutate(scenes.parse(t), rng), 16, rng), 16)
-                                   for t in texts]), dtype=torch.float32)
-    r_right, r_wrong = fn(right, texts), fn(wrong, texts)
-    assert float((r_right > r_wrong).float().mean()) > 0.8
+    assert float(fn(right, texts).mean()) > 0.85
+    assert float(fn(right.flip(0), texts).mean()) < 0.7  # other scenes' renders
     g = torch.Generator().manual_seed(0)
     means = [float(fn((right + s / 2 * torch.randn(right.shape, generator=g)).clamp(0, 1), texts).mean())
-             for s in (0.0, 0.1, 0.2, 0.4)]
+             for s in (0.0, 0.2, 0.4)]
     assert means == sorted(means, reverse=True) and means[0] - means[-1] > 0.1, means
 
 

@@ -69,7 +69,7 @@ def budget(quick: bool) -> dict:
                          "shapes": dict(tuning_seeds=[0, 1, 2], report_seeds=report_seeds,
                                         etas={"cps": [0.15, 0.3, 0.5, 0.7], "flow_sde": [0.5, 0.7, 0.9, 1.2],
                                               "dance_sde": [0.3, 0.5, 0.7, 0.9]},
-                                        run=dict(iterations=60, eval_every=10, eval_per_prompt=20),
+                                        run=dict(iterations=60, eval_every=10, eval_per_prompt=12),
                                         budgets=[20, 40, 60], thresholds=[0.5, 0.6], noise=200,
                                         sizes=[16, 24, 32])})
 

@@ -74,7 +74,7 @@ TASKS = {
                    tuple(f"a handwritten digit {d}" for d in range(10)),
                    "the noises, the ODE sampler and the EMA weights, not the prompts (the digits' encoder maps every "
                    "phrasing of a digit to one vector)"),
-    "shapes": Task("shapes", "scene_judge", "scene_match", ("--preset", "shapes"),
+    "shapes": Task("shapes", "scene_judge", "scene_reward", ("--preset", "shapes"),
                    ("a red square", "two blue triangles", "three yellow circles", "a green circle and a red square",
                     "a yellow square above a blue triangle", "a red circle left of a green triangle"),
                    "compositions never trained on (a count of a shape, or a pair of objects), besides the noises, the "
