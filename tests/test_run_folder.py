@@ -146,6 +146,6 @@ def test_two_builders_of_the_digits_cache_agree(tmp_path, monkeypatch):
             replace(tmp_path / "theirs", path)
         return replace(src, dst)
     monkeypatch.setattr(os, "replace", racing)
-    built = digits._cached(path, lambda out: (out / "info.json").write_text('{"built_by": "this one"}'), "a test")
+    built = digits.cached(path, lambda out: (out / "info.json").write_text('{"built_by": "this one"}'), "a test")
     assert built == path and json.loads((path / "info.json").read_text()) == {"built_by": "the other process"}
     assert [p.name for p in tmp_path.iterdir()] == ["digits-key"]  # this one's build is gone
