@@ -49,7 +49,8 @@ def test_scene_judge_scores_renders_one_and_is_grouped_by_tag():
     judge = RewardModel("scene_judge")
     assert judge(images, texts, meta).total.tolist() == [1.0] * len(texts)
     assert judge(images.flip(0), texts, meta).total.mean() < 0.3
-    assert set(judge.group_keys(meta)["scene_judge"]) == set(scenes.TAGS)
+    # every held-out prompt holds a composition never trained on, so none is a lone object ('single')
+    assert set(judge.group_keys(meta)["scene_judge"]) == set(scenes.TAGS) - {"single"}
 
 
 def test_the_digits_judge_is_independent_of_the_digits_reward():

@@ -50,3 +50,13 @@ def test_verdicts_use_only_the_tests():
     assert study.verdict(small, small["p"], small["tost"]["p"]) == f"higher, by less than {study.MARGIN:g}"
     noisy = study.compare(TASK, a[:2], b[:1] + a[1:2], "auc", 40)  # two seeds, one of them equal
     assert study.verdict(noisy, 0.3, 0.4) == "inconclusive"
+
+
+def test_a_budget_runs_the_primary_and_only_the_groups_it_names(tmp_path):
+    b = dict(sizes=[16], report_seeds=[100, 101], run=dict(iterations=4, eval_every=2, eval_per_prompt=2), noise=0)
+    tuned = {"cps": 0.3, "flow_sde": 1.2}  # Dance-SDE not tuned: it has no group
+    cut = study.groups(study.TASKS["shapes"], dict(b, groups=["cps 0.7"]), tuned, tmp_path)
+    assert set(cut) == {study.PRIMARY[1], study.PRIMARY[2], "cps 0.7"}
+    assert all(len(js) == 2 for js in cut.values())
+    full = study.groups(study.TASKS["digits"], dict(b, sizes=[8]), dict(tuned, dance_sde=0.5), tmp_path)
+    assert set(full) >= {a for pair in study.SECONDARY.values() for a in pair} and len(full) == 7

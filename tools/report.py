@@ -96,6 +96,8 @@ def primary(st: dict, b: dict) -> list[str]:
 
 def appendix_d(st: dict) -> list[str]:
     """Appendix D in one sentence: how much of the gain the log-prob's form carries."""
+    if not all(k in st["secondary"] for k in st["appendix_d"]):  # a budget that did not run its groups
+        return []
     lp, vs = (st["secondary"][k] for k in st["appendix_d"])
     return [f"**Appendix D** (the log-prob's form, Flow-SDE η 0.7): with CPS's log-prob − with its Gaussian: "
             f"{interval(lp)}, {lp['verdict']}; with CPS's log-prob − CPS at its tuned η: {interval(vs)}, "

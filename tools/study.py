@@ -310,7 +310,9 @@ def run_study(task: Task, b: dict, out: Path, workers: int) -> dict:
     primary = {m: compare(task, runs[PRIMARY[1]], runs[PRIMARY[2]], m, final) for m in ("auc", "final")}
     for d in primary.values():
         d["verdict"] = verdict(d, d["p"], d["tost"]["p"])
-    secondary = {label: compare(task, runs[a], runs[c], "auc", final) for label, (a, c) in SECONDARY.items()}
+    # A budget may run fewer groups (docs/STUDY.md): a comparison is made only where both of its groups ran.
+    secondary = {label: compare(task, runs[a], runs[c], "auc", final) for label, (a, c) in SECONDARY.items()
+                 if a in runs and c in runs}
     secondary[f"{PRIMARY[0]}, final value"] = primary["final"]
     for size in sizes[1:]:
         secondary[f"{PRIMARY[0]}, at {size}×{size}"] = compare(task, runs[f"cps tuned @{size}"],
@@ -333,15 +335,19 @@ def run_study(task: Task, b: dict, out: Path, workers: int) -> dict:
 def groups(task: Task, b: dict, tuned: dict[str, float], out: Path) -> dict[str, list[dict]]:
     """The report seeds' groups: each sampler at its tuned eta (Dance-SDE on its recipe), CPS on the Dance recipe,
     CPS and Flow-SDE at the paper's eta 0.7, Flow-SDE with CPS's log-prob (App. D), and CPS / Flow-SDE at their tuned
-    eta at every other size. Residual noise is measured for the groups of the Figure-1 comparison."""
+    eta at every other size. Residual noise is measured for the groups of the Figure-1 comparison. b["groups"], where
+    given, lists the groups to run (the primary's two always run); a sampler left out of tuning has no tuned group."""
     jobs = {}
+    wanted = {*b["groups"], PRIMARY[1], PRIMARY[2]} if b.get("groups") else None
 
     def add(label, sampler, eta, size=b["sizes"][0], log_prob="", recipe="", noise=0):
+        if (wanted is not None and label not in wanted) or eta is None:
+            return
         name = f"report/{size}/{sampler}/eta{eta}/{log_prob or 'own'}/{recipe or 'own'}"
         jobs[label] = [job(task, f"{name}/seed{k}", sampler, eta, k, b["run"], out, size, log_prob, recipe, noise)
                        for k in b["report_seeds"]]
     for s in SDE:
-        add(f"{s} tuned", s, tuned[s], noise=b["noise"])
+        add(f"{s} tuned", s, tuned.get(s), noise=b["noise"])
     add("cps tuned, dance recipe", "cps", tuned["cps"], recipe="dance")
     for s in ("cps", "flow_sde"):
         add(f"{s} {EQUAL_ETA:g}", s, EQUAL_ETA, noise=b["noise"])
