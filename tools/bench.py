@@ -59,8 +59,8 @@ def budget(quick: bool) -> dict:
                              "shapes": dict(study_budget, thresholds=[0.3], sizes=[16])})
     report_seeds = list(range(100, 110))
     # docs/STUDY.md's budgets, cut to what one 3-hour working session could run (its section "Cost"): the shapes
-    # study runs the primary comparison and CPS - Dance-SDE only, at 16x16, tuned on two seeds; the digits study runs
-    # every group.
+    # study runs the primary comparison and the two CPS - Dance-SDE ones, at 16x16, tuned on two seeds; the digits
+    # study runs every group.
     return dict(repeats=7, speed_iterations=12, scaling_iterations=10, noise_sigmas=[0.05, 0.1, 0.2, 0.4],
                 noise_etas={"cps": [0.15, 0.3, 0.5, 0.7, 1.0], "flow_sde": [0.5, 0.7, 0.9, 1.2],
                             "dance_sde": [0.3, 0.5, 0.7, 0.9]}, noise_images=240,
@@ -71,7 +71,8 @@ def budget(quick: bool) -> dict:
                                         budgets=[20, 40, 80], thresholds=[0.90, 0.95], noise=200, sizes=[8]),
                          "shapes": dict(tuning_seeds=[0, 1], report_seeds=report_seeds,
                                         etas={"cps": [0.3, 0.7], "flow_sde": [0.7, 1.2], "dance_sde": [0.3, 0.7]},
-                                        groups=["cps tuned", "flow_sde tuned", "dance_sde tuned"],
+                                        groups=["cps tuned", "flow_sde tuned", "dance_sde tuned",
+                                                "cps tuned, dance recipe"],
                                         run=dict(iterations=60, eval_every=10, eval_per_prompt=12),
                                         budgets=[20, 40, 60], thresholds=[0.08, 0.1], noise=200, sizes=[16])})
 

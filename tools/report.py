@@ -85,6 +85,18 @@ def design(st: dict, b: dict) -> str:
             f"{seeds(b)} chose nothing. Intervals: 95% t over seeds; differences paired by seed.")
 
 
+def not_run(st: dict) -> list[str]:
+    """The design's secondary comparisons a cut budget left out, named rather than silently missing."""
+    from tools import study  # study imports the training code; the rest of this module needs none of it
+
+    left = [label for label in study.SECONDARY if label not in st["secondary"]]
+    if st["task"] == "shapes" and len(st["sizes"]) < 2:
+        left.append("the image-size dose-response (24×24, 32×32)")
+    if not left:
+        return []
+    return [f"*Not run in this budget* (docs/STUDY.md, \"What was cut, and why\"): {'; '.join(left)}.", ""]
+
+
 def primary(st: dict, b: dict) -> list[str]:
     d, fin = st["primary"]["auc"], st["primary"]["final"]
     t = st["tuned"]
@@ -179,7 +191,7 @@ def noise_tables(noise: dict, task: str) -> list[str]:
 
 def study_section(task: str, st: dict, b: dict, number: str) -> list[str]:
     L = [f"## {number}. The sampler comparison on the {task} task", "", design(st, b), ""]
-    L += primary(st, b) + secondary(st) + appendix_d(st)
+    L += primary(st, b) + secondary(st) + appendix_d(st) + not_run(st)
     L += [f"### {number}.1 Every group, report seeds", ""] + groups(st, b)
     L += [f"![convergence]({task}_convergence.png)", ""]
     L += [f"### {number}.2 Reward hacking: the reward against the judge and the quality measure", ""] + hacking(st)
@@ -302,7 +314,7 @@ def results_block(res: dict) -> list[str]:
             continue
         st, b = studies[task], res["budget"]["studies"][task]
         L += [f"**The {task} task.** {design(st, b)}", ""] + primary(st, b) + secondary(st) + appendix_d(st)
-        L += hacking(st)
+        L += not_run(st) + hacking(st)
         if len(st["sizes"]) > 1:
             L += dose(st) + [f"![{task}: dose-response](results/{task}_dose_response.png)", ""]
         L += [f"| {task}: held-out judge during training | the paper's Figure 1 from a trained model |", "|---|---|",
