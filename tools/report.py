@@ -16,6 +16,8 @@ import re
 import sys
 from pathlib import Path
 
+from tools import study
+
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = {"cps": "CPS", "flow_sde": "Flow-SDE", "dance_sde": "Dance-SDE", "ode": "ODE"}
 NOT_YET = "*Not measured yet with this code: run `python -m tools.bench{}`.*"
@@ -87,8 +89,6 @@ def design(st: dict, b: dict) -> str:
 
 def not_run(st: dict) -> list[str]:
     """The design's secondary comparisons a cut budget left out, named rather than silently missing."""
-    from tools import study  # study imports the training code; the rest of this module needs none of it
-
     left = [label for label in study.SECONDARY if label not in st["secondary"]]
     if st["task"] == "shapes" and len(st["sizes"]) < 2:
         left.append("the image-size dose-response (24×24, 32×32)")
