@@ -111,7 +111,8 @@ def scene_judge(device="cpu") -> RewardFn:
     """The shapes task's evaluation judge, GenEval's rule for its scenes: 1 if the exact analytic detector
     (`scenes.judge`) finds exactly the prompt's objects (colour, shape, count) and their relation, else 0. Exact on
     every rendered scene; no learned weights, so it shares no model with the scene_reward reward. Its held-out value
-    is the mean over the four tags of the tag means, as GenEval's overall score."""
+    is the mean over the tags of the tag means, as GenEval's overall score (the held-out prompts have three tags:
+    counting, two_object, position; a lone object cannot hold an unseen composition)."""
     def fn(images: Tensor, prompts: list[str], metadata=None) -> Tensor:
         check_images(images)
         arr = images.detach().float().cpu().numpy()

@@ -322,7 +322,9 @@ def memory_table(presets=None) -> str:
     """The memory table of docs/SCALE.md, from the dry run of every preset on its planned GPUs (and flux-dev-hpsv2
     also on 8); `python -m flow_cps.plan` prints it."""
     rows = [TABLE_HEADER]
-    for name in presets or [p for p in PRESETS if p != "tiny"]:
+    # the GPU presets only: the built-in CPU tasks (tiny, shapes) have no GPU memory to plan
+    gpu_presets = [p for p, v in PRESETS.items() if v.get("model", "digits") not in models.BUILT_IN]
+    for name in presets or gpu_presets:
         for world in [PRESET_GPUS[name]] + ([8] if name == "flux-dev-hpsv2" else []):
             cfg = parse_config(["--preset", name])
             plan = describe(cfg, world, check_files=False)[1]
