@@ -20,7 +20,8 @@ def test_quick_report_structure(tmp_path):
         assert (out / png).stat().st_size > 1000
     res = json.loads((out / "results.json").read_text())
     assert set(res["cost"]["ratio_vs_ode"]) == {"cps", "flow_sde", "dance_sde"}
-    assert 0 < res["scaling"]["this"]["efficiency"] < 1.5 and res["speed"]["this"]["samples_per_second"] > 0
+    # structure, never timings: under a loaded machine the efficiency can land anywhere above 0
+    assert res["scaling"]["this"]["efficiency"] > 0 and res["speed"]["this"]["samples_per_second"] > 0
     for task, st in res["studies"].items():
         assert st["tuned"] == {"cps": 0.7, "flow_sde": 0.7, "dance_sde": 0.7}
         # CPS's last step returns x0_hat exactly: no residual noise in its training samples; the SDEs leave some
