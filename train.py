@@ -171,7 +171,7 @@ def update(J: Objective, policy, traj, cond, adv, keep, steps, *, b: plan.Batch,
            autocast=contextlib.nullcontext) -> Tally:
     """4. `b.updates` optimizer steps on J; each flattens its kept samples' (sample, trained step) pairs and runs them
     in forwards of `b.micro_batch` terms, accumulating the gradient of J (`Objective.loss`)."""
-    tally, K, pad = Tally(), steps.shape[1], padding_row(traj, adv, keep)
+    tally, K, pad = Tally(), steps.shape[1], engine.padding_row(traj, adv, keep)
     policy.module.train()
     for u in range(b.updates):
         rows = perm[u * b.samples_per_update:(u + 1) * b.samples_per_update]
@@ -198,25 +198,13 @@ def update(J: Objective, policy, traj, cond, adv, keep, steps, *, b: plan.Batch,
     return tally
 
 
-def padding_row(traj, adv, keep) -> torch.Tensor:
-    """The sample a rank pads its forwards with when another rank has more: its loss is multiplied by 0, and 0 x NaN
-    is NaN in backward (all-reduced to every rank), so it must be finite: a kept sample if there is one, else any
-    sample whose trajectory, log-probs and advantage are finite."""
-    finite = (torch.isfinite(traj.latents.flatten(1)).all(1) & torch.isfinite(traj.log_probs).all(1)).to(adv.device)
-    finite &= torch.isfinite(adv)
-    rows = torch.cat([torch.nonzero(keep & finite)[:, 0], torch.nonzero(finite)[:, 0]])[:1]
-    if len(rows) == 0:
-        raise engine.Diverged("every sample of this rank is non-finite (trajectory or advantage)")
-    return rows
-
-
 @torch.no_grad()
 def evaluate(policy, metrics, texts, meta, *, steps, per_prompt, micro_batch, guidance, rank, world, pad,
              device="cpu", autocast=contextlib.nullcontext) -> Evaluation:
     """5. Deterministic ODE samples with the EMA weights, of the held-out prompts x `per_prompt` fixed noises (the
     same for every run, sampler and iteration), streamed: sample, decode and score one micro-batch at a time,
     keeping only the sums of the scores and the grid's images."""
-    bb, mine, n_real = policy.backbone, *eval_slots(len(texts), per_prompt, rank, world, pad)
+    bb, mine, n_real = policy.backbone, *engine.eval_slots(len(texts), per_prompt, rank, world, pad)
     sums, shown, finite, error, before = scoring.GroupedSums(), [], True, None, dict(metrics.failures)
     with policy.ema_weights(), bb.guidance_scale(guidance):
         for i in range(0, len(mine), micro_batch):
@@ -243,15 +231,6 @@ def evaluate(policy, metrics, texts, meta, *, steps, per_prompt, micro_batch, gu
         print(f"rank {rank}: evaluation images are not finite (the model diverged): metrics reported as NaN")
     return Evaluation(metrics={k: v if finite else math.nan for k, v in result.items()},
                       images=shown, columns=min(Evaluation.GRID, len(texts)))
-
-
-def eval_slots(n_prompts: int, per_prompt: int, rank: int, world: int, pad: bool) -> tuple[list, int]:
-    """This rank's (noise k, prompt p) pairs, noise-major so that rank 0 sees every prompt, and how many are real:
-    under FSDP2 (`pad`) forwards are collectives, so every rank runs as many (repeating the last pair)."""
-    order = [(k, p) for k in range(per_prompt) for p in range(n_prompts)]
-    per = math.ceil(len(order) / world)
-    mine = order[rank * per:(rank + 1) * per]
-    return mine + [order[-1]] * (per - len(mine) if pad else 0), len(mine)
 
 
 def ode_images(bb, texts, noise, steps: int, device, autocast) -> torch.Tensor:

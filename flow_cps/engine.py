@@ -577,3 +577,25 @@ def _fp32_masters(params) -> None:
     for p in params:
         if p.dtype != torch.float32:
             p.data = p.data.float()
+
+
+# -- padding: every rank runs as many forwards (DDP / FSDP2 collectives) ---------------------------------------------
+def padding_row(traj, adv, keep) -> Tensor:
+    """The sample a rank pads its forwards with when another rank has more: its loss is multiplied by 0, and 0 x NaN
+    is NaN in backward (all-reduced to every rank), so it must be finite: a kept sample if there is one, else any
+    sample whose trajectory, log-probs and advantage are finite."""
+    finite = (torch.isfinite(traj.latents.flatten(1)).all(1) & torch.isfinite(traj.log_probs).all(1)).to(adv.device)
+    finite &= torch.isfinite(adv)
+    rows = torch.cat([torch.nonzero(keep & finite)[:, 0], torch.nonzero(finite)[:, 0]])[:1]
+    if len(rows) == 0:
+        raise Diverged("every sample of this rank is non-finite (trajectory or advantage)")
+    return rows
+
+
+def eval_slots(n_prompts: int, per_prompt: int, rank: int, world: int, pad: bool) -> tuple[list, int]:
+    """This rank's (noise k, prompt p) pairs, noise-major so that rank 0 sees every prompt, and how many are real:
+    under FSDP2 (`pad`) forwards are collectives, so every rank runs as many (repeating the last pair)."""
+    order = [(k, p) for k in range(per_prompt) for p in range(n_prompts)]
+    per = math.ceil(len(order) / world)
+    mine = order[rank * per:(rank + 1) * per]
+    return mine + [order[-1]] * (per - len(mine) if pad else 0), len(mine)

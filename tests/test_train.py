@@ -155,7 +155,7 @@ def test_padding_never_injects_nan(backbone, monkeypatch):
                          max_grad_norm=1.0)
     monkeypatch.undo()
     assert math.isfinite(tally.reduce()["grad_norm"]) and all(torch.isfinite(p).all() for p in policy.params)
-    assert torch.equal(train.padding_row(traj, adv, keep), torch.tensor([1]))
+    assert torch.equal(engine.padding_row(traj, adv, keep), torch.tensor([1]))
 
 
 def test_kl_is_zero_at_init_and_positive_after(backbone):
