@@ -1,4 +1,5 @@
-"""GRPO for flow-matching models: group advantages, the clipped surrogate, the KL penalty, which steps to train.
+"""GRPO for flow-matching models: group advantages, the clipped surrogate, the KL penalty, which steps to train and
+which samples each optimizer step trains on.
 
 One function per concept, each with its formula: the GRPO loop the paper runs CPS in (its Section 4, with Flow-GRPO's
 and DanceGRPO's released code as the reference for every detail; docs/NOTES.md, "The GRPO step as run").
@@ -165,3 +166,21 @@ def draw_sde_window(num_steps: int, size: int, lo: int = 0, hi: int | None = Non
         raise ValueError(f"SDE window of {size} steps does not fit in range [{lo}, {hi}) of {num_steps} steps")
     start = lo + int(torch.randint(hi - size - lo + 1, (1,), generator=generator))
     return start, start + size
+
+
+# -- which samples each optimizer step trains on ---------------------------------------------------------------------
+def split_updates(keep: Tensor, updates: int, generator: torch.Generator | None = None) -> Tensor:
+    """The update (optimizer step) that trains each sample: (B,) in [0, updates), -1 where not kept.
+
+    As Flow-GRPO: the samples are filtered first (`keep`: a finite reward, and a non-zero advantage where zero ones
+    are dropped), then split into `updates` steps of equal size (sizes differ by one where the kept count does not
+    divide). The split is drawn over the whole world's samples, so it is the same at any world size; it is
+    stratified: each run of `updates` consecutive kept samples sends one sample to each step, in a random order. A
+    rank holds a contiguous slice of the samples, so whatever the world size its work per step differs by at most
+    two samples between steps (a random split of 64 ranks' samples leaves some rank ~50% more than the mean)."""
+    kept = torch.nonzero(keep)[:, 0]
+    blocks = -(-len(kept) // updates)
+    order = torch.rand(blocks, updates, generator=generator).argsort(1).flatten()[:len(kept)]
+    out = torch.full(keep.shape, -1, dtype=torch.long)
+    out[kept] = order
+    return out

@@ -17,8 +17,8 @@ One GRPO iteration (the loop the paper runs CPS in, its Section 4), each step a 
   5. evaluate    deterministic ODE samples of held-out prompts with the EMA weights
 Deliberate choices, where the peers differ (docs/NOTES.md, "Deliberate choices"):
   * every random draw comes from a named stream (`Stream`) seeded by (stream, seed, iteration, ...), never from a
-    global RNG: a run is reproducible, its noises do not depend on the world size's slicing, and a resumed run
-    continues exactly;
+    global RNG nor from the rank: a run is reproducible, resumes exactly, and trains on the same (sample, step)
+    terms with the same noises on 1 or 64 GPUs (a rank holds a slice of the world's samples; groups may span ranks);
   * invalid samples (a reward returned NaN) are excluded from advantages and loss and counted, never scored 0;
   * the loss is a mean over all kept (sample, step) terms of the whole world, whatever the ranks and micro-batches.
 The plumbing lives in the flow_cps package: engine (distributed, Policy, EMA), checkpoints (run folder), plan (the
@@ -55,8 +55,9 @@ class Stream(enum.IntEnum):
     SAMPLE_NOISE = 2  # (seed, it, prompt slot, member): a sample's initial noise and every fresh eps of its rollout
     GROUP_NOISE = 3  # (seed, it, prompt slot): DanceGRPO's one initial noise per group (--same_noise_in_group)
     SDE_WINDOW = 4  # (seed, it): Flow-GRPO-Fast's stochastic window
-    TRAINED_STEPS = 5  # (seed, it, rank): DanceGRPO's random trained steps, then the update's sample permutation
+    TRAINED_STEPS = 5  # (seed, it): DanceGRPO's random trained steps, drawn for every sample of the world
     EVAL_NOISE = 6  # (prompt, noise index): the held-out noises, the same for every run, sampler and iteration
+    UPDATE_SPLIT = 7  # (seed, it): which optimizer step trains each sample of the world (grpo.split_updates)
 
 
 def seed_of(stream: Stream, *parts: int) -> int:
@@ -102,13 +103,13 @@ class Objective:
 
 
 def draw_prompts(train_set, seed: int, it: int, b: plan.Batch, rank: int, same_noise: bool):
-    """This rank's prompts (each repeated G times), metadata, per-sample generators (fresh noise) and initial-noise
-    generators for iteration `it`: a function of (seed, it), the same on every rank, whatever the world's slicing."""
+    """This rank's samples of iteration `it` (`b.rank_slice`: sample s is member s % G of prompt slot s // G):
+    their prompts, metadata, per-sample generators (fresh noise) and initial-noise generators. Each is a function of
+    (seed, it, global sample), whatever the world's slicing."""
     texts, meta = train_set
     ids = np.random.default_rng(seed_of(Stream.PROMPTS, seed, it)).choice(len(texts), b.prompts,
                                                                          replace=len(texts) < b.prompts)
-    slots = [(q, m) for q in range(rank * b.prompts_per_rank, (rank + 1) * b.prompts_per_rank)
-             for m in range(b.group_size)]
+    slots = [divmod(s, b.group_size) for s in range(b.samples)[b.rank_slice(rank)]]
     gens = generators(Stream.SAMPLE_NOISE, [(seed, it, q, m) for q, m in slots])
     noise = generators(Stream.GROUP_NOISE, [(seed, it, q) for q, _ in slots]) if same_noise else gens
     return [texts[ids[q]] for q, _ in slots], [meta[ids[q]] for q, _ in slots], gens, noise
@@ -167,29 +168,26 @@ def terms(J: Objective, policy, traj, cond, rows, ks, adv, autocast=contextlib.n
     return logp, traj.log_probs[rows, ks], adv[rows], kl
 
 
-def update(J: Objective, policy, traj, cond, adv, keep, steps, *, b: plan.Batch, perm, world, max_grad_norm,
-           autocast=contextlib.nullcontext) -> Tally:
-    """4. `b.updates` optimizer steps on J; each flattens its kept samples' (sample, trained step) pairs and runs them
-    in forwards of `b.micro_batch` terms, accumulating the gradient of J (`Objective.loss`)."""
+def update(J: Objective, policy, traj, cond, adv, keep, steps, *, work: list[plan.Update], micro_batch, world,
+           max_grad_norm, autocast=contextlib.nullcontext) -> Tally:
+    """4. One optimizer step on J per `work` item (plan.Batch.split): each flattens its samples' (sample, trained
+    step) pairs and runs them in forwards of `micro_batch` terms, accumulating the gradient of J (`Objective.loss`)."""
     tally, K, pad = Tally(), steps.shape[1], engine.padding_row(traj, adv, keep)
     policy.module.train()
-    for u in range(b.updates):
-        rows = perm[u * b.samples_per_update:(u + 1) * b.samples_per_update]
-        rows = rows[keep[rows]]
+    for u, step in enumerate(work):
+        rows = step.rows.to(adv.device)
         pair_rows, pair_ks = rows.repeat_interleave(K), steps[rows].flatten()  # sample-major (sample, step) pairs
-        n_terms = int(engine.all_reduce(torch.tensor([len(pair_rows)])).item())
         tally.kept += len(rows)
-        if n_terms == 0:
+        if step.terms == 0:
             continue
-        n_fwd = int(engine.all_reduce(torch.tensor([math.ceil(len(pair_rows) / b.micro_batch)]), "max").item())
-        for f in range(n_fwd):
-            sl = slice(f * b.micro_batch, (f + 1) * b.micro_batch)
+        for f in range(step.forwards):
+            sl = slice(f * micro_batch, (f + 1) * micro_batch)
             r, k, weight = pair_rows[sl], pair_ks[sl], 1.0
             if len(r) == 0:  # padding, so every rank runs as many forwards (DDP / FSDP2 collectives)
                 r, k, weight = pad, steps[pad, 0], 0.0
-            with engine.grad_sync(policy.module, f == n_fwd - 1):
+            with engine.grad_sync(policy.module, f == step.forwards - 1):
                 logp, logp_old, a, kl = terms(J, policy, traj, cond, r, k, adv, autocast)
-                loss, st = J.loss(logp, logp_old, a, kl, n_terms=n_terms, world=world)
+                loss, st = J.loss(logp, logp_old, a, kl, n_terms=step.terms, world=world)
                 policy.backward(loss * weight)  # loss.backward(), fp16: loss-scaled
             if weight:
                 tally.add_terms(loss, st, kl, len(r), first_update=u == 0)
@@ -324,15 +322,17 @@ def main(argv: list[str] | None = None) -> dict:
                 images = bb.decode(getattr(traj, cfg.reward_image))  # the final sample, or DanceGRPO's x0_hat
             with timer("reward"):  # 2. rewards, every rank's
                 scores = score(run.reward_fn, images, texts, meta)
-            adv = advantage(scores.totals, torch.arange(len(scores.totals)) // b.group_size, clip=cfg.adv_clip)  # 3.
-            adv = adv[rank * b.samples_per_rank:(rank + 1) * b.samples_per_rank].to(device)
-            keep = scores.mine.valid.to(device) & ((adv != 0) if cfg.drop_zero_adv else True)
-            gen = generators(Stream.TRAINED_STEPS, [(cfg.seed, it, rank)])[0]
-            steps = trained_steps(traj.stochastic, b.samples_per_rank, cfg.timestep_fraction, gen)
+            adv = advantage(scores.totals, torch.arange(b.samples) // b.group_size, clip=cfg.adv_clip)  # 3.
+            keep = torch.isfinite(scores.totals) & ((adv != 0) if cfg.drop_zero_adv else True)  # the world's
+            labels = grpo.split_updates(keep, b.updates, generators(Stream.UPDATE_SPLIT, [(cfg.seed, it)])[0])
+            steps = trained_steps(traj.stochastic, b.samples, cfg.timestep_fraction,
+                                  generators(Stream.TRAINED_STEPS, [(cfg.seed, it)])[0])
+            mine = b.rank_slice(rank)
             with timer("train"):  # 4. optimizer steps on J
-                tally = update(J, policy, traj, cond, adv, keep, steps.to(device), b=b, world=run.world,
-                               perm=torch.randperm(b.samples_per_rank, generator=gen).to(device),
-                               max_grad_norm=cfg.max_grad_norm, autocast=run.autocast)
+                tally = update(J, policy, traj, cond, adv[mine].to(device), keep[mine].to(device),
+                               steps[mine].to(device), work=b.split(labels, rank, steps.shape[1]),
+                               micro_batch=b.micro_batch, world=run.world, max_grad_norm=cfg.max_grad_norm,
+                               autocast=run.autocast)
             due = it % cfg.eval_every == 0 or it == cfg.iterations
             with timer("eval"):  # 5. held-out evaluation (and the held-out metrics on the training samples)
                 ev, train_metrics = (held_out(), run.train_metrics(images, texts, meta)) if due else (None, {})

@@ -91,7 +91,7 @@ class Config:
     same_noise_in_group: bool = option(False, "one initial noise per group (DanceGRPO) instead of per sample")
     # GRPO
     group_size: int = option(8, "samples per prompt (G)")
-    prompts_per_iter: int = option(8, "prompts per iteration over all ranks; each group lives on one rank")
+    prompts_per_iter: int = option(8, "prompts per iteration over all ranks (a group may span ranks)")
     advantage: str = choice("flow_grpo", "'flow_grpo' (group mean, batch std), 'flow_grpo_group_std' or 'dance' "
                             "(group mean and unbiased std)", grpo.ADVANTAGES)
     adv_clip: float = option(5.0, "advantages are clipped to [-adv_clip, adv_clip]")
@@ -237,10 +237,10 @@ PRESETS: dict[str, dict] = {
         eval_metrics="hpsv2", prompts="DanceGRPO/assets/prompts.txt", eval_per_prompt=1, eval_every=50,
         eval_prompts=256, iterations=300, checkpoint_every=40),
 }
-# GPUs each preset's numbers assume (the dry run's default world size). The paper's configs used 32 GPUs, but 48
-# prompts do not split over 32 ranks with every group on one rank; 8 GPUs is Flow-GRPO's `*_8gpu` layout.
-PRESET_GPUS = {"tiny": 2, "shapes": 2, "sd3.5-geneval": 8, "sd3.5-ocr": 8, "sd3.5-pickscore": 8,
-               "flux-dev-pickscore": 8, "flux-schnell-pickscore": 8, "flux-dev-hpsv2": 16}
+# GPUs each preset's official run used (the dry run's default world size): Flow-GRPO's configs set gpu_number = 32
+# (config/grpo.py), DanceGRPO's script 16. Any world size that divides the images per iteration runs the same batch.
+PRESET_GPUS = {"tiny": 2, "shapes": 2, "sd3.5-geneval": 32, "sd3.5-ocr": 32, "sd3.5-pickscore": 32,
+               "flux-dev-pickscore": 32, "flux-schnell-pickscore": 32, "flux-dev-hpsv2": 16}
 # Where the prompt sets without a generator in prompts.py come from.
 PROMPT_SOURCES = {"flow_grpo/dataset/pickscore": "git clone https://github.com/yifan123/flow_grpo (its "
                   "dataset/pickscore holds train.txt and test.txt)",

@@ -417,10 +417,11 @@ class Policy:
             if world > 1:
                 from torch.nn.parallel import DistributedDataParallel
 
-                # broadcast_buffers off: the buffers are constants (SD3.5's 226.5 M-element position embedding),
-                # equal on every rank from loading; DDP's default re-sent them before every training forward.
+                # forward_sync_buffers off (torch 2.13's name for broadcast_buffers): the buffers are constants
+                # (SD3.5's 226.5 M-element position embedding), equal on every rank from loading; DDP's default
+                # re-sent them before every training forward. They are still sent once, when DDP starts.
                 self.module = DistributedDataParallel(tr, device_ids=[device.index] if device.type == "cuda" else
-                                                      None, broadcast_buffers=False)
+                                                      None, forward_sync_buffers=False)
         # full fine-tuning: the per-tensor AdamW, whose temporaries are one tensor's (the multi-tensor one allocates
         # a 4 B/param square root of v for all of them at once: 44 GiB for FLUX.1-dev unsharded)
         self.opt = torch.optim.AdamW(self.params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay, eps=1e-8,

@@ -29,9 +29,12 @@ from flow_cps.memory import GB, KNOWN_MODELS, ModelInfo, memory_estimate, model_
 class Batch:
     """One iteration's batch arithmetic on `world` ranks, computed once: train.py runs it, the dry run prints it.
 
-    Each prompt's group of samples lives on one rank (advantages need the whole group; rewards are gathered anyway).
-    A rank's samples are split into `updates` optimizer steps; an update's kept (sample, trained step) terms run in
-    forwards of `micro_batch` terms each, so micro_batch is independent of how many samples an update holds."""
+    The iteration's samples are numbered prompt-major, sample s = (prompt s // G, member s % G), and rank r holds the
+    contiguous slice `rank_slice(r)`, as Flow-GRPO's distributed sampler deals them out: a group may span ranks
+    (`group_span`); rewards are gathered world-wide first, so the advantages are the same. The world's kept samples
+    are split into `updates` optimizer steps (grpo.split_updates); a step's (sample, trained step) terms on a rank
+    run in forwards of `micro_batch` terms each (`Update`), so micro_batch is independent of how many samples a step
+    holds, and every rank runs as many forwards as the busiest one (padding)."""
     world: int
     prompts: int  # per iteration, over all ranks
     group_size: int
@@ -39,32 +42,57 @@ class Batch:
     micro_batch: int
 
     @property
-    def prompts_per_rank(self) -> int:
-        return self.prompts // self.world
-
-    @property
     def samples(self) -> int:
         return self.prompts * self.group_size
 
     @property
     def samples_per_rank(self) -> int:
-        return self.prompts_per_rank * self.group_size
+        return self.samples // self.world
+
+    def rank_slice(self, rank: int) -> slice:
+        """The world's samples that rank `rank` holds."""
+        return slice(rank * self.samples_per_rank, (rank + 1) * self.samples_per_rank)
 
     @property
-    def samples_per_update(self) -> int:  # per rank
-        return self.samples_per_rank // self.updates
+    def group_span(self) -> int:
+        """The most ranks one group's samples lie on."""
+        n, g = self.samples_per_rank, self.group_size
+        return max((q * g + g - 1) // n - q * g // n + 1 for q in range(self.prompts))
 
     def forwards_per_update(self, trained_steps: int) -> int:
-        return math.ceil(self.samples_per_update * trained_steps / self.micro_batch)
+        """Training forwards per update per rank with every sample kept (grpo.split_updates' balance)."""
+        return math.ceil(math.ceil(self.samples_per_rank / self.updates) * trained_steps / self.micro_batch)
+
+    def split(self, labels: torch.Tensor, rank: int, trained_steps: int) -> list[Update]:
+        """This rank's work in each update, from the world's update labels (grpo.split_updates: every rank holds the
+        same labels, so the counts need no collective)."""
+        per_rank = labels.reshape(self.world, self.samples_per_rank)
+        mine = per_rank[rank]
+        out = []
+        for u in range(self.updates):
+            counts = (per_rank == u).sum(1)
+            out.append(Update(rows=torch.nonzero(mine == u)[:, 0], terms=int(counts.sum()) * trained_steps,
+                              forwards=math.ceil(int(counts.max()) * trained_steps / self.micro_batch)))
+        return out
 
     def problem(self) -> str | None:
-        if self.prompts % self.world:
-            return (f"prompts_per_iter ({self.prompts}) must be divisible by the world size ({self.world}): each "
-                    "group lives on one rank")
-        if self.samples_per_rank % self.updates:
-            return (f"samples per rank ({self.samples_per_rank} = prompts_per_iter/world x group_size) must be "
-                    f"divisible by updates_per_iter ({self.updates})")
+        if self.samples % self.world:
+            return (f"the images per iteration ({self.samples} = prompts_per_iter {self.prompts} x group_size "
+                    f"{self.group_size}) must be divisible by the world size ({self.world}): every rank samples "
+                    "as many")
+        if self.samples % self.updates:
+            return (f"the images per iteration ({self.samples}) must be divisible by updates_per_iter "
+                    f"({self.updates}): every optimizer step trains as many")
         return None
+
+
+@dataclass(frozen=True)
+class Update:
+    """One optimizer step's work on one rank: its samples (rank-local rows), the world's (sample, step) terms (the
+    objective's denominator) and the forwards every rank runs (the busiest rank's count)."""
+    rows: torch.Tensor
+    terms: int
+    forwards: int
 
 
 def batch(cfg: Config, world: int) -> Batch:
@@ -172,9 +200,10 @@ def describe(cfg: Config, world: int, check_files: bool = True, device: str = "c
     b = batch(cfg, world)
     unit = "GPU" if device != "cpu" else "process"  # a CPU run's ranks are processes
     ranks = f"{world} {unit}" + ("" if world == 1 else "es" if unit == "process" else "s")
-    plan: dict = dict(world=world, images_per_iteration=b.samples, prompts_per_gpu=b.prompts_per_rank,
-                      images_per_gpu=b.samples_per_rank, updates=b.updates,
-                      images_per_update_per_gpu=b.samples_per_update, world_sizes=world_sizes(cfg))
+    per_update = math.ceil(b.samples_per_rank / b.updates)
+    plan: dict = dict(world=world, images_per_iteration=b.samples, images_per_gpu=b.samples_per_rank,
+                      group_span=b.group_span, updates=b.updates, images_per_update_per_gpu=per_update,
+                      world_sizes=world_sizes(cfg))
     lines = [f"preset {cfg.preset}: model {cfg.model}, reward {cfg.reward}, prompts {cfg.prompts}"]
     lines += [f"  {note}" for note in [prompt_note(cfg)] if note]
     info = None
@@ -205,10 +234,12 @@ def describe(cfg: Config, world: int, check_files: bool = True, device: str = "c
                  + ("; the transformer gets int(1000 t)/1000 (DanceGRPO)" if cfg.quantize_timesteps else ""))
     lines.append(f"  eval: ODE, {cfg.eval_steps} steps, {cfg.eval_per_prompt} image(s) per held-out prompt, "
                  f"{'EMA' if cfg.ema_decay > 0 else 'live (no EMA)'} weights, every {cfg.eval_every} iterations")
+    span = ("each group on one " + unit if b.group_span == 1 else
+            f"a group of {b.group_size} spans up to {b.group_span} {unit}{'es' if unit == 'process' else 's'}")
     lines.append(f"  batch on {ranks}: {cfg.prompts_per_iter} prompts x {cfg.group_size} = {b.samples} images per "
-                 f"iteration; per {unit} {b.prompts_per_rank} prompts = {b.samples_per_rank} images; {b.updates} "
-                 f"updates of {b.samples_per_update} images x {k} steps = {b.samples_per_update * k} (sample, step) "
-                 f"terms per {unit}, flattened into {b.forwards_per_update(k)} training forwards of <= "
+                 f"iteration; {b.samples_per_rank} images per {unit} ({span}); {b.updates} updates of "
+                 f"{b.samples // b.updates} images (~{per_update} per {unit}) x {k} steps = {per_update * k} (sample, "
+                 f"step) terms per {unit}, flattened into {b.forwards_per_update(k)} training forwards of <= "
                  f"{cfg.micro_batch} terms; rollout and evaluation forwards of <= {cfg.micro_batch} samples")
     lines.append(f"  world sizes this batch arithmetic supports (up to 64): {plan['world_sizes']}")
     if info is not None and device != "cpu":
@@ -319,13 +350,13 @@ TABLE_HEADER = ("| preset | GPUs | precision | images / iteration (per GPU) | te
 
 
 def memory_table(presets=None) -> str:
-    """The memory table of docs/SCALE.md, from the dry run of every preset on its planned GPUs (and flux-dev-hpsv2
-    also on 8); `python -m flow_cps.plan` prints it."""
+    """The memory table of docs/SCALE.md, from the dry run of every preset on its official GPU count and on 8;
+    `python -m flow_cps.plan` prints it."""
     rows = [TABLE_HEADER]
     # the GPU presets only: the built-in CPU tasks (tiny, shapes) have no GPU memory to plan
     gpu_presets = [p for p, v in PRESETS.items() if v.get("model", "digits") not in models.BUILT_IN]
     for name in presets or gpu_presets:
-        for world in [PRESET_GPUS[name]] + ([8] if name == "flux-dev-hpsv2" else []):
+        for world in dict.fromkeys([PRESET_GPUS[name], 8]):
             cfg = parse_config(["--preset", name])
             plan = describe(cfg, world, check_files=False)[1]
             est, g = plan["memory"], plan["memory"]["gb"]
@@ -344,5 +375,57 @@ def memory_table(presets=None) -> str:
     return "\n".join(rows)
 
 
-if __name__ == "__main__":  # docs/SCALE.md's memory table
-    print(memory_table(sys.argv[1:] or None))
+
+
+# -- docs/SCALE.md's balance table -----------------------------------------------------------------------------------
+def padding_overhead(b: Batch, labels: torch.Tensor, trained_steps: int) -> float:
+    """The training forwards an iteration runs (every rank as many as the busiest, per update) over those a split
+    giving every rank the same share of each update's terms would run, minus 1."""
+    run = sum(w.forwards for w in b.split(labels, 0, trained_steps))
+    ideal = sum(math.ceil(int((labels == u).sum()) * trained_steps / b.world / b.micro_batch)
+                for u in range(b.updates))
+    return run / max(ideal, 1) - 1
+
+
+def balance_table(worlds=(8, 16, 32, 64), dropped=(0.0, 0.25, 0.5), draws: int = 100) -> str:
+    """docs/SCALE.md's table: the mean padding overhead (`padding_overhead`) of grpo.split_updates' stratified split
+    for the GPU presets (those with the same batch arithmetic share a row), with a fraction of the groups dropped as
+    zero-advantage (whole groups: all-equal rewards; only presets with --drop_zero_adv drop any), beside a plain
+    random split of the same kept samples."""
+    rows = ["| presets | GPUs | images per GPU | a group spans | " + " | ".join(
+        f"overhead, {d:.0%} of groups dropped: stratified / random split" for d in dropped) + " |",
+        "|" + "---|" * (4 + len(dropped))]
+    shared: dict[tuple, list[str]] = {}
+    for name, values in PRESETS.items():
+        if values.get("model", "digits") not in models.BUILT_IN:  # the GPU presets
+            cfg = parse_config(["--preset", name])
+            k = describe(cfg, 8, check_files=False, device="cpu")[1]["trained_steps"]
+            key = (cfg.prompts_per_iter, cfg.group_size, cfg.updates_per_iter, cfg.micro_batch, k, cfg.drop_zero_adv)
+            shared.setdefault(key, []).append(name)
+    for (n_prompts, group, updates, micro, k, drop), names in shared.items():
+        for world in worlds:
+            b = Batch(world, n_prompts, group, updates, micro)
+            if b.problem():
+                continue
+            cells = []
+            for d in dropped if drop else dropped[:1]:
+                g = torch.Generator().manual_seed(0)
+                ours, plain = [], []
+                for _ in range(draws):
+                    keep = (torch.rand(b.prompts, generator=g) >= d).repeat_interleave(b.group_size)
+                    ours.append(padding_overhead(b, grpo.split_updates(keep, b.updates, g), k))
+                    kept = torch.nonzero(keep)[:, 0]
+                    labels = torch.full((b.samples,), -1)
+                    for u, part in enumerate(torch.tensor_split(kept[torch.randperm(len(kept), generator=g)],
+                                                                b.updates)):
+                        labels[part] = u
+                    plain.append(padding_overhead(b, labels, k))
+                cells.append(f"{sum(ours) / draws:.1%} / {sum(plain) / draws:.1%}")
+            cells += ["(keeps every sample)"] * (len(dropped) - len(cells))
+            rows.append(f"| {', '.join(f'`{n}`' for n in names)} | {world} | {b.samples_per_rank} | {b.group_span} "
+                        f"GPU{'s' * (b.group_span > 1)} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # docs/SCALE.md's tables: python -m flow_cps.plan [memory|balance]
+    print(balance_table() if sys.argv[1:] == ["balance"] else memory_table(sys.argv[1:] or None))

@@ -47,7 +47,7 @@ def held(policy) -> dict:
     weights = lambda: {n: export.gathered(p.detach()).cpu().clone() for n, p in zip(policy.names, policy.params)}  # noqa: E731
     out = dict(weights=weights(), velocity=probe(policy.backbone, policy.module),
                buffers={n: b.cpu().clone() for n, b in policy.backbone.transformer.named_buffers()},
-               broadcast_buffers=getattr(policy.module, "broadcast_buffers", None))
+               forward_sync_buffers=getattr(policy.module, "forward_sync_buffers", None))
     with policy.ema_weights():
         out.update(ema=weights(), ema_velocity=probe(policy.backbone, policy.module))
     return out

@@ -149,3 +149,55 @@ def test_advantages_are_finite_for_any_batch():
         for fn in grpo.ADVANTAGES.values():
             adv = fn(r, torch.arange(24) // 6)
             assert torch.isfinite(adv).all() and not math.isnan(float(adv.sum()))
+
+
+@given(st.lists(st.booleans(), min_size=1, max_size=120), st.integers(1, 5), st.integers(0, 2 ** 31))
+def test_split_updates_filters_then_splits_into_equal_steps(keep, updates, seed):
+    """Flow-GRPO's order: the kept samples only, split into steps whose sizes differ by at most one; every kept
+    sample in exactly one step; drawn from the generator alone (the same labels whatever slices them)."""
+    keep = torch.tensor(keep)
+    labels = grpo.split_updates(keep, updates, torch.Generator().manual_seed(seed))
+    assert torch.equal(labels >= 0, keep) and int(labels.max()) < updates
+    sizes = torch.bincount(labels[keep], minlength=updates)
+    assert int(sizes.sum()) == int(keep.sum()) and int(sizes.max() - sizes.min()) <= 1
+    assert torch.equal(labels, grpo.split_updates(keep, updates, torch.Generator().manual_seed(seed)))
+
+
+@given(st.integers(1, 6), st.integers(2, 8), st.integers(1, 4), st.floats(0, 0.6), st.integers(0, 2 ** 31))
+def test_split_updates_leaves_every_slice_balanced(prompts_per_rank, group, updates, dropped, seed):
+    """A rank holds a contiguous slice of the world's samples; at any world size its samples differ by at most two
+    between steps (by none when nothing is dropped and its slice divides into the steps)."""
+    from flow_cps import plan
+
+    g = torch.Generator().manual_seed(seed)
+    for world in (1, 2, 3, 4, 8):
+        b = plan.Batch(world, prompts_per_rank * world, group, updates, micro_batch=5)
+        if b.problem():
+            continue
+        keep = torch.rand(b.samples, generator=g) >= dropped
+        labels = grpo.split_updates(keep, updates, g)
+        for rank in range(world):
+            counts = torch.bincount(labels[b.rank_slice(rank)][keep[b.rank_slice(rank)]], minlength=updates)
+            assert int(counts.max() - counts.min()) <= 2
+            if bool(keep.all()) and b.samples_per_rank % updates == 0:
+                assert int(counts.max() - counts.min()) == 0
+
+
+def test_batch_slices_spans_and_work():
+    """plan.Batch: rank r holds samples [r n, (r + 1) n); a group's span; each update's work on a rank: its rows,
+    the world's terms (every rank alike) and the busiest rank's forwards."""
+    from flow_cps import plan
+
+    b = plan.Batch(world=4, prompts=2, group_size=6, updates=2, micro_batch=2)
+    assert b.samples_per_rank == 3 and b.rank_slice(2) == slice(6, 9) and b.group_span == 2
+    assert plan.Batch(64, 48, 24, 2, 9).group_span == 2 and plan.Batch(64, 16, 12, 3, 1).group_span == 4
+    assert plan.Batch(8, 48, 24, 2, 9).group_span == 1
+    labels = torch.tensor([0, 1, -1, 0, 0, 1, 1, -1, -1, 0, 1, 1])  # rank 0: 0 1 -; rank 1: 0 0 1; ...
+    work = [b.split(labels, r, trained_steps=3) for r in range(4)]
+    assert torch.equal(work[1][0].rows, torch.tensor([0, 1])) and torch.equal(work[1][1].rows, torch.tensor([2]))
+    assert all(w[0].terms == 4 * 3 and w[1].terms == 5 * 3 for w in work)  # the world's, on every rank
+    assert all(w[0].forwards == 3 and w[1].forwards == 3 for w in work)  # the busiest rank: 2 samples x 3 / 2
+    # 6 forwards run; an even spread of 12 and 15 terms over 4 ranks would run ceil(3 / 2) + ceil(3.75 / 2) = 4
+    assert plan.padding_overhead(b, labels, 3) == pytest.approx(6 / 4 - 1)
+    assert "divisible by the world size (5)" in plan.Batch(5, 2, 6, 2, 2).problem()
+    assert "divisible by updates_per_iter (5)" in plan.Batch(4, 2, 6, 5, 2).problem()

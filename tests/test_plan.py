@@ -20,11 +20,11 @@ def tiny():
     return tiny_pipelines.cached()
 
 
-# world sizes each preset's batch arithmetic allows (whole groups per GPU, the same number of samples per update)
-DIVISORS_48 = [1, 2, 3, 4, 6, 8, 12, 16, 24, 48]  # 48 prompts, whole groups per GPU
-WORLD_SIZES = {"sd3.5-geneval": DIVISORS_48, "sd3.5-ocr": DIVISORS_48, "sd3.5-pickscore": DIVISORS_48,
-               "flux-dev-pickscore": DIVISORS_48, "flux-schnell-pickscore": DIVISORS_48,
-               "flux-dev-hpsv2": [1, 2, 4, 8, 16]}
+# world sizes each preset's batch arithmetic allows: the divisors of the images per iteration (groups may span GPUs)
+DIVISORS_1152 = [1, 2, 3, 4, 6, 8, 9, 12, 16, 18, 24, 32, 36, 48, 64]  # 48 prompts x 24, Flow-GRPO's official 32 too
+WORLD_SIZES = {"sd3.5-geneval": DIVISORS_1152, "sd3.5-ocr": DIVISORS_1152, "sd3.5-pickscore": DIVISORS_1152,
+               "flux-dev-pickscore": DIVISORS_1152, "flux-schnell-pickscore": DIVISORS_1152,
+               "flux-dev-hpsv2": [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64]}  # 16 prompts x 12 = 192
 # the training schedules at 512 px (SD3.5 10 steps, FLUX.1-dev 6), schnell's 4, DanceGRPO's 16 (docs/NOTES.md,
 # "Schedules")
 SIGMAS = {"sd3.5": [1, .9601, .9133, .8577, .7904, .7073, .6022, .4649, .2780, .0089, 0],
@@ -95,17 +95,19 @@ def test_memory_estimate_counts_what_the_run_holds():
     assert sd3["gb"]["rollout_buffers"] == pytest.approx(
         144 * (12 * 16 * 64 * 64 * 4 + (205 * 4096 + 2048) * 2 + 3 * 512 * 512 * 4) / plan.GB)
     assert sd3["embedding_mib"] == pytest.approx((205 * 4096 + 2048) * 2 / 2 ** 20)
-    small = est("--preset", "sd3.5-geneval", "--embedding_cache_gb", "0.5")
+    small = est("--preset", "sd3.5-geneval", "--embedding_cache_gb", "0.5", "--dry_run_gpus", "8")
     assert small["gb"]["embedding_cache"] == 0.5 and small["gb"]["peak"] == sd3["gb"]["peak"]  # host RAM only
-    fp32 = est("--preset", "sd3.5-geneval", "--precision", "fp32")
+    fp32 = est("--preset", "sd3.5-geneval", "--precision", "fp32", "--dry_run_gpus", "8")
     assert fp32["gb"]["weights"] == pytest.approx(2 * sd3["gb"]["weights"])
     assert fp32["gb"]["vae"] == sd3["gb"]["vae"]  # the VAE is fp32 in every precision
 
 
-def test_docs_memory_table_is_the_dry_runs():
-    """docs/SCALE.md's memory table is `python -m flow_cps.plan`'s output (regenerate it with that command)."""
+def test_docs_memory_and_balance_tables_are_the_dry_runs():
+    """docs/SCALE.md's memory table is `python -m flow_cps.plan`'s output and its padding table `python -m
+    flow_cps.plan balance`'s (regenerate them with those commands)."""
     doc = (Path(__file__).resolve().parent.parent / "docs/SCALE.md").read_text()
     assert plan.memory_table() in doc
+    assert plan.balance_table() in doc
 
 
 def test_flow_grpo_prompt_folders_plan_for_the_presets(tmp_path, capsys):
@@ -202,10 +204,10 @@ def test_presets_state_their_precision_and_dance_follows_one_script(capsys):
         with pytest.raises(SystemExit, match=f"argument --precision: invalid choice: '{bad}'"):
             train.main(["--preset", "sd3.5-ocr", "--precision", bad, "--dry_run", "true"])
     train.main(["--preset", "sd3.5-ocr", "--precision", "fp32", "--dry_run", "true"])
-    assert "8 GPU(s); fp32;" in capsys.readouterr().out
+    assert "32 GPU(s); fp32;" in capsys.readouterr().out  # Flow-GRPO's official GPU count
     dance = config.parse_config(["--preset", "flux-dev-hpsv2"])
     b = plan.batch(dance, 16)
-    assert (b.prompts_per_rank, b.samples_per_rank, b.updates, b.samples_per_update) == (1, 12, 3, 4)
+    assert (b.samples_per_rank, b.group_span, b.updates, b.forwards_per_update(9)) == (12, 1, 3, 36)
     assert (dance.max_grad_norm, dance.ema_decay, dance.lr, dance.checkpoint_every, dance.iterations) == \
         (1.0, 0.0, 1e-5, 40, 300)
     assert dance.quantize_timesteps and dance.lora_rank == 0 and dance.micro_batch == 1 and dance.precision == "bf16"
@@ -240,6 +242,9 @@ def test_the_plan_states_the_algorithm(capsys):
                           "its 32 GPUs') at the optimizer steps s with (s + 1) % 8 == 0, d = the warm-up decay "
                           "min((1 + s)/(10 + s), 0.9)")
     assert cps["precision"].startswith("precision: fp16: fp16 frozen weights under fp16 autocast with dynamic loss")
+    for gpus in ("8", "64"):  # the algorithm, the EMA's schedule included, does not depend on the GPU count
+        train.main(["--preset", "sd3.5-geneval", "--dry_run", "true", "--dry_run_gpus", gpus])
+        assert _algorithm(capsys.readouterr().out) == cps, gpus
     train.main(["--preset", "flux-dev-hpsv2", "--dry_run", "true"])  # DanceGRPO's recipe reads as DanceGRPO's
     dance = _algorithm(capsys.readouterr().out)
     assert "a random 9 of the stochastic steps before the last, per sample (DanceGRPO" in dance["trained steps"]
@@ -248,7 +253,8 @@ def test_the_plan_states_the_algorithm(capsys):
     assert "every transformer weight (full fine-tuning)" in dance["optimizer"]
     train.main(["--dry_run", "true", "--device", "cpu", "--dry_run_gpus", "2"])  # a CPU run's ranks are processes
     out = capsys.readouterr().out
-    assert "batch on 2 processes: " in out and "per process 4 prompts" in out and "GPU" not in out
+    assert "batch on 2 processes: " in out and "32 images per process (each group on one process)" in out
+    assert "GPU" not in out
     assert _algorithm(out)["precision"] == "precision: fp32: fp32 throughout"
 
 

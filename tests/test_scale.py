@@ -167,7 +167,7 @@ def test_two_nodes_equal_one_node_ddp_and_fsdp2_with_exports(tiny, prompts, tmp_
         assert all(r["first_ratio_max_dev"] == 0.0 for r in _rows(one)[1:])  # on-policy at every first update
         assert not _same(held[(one, 0)]["weights"], held[(one, 0)]["ema"])  # both trained, and differ
     ddp = torch.load(tmp_path / "one" / "ddp" / "rank0.pt", weights_only=False)
-    assert ddp["broadcast_buffers"] is False and any(b.numel() for b in ddp["buffers"].values())
+    assert ddp["forward_sync_buffers"] is False and any(b.numel() for b in ddp["buffers"].values())
     # the full fine-tuning export reloads in diffusers and is the trained model
     fsdp = torch.load(tmp_path / "two" / "fsdp" / "rank0.pt", weights_only=False)
     bb = models.load_backbone(str(tiny["flux-dev"]), "cpu", resolution=32, max_sequence_length=16)
