@@ -15,17 +15,16 @@ from torch import Tensor
 
 
 # -- advantages --------------------------------------------------------------------------------------------------
-def _group_index(groups: Tensor) -> tuple[Tensor, int]:
+def _centred(rewards: Tensor, groups: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """What both advantages start from: (r in fp64, valid = given and finite, each sample's group index, the per-group
+    count of valid rewards, r - its group's mean over the valid rewards (0 where invalid))."""
+    r = rewards.double()
+    valid = torch.isfinite(r) if valid is None else valid & torch.isfinite(r)
     _, inv = torch.unique(groups, return_inverse=True)
-    return inv, int(inv.max()) + 1 if inv.numel() else 0
-
-
-def _group_stats(r: Tensor, valid: Tensor, inv: Tensor, n: int) -> tuple[Tensor, Tensor]:
-    """Per-group (count, mean) of the valid rewards."""
-    w = valid.to(r.dtype)
-    count = torch.zeros(n, dtype=r.dtype).index_add_(0, inv, w)
-    total = torch.zeros(n, dtype=r.dtype).index_add_(0, inv, torch.where(valid, r, 0.0))
-    return count, total / count.clamp(min=1)
+    n = int(inv.max()) + 1 if inv.numel() else 0
+    count = torch.zeros(n, dtype=r.dtype).index_add_(0, inv, valid.to(r.dtype))
+    mean = torch.zeros(n, dtype=r.dtype).index_add_(0, inv, torch.where(valid, r, 0.0)) / count.clamp(min=1)
+    return r, valid, inv, count, torch.where(valid, r - mean[inv], 0.0)
 
 
 def flow_grpo_advantages(rewards: Tensor, groups: Tensor, valid: Tensor | None = None, *, global_std: bool = True,
@@ -36,15 +35,11 @@ def flow_grpo_advantages(rewards: Tensor, groups: Tensor, valid: Tensor | None =
     (global_std=True, Flow-GRPO's default) or of the group. All-equal rewards give exactly 0 (the numerator is 0).
     Invalid samples (NaN rewards) get advantage 0 and do not enter any statistic.
     """
-    r = rewards.double()
-    valid = torch.isfinite(r) if valid is None else valid & torch.isfinite(r)
-    inv, n = _group_index(groups)
-    count, mean = _group_stats(r, valid, inv, n)
-    centred = torch.where(valid, r - mean[inv], 0.0)
+    r, valid, inv, count, centred = _centred(rewards, groups, valid)
     if global_std:
         std = centred.new_tensor(float(r[valid].std(correction=0))) if int(valid.sum()) > 0 else centred.new_zeros(())
     else:
-        sq = torch.zeros(n, dtype=r.dtype).index_add_(0, inv, centred ** 2)
+        sq = torch.zeros_like(count).index_add_(0, inv, centred ** 2)
         std = (sq / count.clamp(min=1)).sqrt()[inv]
     return (centred / (std + eps)).clamp(-clip, clip).to(rewards.dtype)
 
@@ -55,12 +50,8 @@ def dance_grpo_advantages(rewards: Tensor, groups: Tensor, valid: Tensor | None 
 
     A group with fewer than two valid samples has no std: its advantages are 0 (never NaN).
     """
-    r = rewards.double()
-    valid = torch.isfinite(r) if valid is None else valid & torch.isfinite(r)
-    inv, n = _group_index(groups)
-    count, mean = _group_stats(r, valid, inv, n)
-    centred = torch.where(valid, r - mean[inv], 0.0)
-    sq = torch.zeros(n, dtype=r.dtype).index_add_(0, inv, centred ** 2)
+    _, valid, inv, count, centred = _centred(rewards, groups, valid)
+    sq = torch.zeros_like(count).index_add_(0, inv, centred ** 2)
     std = (sq / (count - 1).clamp(min=1)).sqrt()
     adv = torch.where((count[inv] >= 2) & valid, centred / (std[inv] + eps), 0.0)
     return adv.clamp(-clip, clip).to(rewards.dtype)
@@ -143,8 +134,8 @@ def ordered_timesteps(stochastic: Tensor, batch: int = 1, fraction: float = 0.99
 
 def random_timesteps(stochastic: Tensor, batch: int = 1, fraction: float = 0.6,
                      generator: torch.Generator | None = None) -> Tensor:
-    """DanceGRPO: per sample, a random subset of int(fraction * (N - 1)) of the stochastic steps before the last,
-    each row in random order as Dance's permutation."""
+    """DanceGRPO: per sample, a random subset of the stochastic steps before the last, int(fraction x their number)
+    of them (at least 1), each row in random order (Dance's permutation)."""
     candidates = torch.arange(len(stochastic) - 1)
     candidates = candidates[stochastic[candidates]]
     if len(candidates) == 0:

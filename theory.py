@@ -19,13 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sampling import SAMPLERS, dance_sde, flow_grpo_sigma, flow_sde, ode, rollout, sigmas
+from sampling import SAMPLERS, flow_grpo_sigma, rollout, sigmas
 
-# Figure 2's reference values, to 4 decimals (docs/NOTES.md, "Where the numbers come from"). Provenance: the authors'
-# notebook (FlowCPS scripts/analysis/sde_noise_level.ipynb) printed only Flow-SDE at N = 16, eta = 0.7
-# (FIG2_LEVELS_N16_ETA07 and its accumulated error .5359); every other entry, and SD35_LEVELS_ETA07, was re-computed
-# for this project with the notebook's formula (a derivation, not a published number; the paper's own Figure-2 values
-# were not read).
+# Figure 2's reference values, to 4 decimals; which of them the authors' notebook printed and which were re-computed
+# here: docs/NOTES.md, "Where the numbers come from".
 # (sampler, N, eta) -> (final-step residual noise level, accumulated error), uniform grid (shift 1).
 FIG2_REFERENCE = {
     ("flow_sde", 4, 0.3): (0.0879, 0.2618), ("flow_sde", 4, 0.5): (0.1502, 0.4626),
@@ -47,7 +44,6 @@ FIG2_LEVELS_N16_ETA07 = [.9847, .9254, .8309, .7612, .6957, .6318, .5685, .5056,
 # Real SD3.5-M 10-step grid (shift 3), Flow-SDE eta = 0.7: levels vs the ideal t' (re-computed, as above).
 SD35_LEVELS_ETA07 = [1.0007, .9715, .8820, .8085, .7251, .6236, .4965, .3415, .2400, .0067]
 SD35_IDEAL = [.9601, .9133, .8577, .7904, .7073, .6022, .4649, .2780, .0089, 0.0]
-ETAS_FIG2 = (0.3, 0.5, 0.7, 1.0)
 ETAS_FIG1 = (0.3, 0.5, 0.7, 0.9)
 
 
@@ -355,9 +351,6 @@ def main(argv=None) -> None:
     for p in paths:
         print(f"  {p}")
 
-
-# The ODE is referenced so readers see it belongs to the same family (b = t', c = 0); keep linters quiet.
-_ = (ode, flow_sde, dance_sde)
 
 if __name__ == "__main__":
     main()

@@ -49,8 +49,8 @@ def add_lora(transformer: nn.Module, lora: LoRA) -> list[nn.Parameter]:
 
 def lora_state_dict(transformer: nn.Module) -> dict[str, Tensor]:
     """A copy of the LoRA tensors under diffusers' names, on the CPU (a copy: on the CPU `.cpu()` would alias the live
-    parameters, which swap_ema then overwrites). Under FSDP2 this gathers only the LoRA tensors (collective: call
-    it on every rank)."""
+    parameters, which `Policy.ema_weights` then overwrites with the EMA's). Under FSDP2 this gathers only the LoRA
+    tensors (collective: call it on every rank)."""
     from peft import get_peft_model_state_dict
 
     return {k: gathered(v.detach()).to("cpu", copy=True).contiguous()
