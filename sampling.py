@@ -299,6 +299,16 @@ DEFAULT_LOG_PROB = {"ode": "gaussian", "flow_sde": "gaussian", "dance_sde": "gau
                     "cps": "cps", "dpm_sde": "cps"}
 
 
+def default_log_prob(sampler: str | Callable) -> str:
+    """The paper's log-prob for a sampler (DEFAULT_LOG_PROB), found by the sampler's registered name; a step function
+    that is not in SAMPLERS (a functools.partial, your own) has none: pass log_prob explicitly."""
+    name = sampler if isinstance(sampler, str) else next((k for k, f in SAMPLERS.items() if f is sampler), None)
+    if name not in DEFAULT_LOG_PROB:
+        raise ValueError(f"no default log-prob for sampler {sampler!r}; pass log_prob ('gaussian' = Eq. 13, "
+                         "'cps' = Eq. 14).")
+    return DEFAULT_LOG_PROB[name]
+
+
 def get_log_prob(name: str | Callable) -> Callable:
     """A log-prob by name (LOG_PROBS); a log-prob function passes through."""
     if callable(name):
@@ -319,8 +329,7 @@ class Trajectory:
 
     latents:    (B, N+1, ...)  x_{t_0} = initial noise, ..., x_{t_N} = final sample
     log_probs:  (B, N)         log-prob of each taken transition under the rollout policy (0 where deterministic)
-    means:      (B, N, ...)    only if keep_means: the transition means (GRPO-Guard and diagnostics need them)
-    stochastic: (N,) bool      which steps sampled noise (SDE window); only those have a meaningful log-prob
+    stochastic: (N,) bool      which steps sampled noise (`stochastic`); only those have a meaningful log-prob
     x0_hat:     (B, ...)       the clean prediction at the last step (DanceGRPO decodes this, not the final latent)
     sigmas:     (N+1,)         the grid
     """
@@ -330,7 +339,6 @@ class Trajectory:
     stochastic: Tensor
     x0_hat: Tensor
     sigmas: Tensor
-    means: Tensor | None = None
 
     @property
     def final(self) -> Tensor:
@@ -357,46 +365,60 @@ def check_window(window: tuple[int, int] | None, num_steps: int) -> tuple[int, i
     return lo, hi
 
 
+def stochastic(sampler: str | Callable, sigma_grid: Tensor, eta: float,
+               window: tuple[int, int] | None = None) -> Tensor:
+    """(N,) bool: which steps of a rollout over `sigma_grid` inject noise, so have a density to train on: those in
+    `window` = (start, end) (None: all) where the sampler's std is > 0 (never the ODE's; not CPS's last, t' = 0). The
+    one rule: the rollout, the trained steps and the config checks ask it. The sampler is asked on a dummy tensor
+    (its std depends on t, t' and eta alone); a step where it is undefined raises its ValueError, naming the step."""
+    step, n = get_sampler(sampler), len(sigma_grid) - 1
+    lo, hi = check_window(window, n)
+    x = torch.zeros(1, 1)
+    out = torch.zeros(n, dtype=torch.bool)
+    for k in range(lo, hi):
+        t, t_next = float(sigma_grid[k]), float(sigma_grid[k + 1])
+        try:
+            out[k] = bool((step(x, x, t, t_next, eta)[1] > 0).any())
+        except ValueError as e:
+            raise ValueError(f"step {k} (t {t:.4f} -> {t_next:.4f}) of a rollout: {e}") from None
+    return out
+
+
 @torch.no_grad()
 def rollout(velocity: Velocity, x1: Tensor, sigma_grid: Tensor, sampler: str | Callable = "cps", eta: float = 0.7,
             generator: torch.Generator | Sequence[torch.Generator] | None = None, *,
-            window: tuple[int, int] | None = None, log_prob: str | Callable | None = None,
-            keep_means: bool = False) -> Trajectory:
+            window: tuple[int, int] | None = None, log_prob: str | Callable | None = None) -> Trajectory:
     """Sample a batch of trajectories from initial noise x1 over `sigma_grid` with one sampler.
 
     velocity(x, t) -> v is the (CFG-combined) model prediction; close over the conditioning. Steps k in
     window = (start, end) use `sampler`, all others the ODE (Flow-GRPO-Fast / MixGRPO); None = every step.
-    Returns the whole trajectory with per-step log-probs under `log_prob` (default: DEFAULT_LOG_PROB[sampler]).
+    Returns the whole trajectory with per-step log-probs under `log_prob` (default: `default_log_prob(sampler)`).
     `sampler` and `log_prob` are names or the functions themselves (train.py resolves the names once).
     """
     step = get_sampler(sampler)
-    lp_fn = get_log_prob(log_prob or DEFAULT_LOG_PROB[step.__name__])
+    lp_fn = get_log_prob(log_prob or default_log_prob(sampler))
     n = len(sigma_grid) - 1
     if n < 1:
         raise ValueError("sigma_grid needs at least 2 entries (one step); build it with sigmas(num_steps).")
     lo, hi = check_window(window, n)
+    noisy = stochastic(step, sigma_grid, eta, window)
     x = x1.float()
     B = x.shape[0]
-    latents, log_probs, means = [x], [], []
-    stochastic = torch.zeros(n, dtype=torch.bool)
+    latents, log_probs = [x], []
     for k in range(n):
         t, t_next = float(sigma_grid[k]), float(sigma_grid[k + 1])
         v = velocity(x, torch.full((B,), t, device=x.device))
-        noisy = step is not ode and lo <= k < hi
-        mean, std = (step if noisy else ode)(x, v, t, t_next, eta)
-        if noisy and bool((std > 0).any()):
-            stochastic[k] = True
+        mean, std = (step if lo <= k < hi else ode)(x, v, t, t_next, eta)
+        if noisy[k]:
             x = mean + std * randn(mean.shape, generator, mean.device)
             log_probs.append(lp_fn(x, mean, std))
         else:  # deterministic transition: no density; logged as 0 and masked by `stochastic`
             x = mean
             log_probs.append(torch.zeros(B, device=x.device))
         latents.append(x)
-        if keep_means:
-            means.append(mean)
     x0_hat = latents[-2] - float(sigma_grid[-2]) * v.float()
-    return Trajectory(latents=torch.stack(latents, 1), log_probs=torch.stack(log_probs, 1), stochastic=stochastic,
-                      x0_hat=x0_hat, sigmas=sigma_grid, means=torch.stack(means, 1) if keep_means else None)
+    return Trajectory(latents=torch.stack(latents, 1), log_probs=torch.stack(log_probs, 1), stochastic=noisy,
+                      x0_hat=x0_hat, sigmas=sigma_grid)
 
 
 def step_log_prob(v: Tensor, x: Tensor, x_next: Tensor, t: Tensor | float, t_next: Tensor | float,
@@ -408,9 +430,8 @@ def step_log_prob(v: Tensor, x: Tensor, x_next: Tensor, t: Tensor | float, t_nex
     Returns (log_prob (B,), mean, std); the mean feeds the KL term. Uses the same step function and the same
     fp32 math as `rollout`, so at the first inner step the ratio is exactly 1 (tests/test_train.py checks it).
     """
-    step = get_sampler(sampler)
-    mean, std = step(x, v, t, t_next, eta)
-    return get_log_prob(log_prob or DEFAULT_LOG_PROB[step.__name__])(x_next, mean, std), mean, std
+    mean, std = get_sampler(sampler)(x, v, t, t_next, eta)
+    return get_log_prob(log_prob or default_log_prob(sampler))(x_next, mean, std), mean, std
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -324,11 +324,6 @@ def validate(cfg: Config) -> None:
     need(cfg.collective_timeout > 0, f"collective_timeout must be > 0 minutes (got {cfg.collective_timeout})")
     need(cfg.sampler != "ode", "the ODE sampler has no density to train on; use cps, flow_sde, dance_sde, ...")
     need(cfg.eta >= 0, f"eta must be >= 0 (got {cfg.eta})")
-    try:  # the sampler checks its own eta (CPS: [0, 1]); one step on a dummy tensor asks it
-        x = torch.zeros(1, 1)
-        sampling.SAMPLERS[cfg.sampler](x, x, 0.6, 0.5, cfg.eta)
-    except ValueError as e:
-        need(False, str(e))
     need(0 < cfg.timestep_fraction <= 1, f"timestep_fraction must be in (0, 1] (got {cfg.timestep_fraction})")
     need(cfg.clip_range > 0 and cfg.lr > 0 and cfg.beta >= 0 and cfg.weight_decay >= 0,
          "clip_range and lr must be > 0, beta and weight_decay >= 0")
@@ -369,20 +364,17 @@ def validate(cfg: Config) -> None:
 
 
 def sampler_problem(cfg: Config, grid) -> str | None:
-    """The sampler tried on every step of `grid` that a rollout can make stochastic (all, or --sde_window's range),
-    on a dummy tensor: a step where it is undefined (CPWS at t' = 0), or no step with noise at all (eta 0), is a
-    config error. None when it can train."""
-    step, n = sampling.SAMPLERS[cfg.sampler], len(grid) - 1
+    """The sampler tried on every step of `grid` that a rollout can make stochastic (all, or --sde_window's range;
+    sampling.stochastic): a step where it is undefined (CPWS at t' = 0), an eta it refuses, or no step with noise at
+    all (eta 0), is a config error. None when it can train."""
+    n = len(grid) - 1
     lo, hi = sde_window_range(cfg) if cfg.sde_window else (0, n)
-    x, noisy = torch.zeros(1, 1), False
-    for k in range(lo, n // 2 if hi is None else hi):
-        t, t_next = float(grid[k]), float(grid[k + 1])
-        try:
-            noisy |= bool((step(x, x, t, t_next, cfg.eta)[1] > 0).any())
-        except ValueError as e:
-            return (f"--sampler {cfg.sampler} cannot take step {k} (t {t:.4f} -> {t_next:.4f}) of a training rollout: "
-                    f"{e} With --sde_window N, only the steps of --sde_window_range are stochastic")
-    if not noisy:
+    try:
+        noisy = sampling.stochastic(cfg.sampler, grid, cfg.eta, (lo, n // 2 if hi is None else hi))
+    except ValueError as e:
+        return (f"--sampler {cfg.sampler} cannot take {e} (a training rollout samples on every step, or with "
+                "--sde_window N on those of --sde_window_range)")
+    if not noisy.any():
         return (f"--sampler {cfg.sampler} with eta {cfg.eta} adds no noise on any step: every step is deterministic, "
                 "so there is no density to train on (every update would be skipped); use eta > 0")
     return None

@@ -119,13 +119,10 @@ def ema_schedule(cfg: Config) -> engine.EMASchedule | None:
 
 def trained_steps(sampler: str, grid: torch.Tensor, eta: float, timesteps: str, fraction: float,
                   sde_window: int = 0) -> int:
-    """K, the trained steps per sample: the stochastic steps (the sampler's own std decides; CPS's last step has
-    none) selected by the rule train.py uses (grpo.TIMESTEPS)."""
-    step, x, n = sampling.get_sampler(sampler), torch.zeros(1, 4), len(grid) - 1
-    # with a window, its size (its position is drawn per iteration; steps outside it are never probed: CPWS is
-    # undefined on the last ones)
-    stochastic = torch.tensor([k < (sde_window or n) and bool((step(x, x, float(grid[k]), float(grid[k + 1]),
-                                                                    eta)[1] > 0).any()) for k in range(n)])
+    """K, the trained steps per sample: the stochastic steps (sampling.stochastic; CPS's last step has none) selected
+    by the rule train.py uses (grpo.TIMESTEPS). With a window, its size counts (its position is drawn per iteration;
+    steps outside it are never probed: CPWS is undefined on the last ones)."""
+    stochastic = sampling.stochastic(sampler, grid, eta, (0, sde_window) if sde_window else None)
     return grpo.TIMESTEPS[timesteps](stochastic, 1, fraction, torch.Generator()).shape[1]
 
 

@@ -54,7 +54,7 @@ SHORT = ["--iterations", "1", "--eval_per_prompt", "1", "--report_to", "none"]
     # round 2: flags that used to pass validation and then fail or do nothing
     (["--eta", "0"], "--sampler cps with eta 0.0 adds no noise on any step"),
     (["--sampler", "flow_sde", "--eta", "0"], "adds no noise on any step"),
-    (["--sampler", "cpws"], "--sampler cpws cannot take step 8 (t 0.2000 -> 0.1000) of a training rollout"),
+    (["--sampler", "cpws"], "--sampler cpws cannot take step 8 (t 0.2000 -> 0.1000) of a rollout"),
     (["--device", "foo"], "argument --device: invalid choice: 'foo' (choose from 'auto', 'cpu', 'cuda')"),
     (["--device", "cuda:3"], "argument --device: invalid choice: 'cuda:3'"),  # --help: CUDA_VISIBLE_DEVICES
     (["--collective_timeout", "0"], "collective_timeout must be > 0"),

@@ -2,6 +2,7 @@
 hypothesis property tests of coefficient preservation (Definition 1) over the whole domain
 t in (0, 1], t' in [0, t), eta in [0, 1]."""
 
+import functools
 import math
 
 import numpy as np
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 from scipy import stats
 
 import sampling
+from flow_cps import config, plan
 from sampling import (
     SAMPLERS,
     cps,
@@ -237,10 +239,9 @@ def test_rollout_draws_noise_with_the_returned_std(name):
     # One step from t = 0.8 to 0.6: the spread of (x' - mean) over repeated draws is the step's returned std.
     x1 = torch.randn(4000, 16, generator=torch.Generator().manual_seed(0))
     velocity = lambda x, t: 0.5 * x  # any velocity
-    traj = rollout(velocity, x1, torch.tensor([0.8, 0.6]), name, 0.5, torch.Generator().manual_seed(1),
-                   keep_means=True)
-    _, expected = SAMPLERS[name](x1, velocity(x1, None), 0.8, 0.6, 0.5)
-    empirical = float((traj.latents[:, 1] - traj.means[:, 0]).std())
+    traj = rollout(velocity, x1, torch.tensor([0.8, 0.6]), name, 0.5, torch.Generator().manual_seed(1))
+    mean, expected = SAMPLERS[name](x1, velocity(x1, None), 0.8, 0.6, 0.5)  # the step's mean, as the rollout's
+    empirical = float((traj.latents[:, 1] - mean).std())
     assert empirical == pytest.approx(float(expected), rel=0.02)
 
 
@@ -347,6 +348,31 @@ def test_rollout_sde_window():
         mean, _ = ode(traj.latents[:, k], _velocity(traj.latents[:, k], torch.full((4,), float(grid[k]))),
                       float(grid[k]), float(grid[k + 1]))
         assert torch.equal(mean, traj.latents[:, k + 1])
+
+
+def test_stochastic_steps_are_one_rule():
+    """The rollout's mask, the trained-step count of the plan and the config check all ask sampling.stochastic."""
+    grid = sigmas(10, 3.0)
+    assert sampling.stochastic("cps", grid, 0.7).tolist() == [True] * 9 + [False]  # CPS: no noise at t' = 0
+    assert not sampling.stochastic("ode", grid, 0.0).any() and not sampling.stochastic("flow_sde", grid, 0.0).any()
+    traj = rollout(_velocity, torch.randn(2, 4), grid, "cps", 0.7, torch.Generator().manual_seed(0), window=(2, 6))
+    assert torch.equal(traj.stochastic, sampling.stochastic("cps", grid, 0.7, (2, 6)))
+    assert plan.trained_steps("cps", grid, 0.7, "ordered", 0.99) == 9
+    with pytest.raises(ValueError, match=r"step 7 \(t 0.4649 -> 0.2780\) of a rollout: Flow-CPWS"):
+        rollout(_velocity, torch.randn(2, 4), grid, "cpws", 0.7)  # refused before any forward
+    assert "cannot take step 7 (t 0.4649 -> 0.2780) of a rollout" in config.sampler_problem(
+        config.parse_config(["--sampler", "cpws"]), grid)
+
+
+def test_default_log_prob_is_found_by_the_samplers_name():
+    grid, x1 = sigmas(4), torch.randn(2, 4)
+    assert sampling.default_log_prob(cps) == sampling.default_log_prob("cps") == "cps"
+    step = functools.partial(cps)  # a step function that is not registered has no default
+    with pytest.raises(ValueError, match="no default log-prob"):
+        rollout(_velocity, x1, grid, step, 0.7, torch.Generator().manual_seed(0))
+    mine = rollout(_velocity, x1, grid, step, 0.7, torch.Generator().manual_seed(0), log_prob="cps")
+    named = rollout(_velocity, x1, grid, "cps", 0.7, torch.Generator().manual_seed(0))
+    assert torch.equal(mine.log_probs, named.log_probs)
 
 
 def test_cps_final_sample_is_last_x0_hat():
