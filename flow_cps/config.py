@@ -19,7 +19,7 @@ import torch
 import grpo
 import rewards
 import sampling
-from flow_cps import engine
+from flow_cps import engine, scoring
 from flow_cps.logs import REPORT_TO
 from flow_cps.lora import LoRA
 
@@ -382,5 +382,5 @@ def sampler_problem(cfg: Config, grid) -> str | None:
 
 def reward_options(cfg: Config) -> dict[str, dict]:
     """--reward_options parsed and checked against the rewards this run uses and their factories' options."""
-    return rewards.parse_options(cfg.reward_options, [*rewards.parse_spec(cfg.reward),
+    return scoring.parse_options(cfg.reward_options, [*rewards.parse_spec(cfg.reward),
                                                       *rewards.parse_spec(cfg.eval_metrics)])

@@ -45,7 +45,7 @@ Instance post-processing follows the benchmark's mmdet Mask2Former: top 100 (que
 masks upsampled to the image, score = class probability x mean mask probability inside the mask, box = the mask's
 extent.
 
-Run `python rewards.py geneval IMAGE --prompt ... --metadata '{...}'` to score files.
+Run `python rewards.py geneval_overall IMAGE --prompt ... --metadata '{...}'` to score files.
 """
 from __future__ import annotations
 
@@ -317,43 +317,49 @@ def summarize(tags: list[str], correct) -> dict[str, float]:
 
 
 # -- the models: Mask2Former instances + CLIP colours ------------------------------------------------------------
+@dataclass(frozen=True)
+class Options:
+    """The GenEval rewards' options (`--reward_options`), the benchmark's defaults. detector_size: shorter image side
+    fed to Mask2Former; 800 is the benchmark's (mmdet's 1333x800 test scale: 512 px is upsampled); smaller is faster."""
+    detector: str = DETECTOR_HUB_ID
+    clip: str = CLIP_HUB_ID
+    detector_size: int = 800
+    threshold: float = THRESHOLD
+    counting_threshold: float = COUNTING_THRESHOLD
+    max_objects: int = MAX_OBJECTS
+    max_overlap: float = MAX_OVERLAP
+    position_margin: float = POSITION_MARGIN
+    max_per_image: int = 100
+    dtype: torch.dtype | str = torch.float32
+
+
 class Scorer:
-    """Images (B, C, H, W) in [0, 1] + GenEval metadata -> one `Verdict` per image. Loads both models once.
+    """Images (B, C, H, W) in [0, 1] + GenEval metadata -> one `Verdict` per image; loads both models once. The
+    detector runs batched on `device`, CLIP on each image's objects; `reward` names the reward asking, in a
+    missing-weights message. Cost per image: docs/NOTES.md, "Measurements"."""
 
-    detector_size: shorter image side fed to Mask2Former. 800 is the benchmark's (mmdet's 1333x800 test scale; a
-    512-px image is upsampled); smaller is faster and coarser. The detector runs batched on `device`, CLIP on each
-    image's objects; post-processing is per image. Cost: 45-60 ms per 512-px image on one H200 (batch 16, Swin-S +
-    ViT-L/14 at real size with random weights, every query a detection: an upper bound)."""
-
-    def __init__(self, detector: str = DETECTOR_HUB_ID, clip: str = CLIP_HUB_ID, device="cpu",
-                 detector_size: int = 800, threshold: float = THRESHOLD,
-                 counting_threshold: float = COUNTING_THRESHOLD, max_objects: int = MAX_OBJECTS,
-                 max_overlap: float = MAX_OVERLAP, position_margin: float = POSITION_MARGIN, max_per_image: int = 100,
-                 dtype: torch.dtype | str = torch.float32, reward: str = "geneval_partial"):
+    def __init__(self, options: Options = Options(), device="cpu", reward: str = "geneval_partial"):
         from transformers import AutoTokenizer, CLIPModel, Mask2FormerForUniversalSegmentation
 
-        dtype = as_dtype(dtype)
-        self.device, self.dtype, self.detector_size, self.max_per_image = torch.device(device), dtype, detector_size, \
-            max_per_image
-        self.rules = dict(threshold=threshold, counting_threshold=counting_threshold, max_objects=max_objects,
-                          max_overlap=max_overlap)
-        self.position_margin = position_margin
-        self.detector = load_pretrained(Mask2FormerForUniversalSegmentation, detector, reward, "detector",
+        self.options, self.device, self.dtype = options, torch.device(device), as_dtype(options.dtype)
+        self.rules = dict(threshold=options.threshold, counting_threshold=options.counting_threshold,
+                          max_objects=options.max_objects, max_overlap=options.max_overlap)
+        self.detector = load_pretrained(Mask2FormerForUniversalSegmentation, options.detector, reward, "detector",
                                         DETECTOR_HUB_ID, "the Mask2Former instance segmenter")
         if self.detector.config.num_labels != len(COCO_CLASSES):
-            raise ValueError(f"geneval: detector {detector!r} has {self.detector.config.num_labels} classes; GenEval "
-                             f"needs a COCO instance model with 80 (e.g. {DETECTOR_HUB_ID})")
-        self.detector.to(self.device, dtype).eval().requires_grad_(False)
-        self.clip = load_pretrained(CLIPModel, clip, reward, "clip", CLIP_HUB_ID, "the CLIP colour classifier")
-        self.clip.to(self.device, dtype).eval().requires_grad_(False)
-        self.tokenizer = load_pretrained(AutoTokenizer, clip, reward, "clip", CLIP_HUB_ID, "CLIP's tokenizer")
+            raise ValueError(f"geneval: detector {options.detector!r} has {self.detector.config.num_labels} classes; "
+                             f"GenEval needs a COCO instance model with 80 (e.g. {DETECTOR_HUB_ID})")
+        self.detector.to(self.device, self.dtype).eval().requires_grad_(False)
+        self.clip = load_pretrained(CLIPModel, options.clip, reward, "clip", CLIP_HUB_ID, "the CLIP colour classifier")
+        self.clip.to(self.device, self.dtype).eval().requires_grad_(False)
+        self.tokenizer = load_pretrained(AutoTokenizer, options.clip, reward, "clip", CLIP_HUB_ID, "CLIP's tokenizer")
         self.clip_size = self.clip.config.vision_config.image_size
         self._colour_text: dict[str, Tensor] = {}
 
     # plumbing: preprocessing as mmdet's test pipeline (keep-ratio resize, ImageNet normalisation, pad to 32)
     def _detector_input(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
         h, w = images.shape[-2:]
-        scale = min(self.detector_size / min(h, w), self.detector_size * 1333 / 800 / max(h, w))
+        scale = min(self.options.detector_size / min(h, w), self.options.detector_size * 1333 / 800 / max(h, w))
         rh, rw = int(h * scale + 0.5), int(w * scale + 0.5)
         x = F.interpolate(images, size=(rh, rw), mode="bilinear", align_corners=False) if (rh, rw) != (h, w) \
             else images
@@ -375,7 +381,7 @@ class Scorer:
         probs = out.class_queries_logits.float().softmax(-1)[..., :-1]  # (B, Q, 80); the last class is "no object"
         results = []
         for b in range(len(images)):
-            scores, idx = probs[b].flatten().topk(min(self.max_per_image, probs[b].numel()))
+            scores, idx = probs[b].flatten().topk(min(self.options.max_per_image, probs[b].numel()))
             # det score = class prob x mean mask prob <= class prob, so dropping class prob <= min_score is exact
             keep = scores > min_score
             scores, idx = scores[keep], idx[keep]
@@ -435,7 +441,7 @@ class Scorer:
                                                                     min_score)):
             objects = select_objects(cands, meta.get("tag", ""), **self.rules)
             verdicts.append(rule(objects, meta, lambda dets, cls, image=image: self.colours(image, dets, cls),
-                                 self.position_margin))
+                                 self.options.position_margin))
         return verdicts
 
 
@@ -465,12 +471,12 @@ _SCORERS: dict = {}  # one loaded Scorer per (device, options): geneval rewards 
 
 
 def shared_scorer(reward: str, device="cpu", **options) -> Scorer:
-    """One loaded Scorer per (device, options), shared by the GenEval rewards; `reward` names the one asking, in a
-    missing-weights message."""
+    """One loaded Scorer per (device, Options(**options)), shared by the GenEval rewards; `reward` names the one
+    asking, in a missing-weights message."""
     options = {k: as_dtype(v) if k == "dtype" else v for k, v in options.items()}  # "bfloat16" = torch.bfloat16
-    key = (str(device), tuple(sorted((k, str(v)) for k, v in options.items())))
+    key = (str(device), Options(**options))
     if key not in _SCORERS:
-        _SCORERS[key] = Scorer(device=device, reward=reward, **options)
+        _SCORERS[key] = Scorer(key[1], device=device, reward=reward)
     return _SCORERS[key]
 
 

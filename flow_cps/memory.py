@@ -169,11 +169,31 @@ ACT_PER_TOKEN, ACT_DUAL_PER_IMAGE_TOKEN = 36, 40
 INFERENCE_FRACTION, VAE_MAPS = 0.5, 6
 
 
-def memory_estimate(info: ModelInfo, *, resolution: int, max_sequence_length: int, micro_batch: int,
-                    cfg_forward: bool, world: int, parallel: str, trained: lora.LoRA | None, ema: bool,
-                    offload: bool, rewards: list[str], precision: str = "bf16",
-                    samples_per_rank: int = 1, num_steps: int = 10, kl: bool = False, decode_batch: int = 8,
-                    embedding_cache_gb: float = 8.0) -> dict:
+@dataclass(frozen=True)
+class Spec:
+    """What one training process holds, as the memory estimate needs it (plan.run_estimate makes it from a config):
+    the image and text sizes, the forward batch (cfg_forward: SD3's CFG doubles it), the world and its parallelism,
+    what trains (a LoRA, or None for full fine-tuning), the EMA, offloading, the reward names, the precision, the
+    samples per rank, the steps per rollout, a KL term, the VAE's decode batch and the host's embedding cache."""
+    resolution: int
+    max_sequence_length: int
+    micro_batch: int
+    cfg_forward: bool
+    world: int
+    parallel: str
+    trained: lora.LoRA | None
+    ema: bool
+    offload: bool
+    rewards: tuple[str, ...]
+    precision: str = "bf16"
+    samples_per_rank: int = 1
+    num_steps: int = 10
+    kl: bool = False
+    decode_batch: int = 8
+    embedding_cache_gb: float = 8.0
+
+
+def memory_estimate(info: ModelInfo, run: Spec) -> dict:
     """Per-GPU bytes of one training process in each phase of an iteration, in GiB (activations +-50%).
 
     static, held all run:
@@ -200,40 +220,40 @@ def memory_estimate(info: ModelInfo, *, resolution: int, max_sequence_length: in
                      weights outside FSDP2 (2 B/param); the KL reference's no-grad forward; or AdamW's step (the
                      multi-tensor one: 4 B/param; full fine-tuning's per-tensor one: 4 B x the largest tensor)
       evaluation     streamed: a no-grad forward of micro_batch samples, or the decode of min(micro_batch, 8) images
-    host RAM: the prompt-embedding cache, at most embedding_cache_gb per rank (backbone.Backbone evicts by bytes).
-    trained: the LoRA, or None for full fine-tuning."""
+    host RAM: the prompt-embedding cache, at most embedding_cache_gb per rank (backbone.Backbone evicts by bytes)."""
     tr = info.transformer
     d = tr["num_attention_heads"] * tr["attention_head_dim"]
-    counts = _counts(info.kind, json.dumps(tr, sort_keys=True), trained)
-    wbytes = 4 if precision == "fp32" else 2
+    counts = _counts(info.kind, json.dumps(tr, sort_keys=True), run.trained)
+    wbytes = 4 if run.precision == "fp32" else 2
     patch = 2 if info.kind == "flux" else tr.get("patch_size", 2)  # FLUX packs 2x2 latents into one token
-    img_tokens = (resolution // (info.vae_scale_factor * patch)) ** 2
+    img_tokens = (run.resolution // (info.vae_scale_factor * patch)) ** 2
     clip_tokens = 77 if info.kind == "sd3" else 0  # SD3 prepends CLIP-L+G tokens (padded to 77) to T5's
-    txt_tokens = max_sequence_length + clip_tokens
+    txt_tokens = run.max_sequence_length + clip_tokens
     tokens = img_tokens + txt_tokens
-    cfg2 = 2 if cfg_forward else 1
-    batch = micro_batch * cfg2
+    cfg2 = 2 if run.cfg_forward else 1
+    batch = run.micro_batch * cfg2
     blocks, n_trained = counts["blocks"], counts["trainable"]
     dual = len(tr.get("dual_attention_layers", ()) or ())
-    fsdp, full = parallel == "fsdp", trained is None
-    shard = world if fsdp else 1
+    fsdp, full = run.parallel == "fsdp", run.trained is None
+    shard = run.world if fsdp else 1
     frozen = counts["params"] - (n_trained if full else 0)
     weights = (frozen / shard + counts["buffers"]) * wbytes
     gathered = (2 * counts["block_max"] + counts["root"]) * (4 if full else wbytes) if fsdp else 0
-    state = n_trained * (12 + (4 if ema else 0)) / shard  # fp32 masters, AdamW m and v (EMA): held all run
+    state = n_trained * (12 + (4 if run.ema else 0)) / shard  # fp32 masters, AdamW m and v (EMA): held all run
     grads = n_trained * 4 / shard  # from an update's first backward to its optimizer step
     if not fsdp:
-        accumulation = n_trained * 4 if world > 1 else 0  # DDP's buckets, allocated once
+        accumulation = n_trained * 4 if run.world > 1 else 0  # DDP's buckets, allocated once
     else:  # during an update only
         accumulation = 2 * counts["block_max"] * 4 if full else n_trained * 4
     encoders = sum(info.encoders.values()) * wbytes
     vae = info.vae * 4
-    reward = sum(REWARD_PARAMS.get(r, 0) * 4 for r in rewards if not r.startswith("geneval"))
-    reward += REWARD_PARAMS["geneval"] * 4 if any(r.startswith("geneval") for r in rewards) else 0
+    reward = sum(REWARD_PARAMS.get(r, 0) * 4 for r in run.rewards if not r.startswith("geneval"))
+    reward += REWARD_PARAMS["geneval"] * 4 if any(r.startswith("geneval") for r in run.rewards) else 0
     # the iteration's samples on this rank
     latent = img_tokens * tr["in_channels"] * (1 if info.kind == "flux" else patch ** 2)
     embedding = txt_tokens * tr["joint_attention_dim"] + tr["pooled_projection_dim"]  # elements per prompt
-    rollout_buffers = samples_per_rank * ((num_steps + 2) * latent * 4 + embedding * wbytes + 3 * resolution ** 2 * 4)
+    image = 3 * run.resolution ** 2 * 4
+    rollout_buffers = run.samples_per_rank * ((run.num_steps + 2) * latent * 4 + embedding * wbytes + image)
     # activations
     half = wbytes / 2  # the constants are bf16 measurements
     act_block = ACT_PER_TOKEN * d * tokens * batch * half
@@ -241,16 +261,16 @@ def memory_estimate(info: ModelInfo, *, resolution: int, max_sequence_length: in
     act_full = act_block * blocks + act_dual * dual
     act_ckpt = 2 * d * tokens * batch * blocks * half + act_block + (act_dual if dual else 0)
     infer = lambda n: INFERENCE_FRACTION * (act_block + act_dual) / batch * n * cfg2  # noqa: E731
-    decode = lambda n: VAE_MAPS * 128 * resolution ** 2 * 4 * min(n, decode_batch)  # noqa: E731
-    autocast_copies = n_trained * 2 if not fsdp and precision != "fp32" else 0
+    decode = lambda n: VAE_MAPS * 128 * run.resolution ** 2 * 4 * min(n, run.decode_batch)  # noqa: E731
+    autocast_copies = n_trained * 2 if not fsdp and run.precision != "fp32" else 0
     optimizer_step = (counts["param_max"] if full else n_trained) * 4 / shard  # engine.Policy: per-tensor AdamW if full
-    static = weights + state + vae + reward + (0 if offload else encoders) + rollout_buffers
+    static = weights + state + vae + reward + (0 if run.offload else encoders) + rollout_buffers
     static += accumulation if not fsdp else 0
-    offloaded = encoders if offload else 0
-    rollout = max(gathered + infer(micro_batch), decode(samples_per_rank), offloaded)
-    evaluation = max(gathered + infer(micro_batch), decode(micro_batch), offloaded)
+    offloaded = encoders if run.offload else 0
+    rollout = max(gathered + infer(run.micro_batch), decode(run.samples_per_rank), offloaded)
+    evaluation = max(gathered + infer(run.micro_batch), decode(run.micro_batch), offloaded)
     train = {k: grads + (accumulation if fsdp else 0) + max(
-        gathered + act + autocast_copies + (infer(micro_batch) if kl else 0), optimizer_step)
+        gathered + act + autocast_copies + (infer(run.micro_batch) if run.kl else 0), optimizer_step)
         for k, act in (("off", act_full), ("on", act_ckpt))}
     peak = {k: static + max(rollout, evaluation, train[k]) for k in train}
     gb = lambda x: x / GB  # noqa: E731
@@ -259,7 +279,7 @@ def memory_estimate(info: ModelInfo, *, resolution: int, max_sequence_length: in
                 embedding_mib=embedding * wbytes / 2 ** 20,
                 gb=dict(weights=gb(weights), gathered=gb(gathered), trainable=gb(state + grads),
                         accumulation=gb(accumulation), activations=gb(act_full), activations_checkpointing=gb(act_ckpt),
-                        text_encoders=gb(encoders), vae=gb(vae), vae_decode=gb(decode(samples_per_rank)),
+                        text_encoders=gb(encoders), vae=gb(vae), vae_decode=gb(decode(run.samples_per_rank)),
                         rewards=gb(reward), rollout_buffers=gb(rollout_buffers), evaluation=gb(evaluation),
                         optimizer_step=gb(optimizer_step), peak=gb(peak["off"]), peak_checkpointing=gb(peak["on"]),
-                        embedding_cache=embedding_cache_gb))
+                        embedding_cache=run.embedding_cache_gb))

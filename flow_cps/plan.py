@@ -21,7 +21,7 @@ import rewards
 import sampling
 from flow_cps import engine, models, prompts
 from flow_cps.config import PAPER_PROMPTS, PRESET_GPUS, PRESETS, PROMPT_SOURCES, Config, parse_config, validate
-from flow_cps.memory import GB, KNOWN_MODELS, ModelInfo, memory_estimate, model_info  # noqa: F401 (plan.KNOWN_MODELS)
+from flow_cps.memory import GB, KNOWN_MODELS, ModelInfo, Spec, memory_estimate, model_info  # noqa: F401 (plan.KNOWN_MODELS)
 
 
 # -- the plan ----------------------------------------------------------------------------------------------------
@@ -255,14 +255,14 @@ def describe(cfg: Config, world: int, check_files: bool = True, device: str = "c
 def run_estimate(cfg: Config, info: ModelInfo, plan: dict, world: int) -> dict:
     """memory.memory_estimate for this config on `world` GPUs (the planned GPU's precision: 'auto' is bf16)."""
     b = batch(cfg, world)
-    return memory_estimate(
-        info, resolution=plan["resolution"], max_sequence_length=cfg.max_sequence_length or
+    return memory_estimate(info, Spec(
+        resolution=plan["resolution"], max_sequence_length=cfg.max_sequence_length or
         (512 if info.kind == "flux" else 256), micro_batch=cfg.micro_batch,
         cfg_forward=info.kind == "sd3" and bool(plan["guidance"]) and plan["guidance"] > 1, world=world,
         parallel=cfg.parallel, trained=cfg.lora, ema=cfg.ema_decay > 0, offload=cfg.offload,
-        rewards=[*rewards.parse_spec(cfg.reward), *rewards.parse_spec(cfg.eval_metrics)],
+        rewards=(*rewards.parse_spec(cfg.reward), *rewards.parse_spec(cfg.eval_metrics)),
         precision="bf16" if cfg.precision == "auto" else cfg.precision, samples_per_rank=b.samples_per_rank,
-        num_steps=cfg.num_steps, kl=cfg.beta > 0, embedding_cache_gb=cfg.embedding_cache_gb)
+        num_steps=cfg.num_steps, kl=cfg.beta > 0, embedding_cache_gb=cfg.embedding_cache_gb))
 
 
 def _memory_lines(cfg: Config, info: ModelInfo, plan: dict, world: int) -> list[str]:

@@ -12,6 +12,8 @@ The command line that scores image files is rewards.py's (`python rewards.py ocr
 """
 from __future__ import annotations
 
+import inspect
+import json
 import math
 import warnings
 from dataclasses import dataclass
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rewards import REGISTRY, check_images, check_options, combine, normaliser, parse_spec
+from rewards import REGISTRY, check_images, combine, normaliser, parse_spec
 
 
 # -- combination and failure handling ----------------------------------------------------------------------------
@@ -173,5 +175,95 @@ class GroupedSums(dict):
 def nan_mean(x: Tensor) -> float:
     x = x[torch.isfinite(x)]
     return float(x.mean()) if x.numel() else float("nan")
+
+
+# -- options, checked at start-up ------------------------------------------------------------------------------------
+def _parameters(name: str) -> dict[str, inspect.Parameter] | None:
+    """Reward `name`'s options: its factory's parameters but `device` (and, for a factory that forwards **options,
+    those of `factory.forwards_to`). None for a factory that takes any (**kwargs)."""
+    factory = REGISTRY[name]
+    forwards = getattr(factory, "forwards_to", None)
+    params = [p for p in inspect.signature(factory).parameters.values() if not (forwards and p.kind is p.VAR_KEYWORD)]
+    params += list(inspect.signature(forwards).parameters.values()) if forwards else []
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return {p.name: p for p in params if p.name not in ("device", "reward") and p.kind in
+            (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def accepted_options(name: str) -> list[str] | None:
+    """The option names reward `name` takes (None: any)."""
+    params = _parameters(name)
+    return None if params is None else sorted(params)
+
+
+# Option values with a fixed set of meanings; integer options count something (>= 1), except those with their own
+# range: a JPEG quality is in [0, 100] (geneval_flow_grpo: 0 = no JPEG); these float options are fractions.
+OPTION_CHOICES = {"dtype": ("float32", "float16", "bfloat16"), "scale": ("raw", "flow_grpo")}
+INT_RANGES = {"quality": (0, 100), "jpeg_quality": (0, 100)}
+FRACTIONS = {"threshold", "counting_threshold", "max_overlap", "position_margin"}
+
+
+def _value_problem(key: str, value, param: inspect.Parameter | None) -> str | None:
+    """What is wrong with an option's value (None: fine), judged by its default's type and the rules above."""
+    if key in OPTION_CHOICES:
+        return None if value in OPTION_CHOICES[key] else f"must be one of {', '.join(OPTION_CHOICES[key])}"
+    default = None if param is None else param.default
+    kind = type(default) if default not in (None, inspect.Parameter.empty) else \
+        next((t for t in (int, str) if param is not None and t.__name__ in str(param.annotation)), None)
+    if value is None and default is None:
+        return None
+    if kind is bool and not isinstance(value, bool):
+        return "must be true or false"
+    low, high = INT_RANGES.get(key, (1, math.inf))
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high):
+        return f"must be a whole number in [{low}, {high}]" if key in INT_RANGES else "must be a whole number >= 1"
+    if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                          or value < 0 or (key in FRACTIONS and value > 1)):
+        return "must be a number in [0, 1]" if key in FRACTIONS else "must be a finite number >= 0"
+    if kind is str and not isinstance(value, str):
+        return "must be a string"
+    return None
+
+
+def check_options(name: str, options: dict) -> None:
+    params = _parameters(name)
+    unknown = sorted(set(options) - set(params)) if params is not None else []
+    if unknown:
+        raise ValueError(f"--reward_options: reward {name!r} has no option {', '.join(map(repr, unknown))}; its "
+                         f"options are: {', '.join(sorted(params)) or '(none)'}")
+    for key, value in options.items():
+        problem = _value_problem(key, value, None if params is None else params[key])
+        if problem:
+            raise ValueError(f"--reward_options: {name}'s {key} {problem} (got {json.dumps(value)})")
+
+
+_JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "true/false",
+               type(None): "null"}
+
+
+def parse_options(text: str, names: list[str]) -> dict[str, dict]:
+    """--reward_options validated at config time: JSON, an object {reward name: {option: value}} whose names are
+    among `names` (the rewards the run uses) and whose options are parameters of that reward's factory."""
+    try:
+        opts = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--reward_options is not valid JSON: {e.msg} at line {e.lineno} column {e.colno} (char "
+                         f"{e.pos}) of {text!r}") from None
+    example = '\'{"pickscore": {"model": "/local/PickScore_v1"}}\''
+    if not isinstance(opts, dict):
+        raise ValueError(f"--reward_options must be a JSON object {{reward name: {{option: value}}}}, e.g. {example}; "
+                         f"got a JSON {_JSON_TYPES.get(type(opts), type(opts).__name__)}: {text!r}")
+    used = list(dict.fromkeys(names))
+    for name, o in opts.items():
+        if name not in used:
+            raise ValueError(f"--reward_options has options for {name!r}, which this run does not use; its rewards "
+                             f"are: {', '.join(used)}")
+        if not isinstance(o, dict):
+            raise ValueError(f"--reward_options: the value for {name!r} must be a JSON object of options, e.g. "
+                             f"{{\"{name}\": {{\"option\": value}}}}; got a JSON "
+                             f"{_JSON_TYPES.get(type(o), type(o).__name__)}: {json.dumps(o)}")
+        check_options(name, o)
+    return opts
 
 

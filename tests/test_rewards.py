@@ -184,7 +184,7 @@ def geneval_dirs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def scorer(geneval_dirs):
-    return geneval.Scorer(**geneval_dirs, device=DEVICE)
+    return geneval.Scorer(geneval.Options(**geneval_dirs), device=DEVICE)
 
 
 def test_geneval_detections_match_hand_postprocessing(scorer):
@@ -243,7 +243,7 @@ def test_geneval_colours_are_clip_zero_shot_on_masked_crops(scorer, geneval_dirs
 def test_geneval_rewards_end_to_end(geneval_dirs, scorer):
     opts = {"geneval_partial": geneval_dirs, "geneval_overall": geneval_dirs}
     model = RewardModel("geneval_partial,geneval_overall", DEVICE, **opts)
-    shared = [k for k in geneval._SCORERS if ("detector", geneval_dirs["detector"]) in k[1]]
+    shared = [k for k in geneval._SCORERS if k[1].detector == geneval_dirs["detector"]]
     assert len(shared) == 1  # geneval_partial and geneval_overall share one loaded Scorer
     images = rand_images(4, 48, 48, seed=7)
     meta = [{"tag": "single_object", "include": [{"class": "dog", "count": 1}], "prompt": "a photo of a dog"},

@@ -134,7 +134,7 @@ def test_group_keys(monkeypatch):
     monkeypatch.setitem(REGISTRY, "t_const", _const([1.0, 1.0]))
     keys = RewardModel("t_grouped,t_const").group_keys([{"tag": "counting"}, None])
     assert keys == {"t_grouped": ["counting", None], "t_const": [None, None]}
-    assert REGISTRY["geneval_overall"].forwards_to is geneval.Scorer  # the GenEval rewards key by tag (end-to-end test)
+    assert REGISTRY["geneval_overall"].forwards_to is geneval.Options  # the GenEval rewards key by tag (end-to-end)
 
 
 # -- options, checked at config time -----------------------------------------------------------------------------
@@ -156,15 +156,15 @@ USED = ["digit_judge", "ocr", "geneval_partial", "geneval_flow_grpo"]
 ])
 def test_parse_options_errors(text, message):
     with pytest.raises(ValueError, match=message):
-        rewards.parse_options(text, USED)
+        scoring.parse_options(text, USED)
 
 
 def test_parse_options_accepts_what_factories_take():
     text = '{"ocr": {"det_limit_side_len": 320}, "geneval_flow_grpo": {"jpeg_quality": 90, "detector_size": 512}}'
-    assert rewards.parse_options(text, USED) == {"ocr": {"det_limit_side_len": 320},
+    assert scoring.parse_options(text, USED) == {"ocr": {"det_limit_side_len": 320},
                                                  "geneval_flow_grpo": {"jpeg_quality": 90, "detector_size": 512}}
-    assert rewards.parse_options("{}", USED) == {}
-    assert rewards.accepted_options("clean_background") == []
+    assert scoring.parse_options("{}", USED) == {}
+    assert scoring.accepted_options("clean_background") == []
     with pytest.raises(ValueError, match="reward 'clean_background' has no option 'scale'; its options are: "
                                          r"\(none\)"):
         RewardModel("clean_background", clean_background={"scale": 2})  # not a TypeError deep in the factory
