@@ -344,6 +344,14 @@ class Trajectory:
     def final(self) -> Tensor:
         return self.latents[:, -1]
 
+    @staticmethod
+    def cat(parts: list[Trajectory]) -> Trajectory:
+        """The rollouts of several batches over the same grid and window, as one batch."""
+        def joined(name: str) -> Tensor:
+            return torch.cat([getattr(p, name) for p in parts])
+        return Trajectory(joined("latents"), joined("log_probs"), parts[0].stochastic, joined("x0_hat"),
+                          parts[0].sigmas)
+
 
 def randn(shape: Sequence[int], generator: torch.Generator | Sequence[torch.Generator] | None,
           device: torch.device | str = "cpu") -> Tensor:

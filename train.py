@@ -15,18 +15,13 @@ One GRPO iteration (the loop the paper runs CPS in, its Section 4), each step a 
   4. update      per optimizer step, the kept (sample, trained step) terms recomputed with gradients, in micro-batches
                  of terms; `Objective.loss` states what is minimised
   5. evaluate    deterministic ODE samples of held-out prompts with the EMA weights
-Deliberate choices, where the peers differ (docs/NOTES.md, "Deliberate choices"):
-  * every random draw comes from a named stream (`Stream`) seeded by (stream, seed, iteration, ...), never from a
-    global RNG nor from the rank: a run is reproducible, resumes exactly, and trains on the same (sample, step)
-    terms with the same noises on 1 or 64 GPUs (a rank holds a slice of the world's samples; groups may span ranks);
-  * invalid samples (a reward returned NaN) are excluded from advantages and loss and counted, never scored 0;
-  * the loss is a mean over all kept (sample, step) terms of the whole world, whatever the ranks and micro-batches.
-The plumbing lives in the flow_cps package: engine (distributed, Policy, EMA), checkpoints (run folder), plan (the
-plan, batch arithmetic), models (FLUX / SD3 / digits backbones), session (set-up and logs).
+Where this loop departs from the peers on purpose (named random streams, invalid samples excluded, the loss a mean
+over the world's terms): docs/NOTES.md, "Deliberate choices". The plumbing lives in the flow_cps package: session
+(set-up, logs), plan (batch arithmetic), policy (DDP / FSDP2, AdamW, EMA), evaluation (the held-out samples' slots
+and sums), scoring (a run's reward on every rank), models (FLUX / SD3 / built-in backbones).
 """
 from __future__ import annotations
 
-import contextlib
 import enum
 import functools
 import math
@@ -39,9 +34,10 @@ import torch
 
 import grpo
 import sampling
-from flow_cps import engine, lora, plan, scoring
+from flow_cps import distributed, lora, plan, scoring
 from flow_cps.config import Config, parse_config, sde_window_range
-from flow_cps.session import Evaluation, Report, Scores, Session, Timer, all_ranks
+from flow_cps.evaluation import Evaluation, HeldOut
+from flow_cps.session import Report, Scores, Session, Timer
 
 
 # ======================================================================================================================
@@ -102,140 +98,114 @@ class Objective:
         return per_term.sum() * (world / n_terms), stats
 
 
-def draw_prompts(train_set, seed: int, it: int, b: plan.Batch, rank: int, same_noise: bool):
-    """This rank's samples of iteration `it` (`b.rank_slice`: sample s is member s % G of prompt slot s // G):
-    their prompts, metadata, per-sample generators (fresh noise) and initial-noise generators. Each is a function of
-    (seed, it, global sample), whatever the world's slicing."""
+@dataclass
+class Samples:
+    """This rank's samples of an iteration (`plan.Batch.rank_slice`; sample s is member s % G of prompt slot s // G):
+    their prompts, metadata, and per sample the generators of its fresh noise and of its initial noise (the group's
+    with --same_noise_in_group). Each is a function of (seed, iteration, global sample), whatever the slicing."""
+    texts: list[str]
+    meta: list
+    noise: list[torch.Generator]  # eps of every stochastic step
+    start: list[torch.Generator]  # x_1
+
+
+def draw(train_set, seed: int, it: int, b: plan.Batch, rank: int, same_noise: bool) -> Samples:
+    """The prompts of iteration `it` (b.prompts distinct ones where the set allows) and this rank's samples of them."""
     texts, meta = train_set
     ids = np.random.default_rng(seed_of(Stream.PROMPTS, seed, it)).choice(len(texts), b.prompts,
                                                                          replace=len(texts) < b.prompts)
     slots = [divmod(s, b.group_size) for s in range(b.samples)[b.rank_slice(rank)]]
-    gens = generators(Stream.SAMPLE_NOISE, [(seed, it, q, m) for q, m in slots])
-    noise = generators(Stream.GROUP_NOISE, [(seed, it, q) for q, _ in slots]) if same_noise else gens
-    return [texts[ids[q]] for q, _ in slots], [meta[ids[q]] for q, _ in slots], gens, noise
+    noise = generators(Stream.SAMPLE_NOISE, [(seed, it, q, m) for q, m in slots])
+    start = generators(Stream.GROUP_NOISE, [(seed, it, q) for q, _ in slots]) if same_noise else noise
+    return Samples([texts[ids[q]] for q, _ in slots], [meta[ids[q]] for q, _ in slots], noise, start)
 
 
 @torch.no_grad()
-def rollout(backbone, texts, gens, noise_gens, *, grid, step, log_prob, eta, window, micro_batch, device,
-            autocast=contextlib.nullcontext):
-    """1. Trajectories x_{t_0} -> x_{t_N} with the current policy in forwards of `micro_batch` samples; returns the
-    concatenated Trajectory (latents (B, N+1, ...), log-probs (B, N)) and the conditioning."""
-    cond = backbone.encode(texts)
-    x1 = torch.stack([sampling.randn(backbone.latent_shape, g) for g in noise_gens]).to(device)
+def rollout(bb, J: Objective, grid, samples: Samples, window, micro_batch: int):
+    """1. Trajectories x_{t_0} -> x_{t_N} over `grid` with the current policy: J's sampler at J's eta (every step, or
+    only those of the SDE `window`), each step's log-prob by J's log-prob (Eq. 14 / 13), in forwards of `micro_batch`
+    samples. Returns the Trajectory (latents (B, N+1, ...), log-probs (B, N)) and the conditioning."""
+    cond = bb.encode(samples.texts)
+    x1 = torch.stack([sampling.randn(bb.latent_shape, g) for g in samples.start]).to(bb.latent_device)
     parts = []
-    for i in range(0, len(texts), micro_batch):
-        rows = torch.arange(i, min(i + micro_batch, len(texts)))
-        c = backbone.select(cond, rows)
-        velocity = lambda x, t, c=c: _with(autocast, backbone.velocity, x, t, c)  # noqa: E731
-        parts.append(sampling.rollout(velocity, x1[rows], grid, step, eta, gens[i:i + micro_batch], window=window,
-                                      log_prob=log_prob))
-    cat = lambda k: torch.cat([getattr(p, k) for p in parts])  # noqa: E731
-    return sampling.Trajectory(latents=cat("latents"), log_probs=cat("log_probs"), stochastic=parts[0].stochastic,
-                               x0_hat=cat("x0_hat"), sigmas=grid), cond
-
-
-def _with(ctx, fn, *args):
-    with ctx():
-        return fn(*args)
+    for i in range(0, len(samples.texts), micro_batch):
+        rows = torch.arange(i, min(i + micro_batch, len(samples.texts)))
+        velocity = functools.partial(bb.velocity, cond=bb.select(cond, rows))
+        parts.append(sampling.rollout(velocity, x1[rows], grid, J.sampler, J.eta, samples.noise[i:i + micro_batch],
+                                      window=window, log_prob=J.log_prob))
+    return sampling.Trajectory.cat(parts), cond
 
 
 def score(reward_fn, images, texts, meta) -> Scores:
     """2. This rank's rewards and the world's: every rank's totals in rank order (so every rank computes the same
-    advantages), the invalid samples and, for a weighted sum, each component's mean."""
-    mine = all_ranks(reward_fn, images, texts, meta)
-    gathered = lambda v: engine.all_gather_cat(v.to(images.device)).cpu()  # noqa: E731
-    return Scores(mine=mine, totals=gathered(mine.total),
-                  invalid=int(engine.all_reduce(torch.tensor([int((~mine.valid).sum())])).item()),
-                  components={k: scoring.nan_mean(gathered(v)) for k, v in mine.components.items()}
-                  if len(mine.components) > 1 else {})
+    advantages) and, for a weighted sum, each component's world mean (scoring.GroupedSums, the rule of every logged
+    reward mean)."""
+    mine, sums = scoring.on_every_rank(reward_fn, images, texts, meta)
+    totals = distributed.all_gather_cat(mine.total.to(images.device)).cpu()
+    return Scores(mine=mine, totals=totals, components=scoring.GroupedSums.means(sums) if len(mine.components) > 1
+                  else {})
 
 
-def terms(J: Objective, policy, traj, cond, rows, ks, adv, autocast=contextlib.nullcontext):
+def terms(J: Objective, policy, traj, cond, rows, ks, adv):
     """The (sample, step) terms (rows[j], ks[j]), recomputed with gradients: log p_θ of the stored transition, and
     the KL to the LoRA-off reference when beta > 0. At the first update of an iteration the weights are the
     rollout's, so log p_θ equals the stored log-prob (ratio 1; tests check it bitwise)."""
     bb = policy.backbone
     x, x_next = traj.latents[rows, ks], traj.latents[rows, ks + 1]
     grid = traj.sigmas.to(x.device)  # the grid lives on the CPU, the step indices with the samples
-    t, t_next, c = grid[ks], grid[ks + 1], bb.select(cond, rows)
-    v = _with(autocast, bb.velocity, x, t, c, policy.module)
+    t, t_next = grid[ks], grid[ks + 1]
+    c = bb.select(cond, rows)
+    v = bb.velocity(x, t, c, policy.module)
     logp, mean, std = sampling.step_log_prob(v, x, x_next, t, t_next, J.sampler, J.eta, J.log_prob)
     kl = None
     if J.beta > 0:
         with torch.no_grad(), lora.adapter_disabled(bb.transformer):
-            mean_ref = J.sampler(x, _with(autocast, bb.velocity, x, t, c, bb.transformer), t, t_next, J.eta)[0]
+            mean_ref = J.sampler(x, bb.velocity(x, t, c, bb.transformer), t, t_next, J.eta)[0]
         kl = J.kl_form(mean, mean_ref, std, t - t_next)
     return logp, traj.log_probs[rows, ks], adv[rows], kl
 
 
-def update(J: Objective, policy, traj, cond, adv, keep, steps, *, work: list[plan.Update], micro_batch, world,
-           max_grad_norm, autocast=contextlib.nullcontext) -> Tally:
-    """4. One optimizer step on J per `work` item (plan.Batch.split): each flattens its samples' (sample, trained
-    step) pairs and runs them in forwards of `micro_batch` terms, accumulating the gradient of J (`Objective.loss`)."""
-    tally, K, pad = Tally(), steps.shape[1], engine.padding_row(traj, adv, keep)
+def update(J: Objective, policy, traj, cond, adv, steps, work: list[plan.Update], max_grad_norm: float) -> Tally:
+    """4. One optimizer step on J per `work` item (plan.Batch.split): each runs its samples' (sample, trained step)
+    terms in forwards of micro_batch terms, accumulating the gradient of J (`Objective.loss`); a rank with fewer
+    forwards than the busiest pads with a finite sample of weight 0 (plan.padding_row)."""
+    tally = Tally()
+    pad = plan.padding_row(traj, adv, work)
     policy.module.train()
     for u, step in enumerate(work):
-        rows = step.rows.to(adv.device)
-        pair_rows, pair_ks = rows.repeat_interleave(K), steps[rows].flatten()  # sample-major (sample, step) pairs
-        tally.kept += len(rows)
+        tally.kept += len(step.rows)
         if step.terms == 0:
             continue
-        for f in range(step.forwards):
-            sl = slice(f * micro_batch, (f + 1) * micro_batch)
-            r, k, weight = pair_rows[sl], pair_ks[sl], 1.0
-            if len(r) == 0:  # padding, so every rank runs as many forwards (DDP / FSDP2 collectives)
-                r, k, weight = pad, steps[pad, 0], 0.0
-            with engine.grad_sync(policy.module, f == step.forwards - 1):
-                logp, logp_old, a, kl = terms(J, policy, traj, cond, r, k, adv, autocast)
-                loss, st = J.loss(logp, logp_old, a, kl, n_terms=step.terms, world=world)
+        for f, (rows, ks, weight) in enumerate(step.micro_batches(steps, pad)):
+            with policy.grad_sync(f == step.forwards - 1):  # the gradients are reduced over ranks once per update
+                logp, logp_old, a, kl = terms(J, policy, traj, cond, rows, ks, adv)
+                loss, st = J.loss(logp, logp_old, a, kl, n_terms=step.terms, world=policy.world)
                 policy.backward(loss * weight)  # loss.backward(), fp16: loss-scaled
             if weight:
-                tally.add_terms(loss, st, kl, len(r), first_update=u == 0)
+                tally.add_terms(loss, st, kl, len(rows), first_update=u == 0)
         tally.add_step(policy.step(max_grad_norm))
     policy.module.eval()
     return tally
 
 
 @torch.no_grad()
-def evaluate(policy, metrics, texts, meta, *, steps, per_prompt, micro_batch, guidance, rank, world, pad,
-             device="cpu", autocast=contextlib.nullcontext) -> Evaluation:
+def evaluate(policy, held_out: HeldOut) -> Evaluation:
     """5. Deterministic ODE samples with the EMA weights, of the held-out prompts x `per_prompt` fixed noises (the
     same for every run, sampler and iteration), streamed: sample, decode and score one micro-batch at a time,
-    keeping only the sums of the scores and the grid's images."""
-    bb, mine, n_real = policy.backbone, *engine.eval_slots(len(texts), per_prompt, rank, world, pad)
-    sums, shown, finite, error, before = scoring.GroupedSums(), [], True, None, dict(metrics.failures)
-    with policy.ema_weights(), bb.guidance_scale(guidance):
-        for i in range(0, len(mine), micro_batch):
-            chunk = mine[i:i + micro_batch]
-            noise = generators(Stream.EVAL_NOISE, [(p, k) for k, p in chunk])
-            images = ode_images(bb, [texts[p] for _, p in chunk], noise, steps, device, autocast)
-            real = [j for j in range(len(chunk)) if i + j < n_real]  # the rest is FSDP2's padding
-            finite &= bool(torch.isfinite(images[real]).all())
-            if error is None and real:  # after an error, the forwards go on (FSDP2: collectives) unscored
-                try:
-                    sums.add(metrics, images[real], [texts[chunk[j][1]] for j in real],
-                             [meta[chunk[j][1]] for j in real])
-                except scoring.RewardError as e:
-                    error = str(e)
-            shown += [images[j] for j in real if chunk[j][0] < Evaluation.GRID and chunk[j][1] < Evaluation.GRID]
-    # one collective, whatever each rank evaluated; rank 0 reports the others' scoring failures
-    parts = engine.all_gather_objects((sums, error, metrics.failures_since(before)))
-    if errors := [e for _, e, _ in parts if e]:
-        raise scoring.RewardError(errors[0])
-    if rank == 0:
-        metrics.merge_failures([f for _, _, f in parts])
-    result = scoring.GroupedSums.means([s for s, _, _ in parts])
-    if not finite:
-        print(f"rank {rank}: evaluation images are not finite (the model diverged): metrics reported as NaN")
-    return Evaluation(metrics={k: v if finite else math.nan for k, v in result.items()},
-                      images=shown, columns=min(Evaluation.GRID, len(texts)))
+    keeping only the sums of the scores and the grid's images (evaluation.Sums)."""
+    bb = policy.backbone
+    sums = held_out.sums()
+    with policy.ema_weights(), bb.guidance_scale(held_out.guidance):
+        for pairs in held_out.batches():  # this rank's (noise k, prompt p) pairs
+            noise = generators(Stream.EVAL_NOISE, [(p, k) for k, p in pairs])
+            sums.add(pairs, ode_images(bb, [held_out.texts[p] for _, p in pairs], noise, held_out.steps))
+    return sums.result()  # one collective: the world's means; the grid's images on rank 0
 
 
-def ode_images(bb, texts, noise, steps: int, device, autocast) -> torch.Tensor:
+def ode_images(bb, texts, noise, steps: int) -> torch.Tensor:
     """Images of the deterministic ODE samples (the evaluation sampler, the paper's too) from these noises."""
-    cond = bb.encode(texts)
-    x1 = torch.stack([sampling.randn(bb.latent_shape, g) for g in noise]).to(device)
-    velocity = lambda x, t: _with(autocast, bb.velocity, x, t, cond)  # noqa: E731
+    x1 = torch.stack([sampling.randn(bb.latent_shape, g) for g in noise]).to(bb.latent_device)
+    velocity = functools.partial(bb.velocity, cond=bb.encode(texts))
     return bb.decode(sampling.rollout(velocity, x1, bb.sigmas(steps), "ode").final)
 
 
@@ -258,19 +228,23 @@ class Tally:
     first_ratio_max_dev: float = -math.inf  # |ratio - 1| at the first update: 0 when the recomputation is on-policy
 
     def add_terms(self, loss, st: dict, kl, n: int, first_update: bool) -> None:
-        self.terms, self.loss = self.terms + n, self.loss + float(loss.detach())
+        self.terms += n
+        self.loss += float(loss.detach())
         self.clipfrac += st["clipfrac"] * n
         self.approx_kl += st["approx_kl"] * n
         self.ratio_mean += st["ratio_mean"] * n
         if kl is not None:
-            self.kl, self.kl_terms = self.kl + float(kl.detach().sum()), self.kl_terms + n
-        self.ratio_min, self.ratio_max = min(self.ratio_min, st["ratio_min"]), max(self.ratio_max, st["ratio_max"])
+            self.kl += float(kl.detach().sum())
+            self.kl_terms += n
+        self.ratio_min = min(self.ratio_min, st["ratio_min"])
+        self.ratio_max = max(self.ratio_max, st["ratio_max"])
         if first_update:
             dev = max(abs(st["ratio_max"] - 1), abs(st["ratio_min"] - 1))
             self.first_ratio_max_dev = max(self.first_ratio_max_dev, dev)
 
     def add_step(self, grad_norm: float) -> None:
-        self.steps, self.grad_norm = self.steps + 1, self.grad_norm + grad_norm
+        self.steps += 1
+        self.grad_norm += grad_norm
 
     def reduce(self) -> dict:
         """World-wide means over terms (clipfrac, approx_kl, ratio_mean, kl) and over optimizer steps (loss = J,
@@ -280,16 +254,20 @@ class Tally:
         s = {}
         for op in ("sum", "min", "max"):  # one collective per reduction
             names = [k for k, o in ops.items() if o == op]
-            s.update(zip(names, engine.all_reduce(torch.tensor([getattr(self, k) for k in names], dtype=torch.float64),
-                                                  op).tolist()))
-        mean = lambda total, count: total / count if count else math.nan  # noqa: E731
-        out = dict(kept=int(s["kept"]), loss=mean(s["loss"], s["steps"]), clipfrac=mean(s["clipfrac"], s["terms"]),
-                   approx_kl=mean(s["approx_kl"], s["terms"]), ratio_mean=mean(s["ratio_mean"], s["terms"]),
-                   grad_norm=mean(s["grad_norm"], s["steps"]), ratio_min=s["ratio_min"], ratio_max=s["ratio_max"],
-                   first_ratio_max_dev=s["first_ratio_max_dev"])
+            s.update(zip(names, distributed.all_reduce(torch.tensor([getattr(self, k) for k in names],
+                                                                    dtype=torch.float64), op).tolist()))
+        out = dict(kept=int(s["kept"]), loss=average(s["loss"], s["steps"]),
+                   clipfrac=average(s["clipfrac"], s["terms"]), approx_kl=average(s["approx_kl"], s["terms"]),
+                   ratio_mean=average(s["ratio_mean"], s["terms"]), grad_norm=average(s["grad_norm"], s["steps"]),
+                   ratio_min=s["ratio_min"], ratio_max=s["ratio_max"], first_ratio_max_dev=s["first_ratio_max_dev"])
         if s["kl_terms"]:
             out["kl"] = s["kl"] / s["kl_terms"]
         return {k: math.nan if isinstance(v, float) and math.isinf(v) else v for k, v in out.items()}
+
+
+def average(total: float, count: float) -> float:
+    """A named sum over a named count; NaN when nothing was counted."""
+    return total / count if count else math.nan
 
 
 # ======================================================================================================================
@@ -299,45 +277,46 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.dry_run:
         return plan.dry_run(cfg)
     with Session(cfg) as run:  # ranks, run folder, prompts, models, policy, resume, logs; all checked before work
-        b, policy, bb, rank, device = run.batch, run.policy, run.policy.backbone, run.rank, run.device
+        b = run.batch  # this rank's slice of the world's samples, the updates, the micro-batches (plan.Batch)
+        policy = run.policy
+        bb = policy.backbone
         J = Objective.of(cfg)  # the sampler, eta, log-prob and KL form: functions and values from here on
-        advantage, trained_steps = grpo.ADVANTAGES[cfg.advantage], grpo.TIMESTEPS[cfg.timesteps]
-        held_out = functools.partial(evaluate, policy, run.metrics, *run.eval_set, steps=cfg.eval_steps,
-                                     per_prompt=cfg.eval_per_prompt, micro_batch=b.micro_batch, rank=rank,
-                                     world=run.world, guidance=cfg.eval_guidance, pad=policy.fsdp,
-                                     device=device, autocast=run.autocast)
-        grid, window, timer = bb.sigmas(cfg.num_steps), None, Timer()
+        advantage = grpo.ADVANTAGES[cfg.advantage]
+        trained_steps = grpo.TIMESTEPS[cfg.timesteps]
+        grid = bb.sigmas(cfg.num_steps)
+        timer = Timer()
         if run.start == 1:
-            run.log(Report(0, evaluation=held_out()))
+            run.log(Report(0, evaluation=evaluate(policy, run.held_out)))
         for it in run.iterations():
             timer.clear()
-            texts, meta, gens, noise = draw_prompts(run.train_set, cfg.seed, it, b, rank, cfg.same_noise_in_group)
-            if cfg.sde_window:  # Flow-GRPO-Fast: this iteration's stochastic window
+            mine = draw(run.train_set, cfg.seed, it, b, run.rank, cfg.same_noise_in_group)
+            window = None  # every step stochastic, or Flow-GRPO-Fast's window of this iteration:
+            if cfg.sde_window:
                 window = grpo.draw_sde_window(cfg.num_steps, cfg.sde_window, *sde_window_range(cfg),
                                               generators(Stream.SDE_WINDOW, [(cfg.seed, it)])[0])
             with timer("rollout"):  # 1. sample with the current policy
-                traj, cond = rollout(bb, texts, gens, noise, grid=grid, step=J.sampler, log_prob=J.log_prob,
-                                     eta=J.eta, window=window, micro_batch=b.micro_batch, device=device,
-                                     autocast=run.autocast)
+                traj, cond = rollout(bb, J, grid, mine, window, b.micro_batch)
                 images = bb.decode(getattr(traj, cfg.reward_image))  # the final sample, or DanceGRPO's x0_hat
             with timer("reward"):  # 2. rewards, every rank's
-                scores = score(run.reward_fn, images, texts, meta)
+                scores = score(run.reward_fn, images, mine.texts, mine.meta)
             adv = advantage(scores.totals, torch.arange(b.samples) // b.group_size, clip=cfg.adv_clip)  # 3.
             keep = torch.isfinite(scores.totals) & ((adv != 0) if cfg.drop_zero_adv else True)  # the world's
             labels = grpo.split_updates(keep, b.updates, generators(Stream.UPDATE_SPLIT, [(cfg.seed, it)])[0])
             steps = trained_steps(traj.stochastic, b.samples, cfg.timestep_fraction,
                                   generators(Stream.TRAINED_STEPS, [(cfg.seed, it)])[0])
-            mine = b.rank_slice(rank)
+            rows = b.rank_slice(run.rank)
             with timer("train"):  # 4. optimizer steps on J
-                tally = update(J, policy, traj, cond, adv[mine].to(device), keep[mine].to(device),
-                               steps[mine].to(device), work=b.split(labels, rank, steps.shape[1]),
-                               micro_batch=b.micro_batch, world=run.world, max_grad_norm=cfg.max_grad_norm,
-                               autocast=run.autocast)
-            due = it % cfg.eval_every == 0 or it == cfg.iterations
-            with timer("eval"):  # 5. held-out evaluation (and the held-out metrics on the training samples)
-                ev, train_metrics = (held_out(), run.train_metrics(images, texts, meta)) if due else (None, {})
-            run.log(Report(it, scores=scores, stats=tally.reduce(), evaluation=ev, train_metrics=train_metrics,
-                           timer=dict(timer), images=images if due else None, texts=texts if due else []))
+                tally = update(J, policy, traj, cond, adv[rows].to(run.device), steps[rows].to(run.device),
+                               b.split(labels, run.rank, steps.shape[1]), cfg.max_grad_norm)
+            report = Report(it, scores=scores, stats=tally.reduce())
+            with timer("eval"):  # 5. held-out evaluation, and the held-out metrics on the training samples
+                if it % cfg.eval_every == 0 or it == cfg.iterations:
+                    report.evaluation = evaluate(policy, run.held_out)
+                    report.train_metrics = run.train_metrics(images, mine.texts, mine.meta)
+                    report.images = images  # the training grid's samples and labels
+                    report.texts = mine.texts
+            report.timer = dict(timer)
+            run.log(report)
             if it % cfg.checkpoint_every == 0 or it == cfg.iterations:
                 run.checkpoint(it)
         return run.finish()

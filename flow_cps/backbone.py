@@ -39,7 +39,7 @@ class Backbone:
     """What FLUX and SD3 share: the per-prompt embedding cache, guidance switching, offloading, the transformer's
     timestep (exact, or DanceGRPO's quantised) and the chunked fp32 decode.
 
-    Subclasses set kind, latent_shape and implement _encode_batch, velocity, sigmas and _latents_for_vae.
+    Subclasses set kind, latent_shape and implement _encode_batch, _velocity, sigmas and _latents_for_vae.
     guidance: the scale this model uses (None: no guidance embedding and no CFG); scheduler_config: the pipeline
     scheduler's config, read for the shift (None: no shift); prompt_check(prompt) raises ValueError for a prompt the
     model cannot condition on.
@@ -47,6 +47,7 @@ class Backbone:
 
     kind = ""
     shared_keys: tuple[str, ...] = ()  # conditioning tensors without a batch dim (FLUX's txt_ids)
+    autocast = contextlib.nullcontext  # the context every forward runs in: the precision's (set by policy.Policy)
 
     def __init__(self, transformer: nn.Module, encode_prompt, vae: nn.Module | None, *, guidance: float | None,
                  scheduler_config: dict | None = None, device=None, options: Options | None = None, text_encoders=(),
@@ -162,6 +163,19 @@ class Backbone:
         if not self.quantize_timesteps:
             return t
         return torch.floor(t * sampling.NUM_TRAIN_TIMESTEPS) / sampling.NUM_TRAIN_TIMESTEPS
+
+    def velocity(self, x: Tensor, t: Tensor, cond: dict, model: nn.Module | None = None) -> Tensor:
+        """v_theta(x_t, t, c) in fp32 from `model` (default: the transformer), under the precision's `autocast`."""
+        with self.autocast():
+            return self._velocity(x, t, cond, model)
+
+    def _velocity(self, x: Tensor, t: Tensor, cond: dict, model: nn.Module | None = None) -> Tensor:
+        raise NotImplementedError
+
+    @property
+    def latent_device(self) -> torch.device:
+        """Where the latents live: the backbone's device, else the transformer's."""
+        return self.device if self.device is not None else next(self.transformer.parameters()).device
 
     # -- latents -> images ----------------------------------------------------------------------------------------
     def _vae_factors(self) -> tuple[float, float]:

@@ -33,8 +33,9 @@ import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 from torch.distributed.checkpoint.api import CheckpointException
 
-from flow_cps import engine, export, files, lora
+from flow_cps import distributed, export, files, lora
 from flow_cps.lock import Lock
+from flow_cps.policy import Policy
 
 WRITTEN_BY = "flow_cps train.py"  # config.json's mark: a fresh run clears only a folder that carries it
 RUN_FILES = {"config.json", "metrics.jsonl", "reward_curve.png"}  # the files a run writes at the top of its folder
@@ -175,7 +176,7 @@ class RunFolder:
                 link.unlink(missing_ok=True)
                 link.symlink_to(self.path.name)
                 os.replace(link, self.path.parent / "latest")
-        engine.barrier()
+        distributed.barrier()
 
     def _temporaries(self) -> list[Path]:
         return [q for d in (self.path, *(self.path / n for n in RUN_FOLDERS)) if d.is_dir()
@@ -221,7 +222,7 @@ class RunFolder:
         raise SystemExit("--resume: every checkpoint is damaged: " + "; ".join(problems) +
                          "; run without --resume (and another --output_dir) to start again")
 
-    def save(self, iteration: int, policy: engine.Policy, history: list[dict], config: dict, keep: int) -> Path:
+    def save(self, iteration: int, policy: Policy, history: list[dict], config: dict, keep: int) -> Path:
         """Write checkpoint `iteration` atomically and durably (call on every rank under FSDP2, else on rank 0). The
         earlier checkpoints stay intact until this one is complete and its rename is on disk; then all but the newest
         `keep` up to this one are removed, never this one nor the one the run resumed from."""
@@ -229,7 +230,7 @@ class RunFolder:
         try:
             make = lambda: Path(tempfile.mkdtemp(prefix=f"{files.TMP_PREFIX}{final.name}-", dir=self.root))  # noqa: E731
             self.root.mkdir(exist_ok=True)
-            tmp = engine.from_rank_zero(make) if policy.fsdp else make()  # one folder every rank writes into
+            tmp = distributed.from_rank_zero(make) if policy.fsdp else make()  # one folder every rank writes into
             self._write(tmp, iteration, policy, history, config)
             hashed = _hash_shares(tmp) if policy.fsdp else {}  # every rank hashes a share of the files
             if self.is_main:
@@ -276,12 +277,12 @@ class RunFolder:
                 os.replace(old, aside)
                 shutil.rmtree(aside)
 
-    def _write(self, out: Path, iteration: int, policy: engine.Policy, history: list[dict], config: dict) -> None:
+    def _write(self, out: Path, iteration: int, policy: Policy, history: list[dict], config: dict) -> None:
         """The weights as diffusers loads them, live and EMA: lora/ and lora_ema/ (`pipe.load_lora_weights`), or
         for full fine-tuning transformer/ and transformer_ema/ (`from_pretrained`; under FSDP2 gathered tensor by
         tensor, written shard by shard: export.py). training_state.pt: iteration, history, RNG, config; without
         FSDP also the trained weights, EMA, AdamW state and step counter, which under FSDP2 go to dcp/, one
-        safetensors file per rank (engine.Policy.save_sharded; `read_sharded` assembles them)."""
+        safetensors file per rank (Policy.save_sharded; `read_sharded` assembles them)."""
         tr, kind = policy.backbone.transformer, policy.backbone.kind
         exports = [("", contextlib.nullcontext)] + ([("_ema", policy.ema_weights)] if policy.ema is not None else [])
         for suffix, weights in exports:
@@ -300,7 +301,7 @@ class RunFolder:
             state.update({} if policy.fsdp else policy.state())
             torch.save(state, out / "training_state.pt")
 
-    def load(self, ckpt: Path, policy: engine.Policy) -> tuple[list[dict], int]:
+    def load(self, ckpt: Path, policy: Policy) -> tuple[list[dict], int]:
         """Restore the policy (and the global RNG) from `ckpt`; returns (history, iteration). Every rank reads."""
         st = load_state(ckpt / "training_state.pt")
         if policy.fsdp:
@@ -398,7 +399,7 @@ def verify(ckpt: Path) -> str | None:
     return None
 
 
-def checkpoint_bytes(policy: engine.Policy) -> int:
+def checkpoint_bytes(policy: Policy) -> int:
     """About the size of one checkpoint: per trained parameter (numel is the global count, FSDP2 included), fp32
     (4 bytes) weights, AdamW's two moments (8) and the EMA (4) in the training state or dcp/ shards, plus the
     diffusers exports of the weights and of the EMA (4 + 4): 24 bytes with an EMA, 16 without."""
@@ -408,11 +409,11 @@ def checkpoint_bytes(policy: engine.Policy) -> int:
 def _hash_shares(folder: Path) -> dict[str, str]:
     """(Every rank, once every file is written) sha256 of the files under `folder`, each rank a share of them:
     {name: sha256} of all of them on every rank."""
-    engine.barrier()  # rank 0's exports and training state are written
+    distributed.barrier()  # rank 0's exports and training state are written
     names = files.files_under(folder)[0]
-    rank, world = engine.rank_and_world()
+    rank, world = distributed.rank_and_world()
     mine = dict(zip(names[rank::world], files.sha256_many([folder / n for n in names[rank::world]])))
-    return {k: v for part in engine.all_gather_objects(mine) for k, v in part.items()}
+    return {k: v for part in distributed.all_gather_objects(mine) for k, v in part.items()}
 
 
 def _cause(e: BaseException) -> BaseException:

@@ -3,7 +3,7 @@ command-line parser generated from the fields, and the validation of every field
 Config into the batch arithmetic and memory plan; train.py runs it.
 
 A flag with a fixed set of values is declared once, with `choice(default, doc, options)`: `options` is the registry
-the code looks the value up in (sampling.SAMPLERS, grpo.ADVANTAGES, ...), or the engine's tuple of names, and the
+the code looks the value up in (sampling.SAMPLERS, grpo.ADVANTAGES, ...), or the plumbing's tuple of names, and the
 same declaration gives argparse its `choices` and `validate` its check."""
 from __future__ import annotations
 
@@ -19,9 +19,12 @@ import torch
 import grpo
 import rewards
 import sampling
-from flow_cps import engine, scoring
+from flow_cps import scoring
+from flow_cps.distributed import DEVICES
 from flow_cps.logs import REPORT_TO
 from flow_cps.lora import LoRA
+from flow_cps.policy import PARALLEL
+from flow_cps.precision import PRECISIONS
 
 # Flow-GRPO's LoRA targets for FLUX/SD3 attention (its config/grpo.py; docs/NOTES.md, "Where the numbers come
 # from"). SD3.5's second (MMDiT-X) attention is named "attn2" and is not matched, as in Flow-GRPO.
@@ -54,7 +57,7 @@ class Config:
     resume: bool = option(False, "continue the run in output_dir (empty: runs/<preset>/latest) from its newest "
                           "complete checkpoint, exactly")
     device: str = choice("auto", "'auto' (cuda:LOCAL_RANK if available, else cpu), 'cpu' or 'cuda' (each process "
-                         "uses cuda:LOCAL_RANK: choose the GPUs with CUDA_VISIBLE_DEVICES)", engine.DEVICES)
+                         "uses cuda:LOCAL_RANK: choose the GPUs with CUDA_VISIBLE_DEVICES)", DEVICES)
     # model and prompts
     model: str = option("digits", "'digits' or 'shapes' (built-in tiny FLUX models) or a hub id / local diffusers "
                         "folder (FLUX.1, SD3.5)")
@@ -118,17 +121,17 @@ class Config:
     ema_interval: int = option(1, "the EMA updates only after every this many optimizer steps (Flow-GRPO: 8)")
     ema_updates_per_step: int = option(1, "EMA updates per optimizer step (Flow-GRPO updates once per training batch: "
                                        "2 per step in its 32-GPU SD3.5 runs, 6 for FLUX.1); independent of the world "
-                                       "size (engine.EMASchedule)")
+                                       "size (ema.EMASchedule)")
     ema_warmup: bool = option(False, "Flow-GRPO's warm-up decay min((1 + s)/(10 + s), ema_decay) at optimizer step "
                               "s")
     # scale
     parallel: str = choice("ddp", "multi-GPU engine: 'ddp' (a replica per GPU) or 'fsdp' (FSDP2: weights, grads and "
-                           "optimizer state sharded per transformer block)", engine.PARALLEL)
+                           "optimizer state sharded per transformer block)", PARALLEL)
     gradient_checkpointing: bool = option(False, "recompute each transformer block in backward: less activation "
                                           "memory, ~1/3 more training compute")
     precision: str = choice("auto", "'bf16': bf16 frozen weights + bf16 autocast; 'fp16': fp16 frozen weights + fp16 "
                             "autocast + dynamic loss scaling; 'fp32'; 'auto' = bf16 on CUDA, fp32 on CPU (trained "
-                            "weights, sampler math and the VAE are always fp32)", ("auto", *engine.PRECISIONS))
+                            "weights, sampler math and the VAE are always fp32)", ("auto", *PRECISIONS))
     collective_timeout: float = option(30.0, "minutes a collective waits for another rank before the run stops: "
                                        "the backstop for a rank that hangs without failing (a rank that fails stops "
                                        "every rank at once; waits for loading weights have their own 6 h)")

@@ -200,11 +200,11 @@ def memory_estimate(info: ModelInfo, run: Spec) -> dict:
       weights        frozen transformer weights in the precision's dtype (2 B/param; fp32: 4); FSDP2 (any world,
                      one included): params 1/world, buffers whole, + the all-gathered root and two blocks (the one in
                      use, the prefetched next) while a forward or backward runs, in the precision's dtype (full
-                     fine-tuning: fp32, as DanceGRPO's FSDP1 gathers them; engine.Policy)
+                     fine-tuning: fp32, as DanceGRPO's FSDP1 gathers them; policy.Policy)
       trainable      fp32 master weights + gradients + AdamW m, v (+ EMA) = 16 (20) B/param; FSDP2: 1/world
       accumulation   gradient buffers beyond that: DDP's buckets (4 B/param); FSDP2 LoRA: the unsharded fp32
                      gradients accumulated until the update's last micro-batch reduce-scatters them (4 B/param, whole);
-                     FSDP2 full fine-tuning reduce-scatters every micro-batch (engine.grad_sync): the fp32 gradients
+                     FSDP2 full fine-tuning reduce-scatters every micro-batch (policy.grad_sync): the fp32 gradients
                      of the one or two blocks in flight, never the whole model
       text encoders  in the precision's dtype (0 with --offload: then a transient while encoding)
       VAE            fp32 weights (decoding is fp32, as Flow-GRPO)
@@ -263,7 +263,7 @@ def memory_estimate(info: ModelInfo, run: Spec) -> dict:
     infer = lambda n: INFERENCE_FRACTION * (act_block + act_dual) / batch * n * cfg2  # noqa: E731
     decode = lambda n: VAE_MAPS * 128 * run.resolution ** 2 * 4 * min(n, run.decode_batch)  # noqa: E731
     autocast_copies = n_trained * 2 if not fsdp and run.precision != "fp32" else 0
-    optimizer_step = (counts["param_max"] if full else n_trained) * 4 / shard  # engine.Policy: per-tensor AdamW if full
+    optimizer_step = (counts["param_max"] if full else n_trained) * 4 / shard  # policy.Policy: per-tensor AdamW if full
     static = weights + state + vae + reward + (0 if run.offload else encoders) + rollout_buffers
     static += accumulation if not fsdp else 0
     offloaded = encoders if run.offload else 0

@@ -92,7 +92,7 @@ class FluxBackbone(Backbone):
         return dict(prompt_embeds=emb, pooled=pooled), dict(txt_ids=txt_ids)
 
     # -- the velocity field -------------------------------------------------------------------------------------
-    def velocity(self, x: Tensor, t: Tensor, cond: dict, model: nn.Module | None = None) -> Tensor:
+    def _velocity(self, x: Tensor, t: Tensor, cond: dict, model: nn.Module | None = None) -> Tensor:
         """v_theta(x_t, t, c) for packed latents x (B, L, C) and t (B,) in [0, 1] (FLUX's timestep is t itself:
         the pipeline passes timestep/1000 with timestep = 1000 t). Returned in fp32 for the sampler.
 
@@ -172,7 +172,7 @@ class SD3Backbone(Backbone):
             return self._expand_shared({**rows, "neg_prompt_embeds": neg, "neg_pooled": neg_pooled}, len(prompts))
         return super().encode(prompts, cache)
 
-    def velocity(self, x: Tensor, t: Tensor, cond: dict, model: nn.Module | None = None) -> Tensor:
+    def _velocity(self, x: Tensor, t: Tensor, cond: dict, model: nn.Module | None = None) -> Tensor:
         """v_theta(x_t, t, c) with CFG for latents x (B, C, h, w), t (B,) in [0, 1]; fp32. The transformer gets
         timestep = 1000 t in fp32, exactly the scheduler's `timesteps` (sigmas * 1000); with quantize_timesteps
         int(1000 t)."""

@@ -19,9 +19,12 @@ import torch
 import grpo
 import rewards
 import sampling
-from flow_cps import engine, models, prompts
+from flow_cps import models, prompts
 from flow_cps.config import PAPER_PROMPTS, PRESET_GPUS, PRESETS, PROMPT_SOURCES, Config, parse_config, validate
+from flow_cps.ema import EMASchedule
 from flow_cps.memory import GB, KNOWN_MODELS, ModelInfo, Spec, memory_estimate, model_info  # noqa: F401 (plan.KNOWN_MODELS)
+from flow_cps.policy import Diverged
+from flow_cps.precision import precision
 
 
 # -- the plan ----------------------------------------------------------------------------------------------------
@@ -72,7 +75,8 @@ class Batch:
         for u in range(self.updates):
             counts = (per_rank == u).sum(1)
             out.append(Update(rows=torch.nonzero(mine == u)[:, 0], terms=int(counts.sum()) * trained_steps,
-                              forwards=math.ceil(int(counts.max()) * trained_steps / self.micro_batch)))
+                              forwards=math.ceil(int(counts.max()) * trained_steps / self.micro_batch),
+                              micro_batch=self.micro_batch))
         return out
 
     def problem(self) -> str | None:
@@ -89,10 +93,39 @@ class Batch:
 @dataclass(frozen=True)
 class Update:
     """One optimizer step's work on one rank: its samples (rank-local rows), the world's (sample, step) terms (the
-    objective's denominator) and the forwards every rank runs (the busiest rank's count)."""
+    objective's denominator), the forwards every rank runs (the busiest rank's count) and the terms per forward."""
     rows: torch.Tensor
     terms: int
     forwards: int
+    micro_batch: int
+
+    def micro_batches(self, steps: torch.Tensor, pad: torch.Tensor):
+        """The update's forwards, each (rows, trained steps, weight): its samples' (sample, trained step) pairs,
+        sample-major, `micro_batch` at a time; once this rank's pairs run out, the padding sample `pad` (`padding_row`)
+        with weight 0, so that every rank runs `forwards` (DDP and FSDP2 forwards and backwards are collectives)."""
+        rows = self.rows.to(steps.device)
+        pair_rows, pair_ks = rows.repeat_interleave(steps.shape[1]), steps[rows].flatten()
+        for f in range(self.forwards):
+            part = slice(f * self.micro_batch, (f + 1) * self.micro_batch)
+            if len(pair_rows[part]):
+                yield pair_rows[part], pair_ks[part], 1.0
+            else:
+                yield pad, steps[pad, 0], 0.0
+
+
+def padding_row(traj, adv: torch.Tensor, work: list[Update]) -> torch.Tensor:
+    """The sample a rank pads its forwards with when another rank has more (`Update.micro_batches`): its loss is
+    multiplied by 0, and 0 x NaN is NaN in backward (all-reduced to every rank), so it must be finite: a sample one
+    of this rank's updates trains if there is one, else any sample whose trajectory, log-probs and advantage are
+    finite."""
+    finite = (torch.isfinite(traj.latents.flatten(1)).all(1) & torch.isfinite(traj.log_probs).all(1)).to(adv.device)
+    finite &= torch.isfinite(adv)
+    trained = torch.zeros_like(finite)
+    trained[torch.cat([u.rows for u in work]).to(adv.device)] = True
+    rows = torch.cat([torch.nonzero(trained & finite)[:, 0], torch.nonzero(finite)[:, 0]])[:1]
+    if len(rows) == 0:
+        raise Diverged("every sample of this rank is non-finite (trajectory or advantage)")
+    return rows
 
 
 def batch(cfg: Config, world: int) -> Batch:
@@ -110,11 +143,11 @@ def world_sizes(cfg: Config, upto: int = 64) -> list[int]:
                                                     cfg.micro_batch).problem() is None]
 
 
-def ema_schedule(cfg: Config) -> engine.EMASchedule | None:
+def ema_schedule(cfg: Config) -> EMASchedule | None:
     """The run's EMA schedule, from its config alone: the same at any world size (None: no EMA)."""
     if cfg.ema_decay == 0:
         return None
-    return engine.EMASchedule(cfg.ema_decay, cfg.ema_interval, cfg.ema_updates_per_step, cfg.ema_warmup)
+    return EMASchedule(cfg.ema_decay, cfg.ema_interval, cfg.ema_updates_per_step, cfg.ema_warmup)
 
 
 def trained_steps(sampler: str, grid: torch.Tensor, eta: float, timesteps: str, fraction: float,
@@ -154,7 +187,7 @@ WORDS = {
 }
 
 
-def ema_words(e: engine.EMASchedule | None) -> str:
+def ema_words(e: EMASchedule | None) -> str:
     if e is None:
         return "none: evaluation and exports use the live weights"
     decay = f"the warm-up decay min((1 + s)/(10 + s), {e.decay:g})" if e.warmup else f"{e.decay:g}"
@@ -173,7 +206,7 @@ def algorithm(cfg: Config, b: Batch, k: int, device: str) -> list[str]:
               if cfg.sde_window else "")
     what = (f"LoRA rank {cfg.lora_rank}, alpha {cfg.lora_alpha:g}" if cfg.lora else "every transformer weight (full "
             "fine-tuning)")
-    prec = engine.precision(cfg.precision, torch.device(device))
+    prec = precision(cfg.precision, torch.device(device))
     return ["  the algorithm (GRPO, one iteration = rollout, rewards, advantages, updates):",
             f"    sampler: {WORDS['sampler'][cfg.sampler]}, eta {cfg.eta:g}{window}; "
             f"{'one initial noise per group; ' if cfg.same_noise_in_group else ''}"

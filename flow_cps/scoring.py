@@ -1,12 +1,14 @@
-"""A run's reward: registered rewards (rewards.py) combined, checked and made loud.
+"""A run's reward: registered rewards (rewards.py) combined, checked and made loud, scored on every rank.
 
     reward = RewardModel("digit_judge:1,clean_background:0.5", device, **options)
     out = reward(images, prompts, metadata)     # out.total (B,), out.components {name: (B,)}, out.valid (B,) bool
+    out, sums = on_every_rank(reward, images, prompts, metadata)   # and every rank's GroupedSums, failures gathered
+    GroupedSums.means(sums)                     # {component: mean}: the one rule for every logged reward mean
 
-A weighted sum normalises each component first (`Normaliser`) and logs each raw component; a single reward trains on
-its own scale. Samples a reward cannot score are invalid (excluded by GRPO), and failures are loud: non-finite images
-are never scored, each distinct per-sample error is warned once and counted, and a component that scores nothing
-raises `RewardError`, which stops the run. `parse_options` checks `--reward_options` before any work.
+A weighted sum normalises each component first (rewards.Normaliser) and logs each raw component; a single reward trains
+on its own scale. Samples a reward cannot score are invalid (excluded by GRPO), and failures are loud: non-finite
+images are never scored, each distinct per-sample error is warned once and counted, and a component that scores
+nothing raises `RewardError`, which stops the run. `parse_options` checks `--reward_options` before any work.
 
 The command line that scores image files is rewards.py's (`python rewards.py ocr sign.png --prompt '...'`).
 """
@@ -22,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from flow_cps import distributed
 from rewards import REGISTRY, check_images, combine, normaliser, parse_spec
 
 
@@ -148,12 +151,18 @@ class RewardModel:
 
 
 class GroupedSums(dict):
-    """{(component, group key): [sum, count]} of a RewardModel's finite scores over many batches (the streamed
-    held-out evaluation). A grouped component (GenEval: its tags) is reported as the mean over its groups' means,
-    the others (one group, None) as the plain mean."""
+    """{(component, group key): [sum, count]} of a RewardModel's finite scores over batches and ranks: the one rule
+    behind every logged mean of a reward (the training reward's components, the held-out metrics on the training
+    samples and on the held-out ones). A grouped component (GenEval: its tags) is reported as the mean over its
+    groups' means, the others (one group, None) as the plain mean."""
 
     def add(self, reward: RewardModel, images: Tensor, prompts: list[str], metadata: list) -> None:
-        out, keys = reward(images, prompts, metadata), reward.group_keys(metadata)
+        """Score a batch with `reward` and add its finite scores."""
+        self.count(reward, reward(images, prompts, metadata), metadata)
+
+    def count(self, reward: RewardModel, out: RewardOutput, metadata: list) -> None:
+        """Add the finite scores of `reward`'s output `out` for a batch with this metadata."""
+        keys = reward.group_keys(metadata)
         for name, v in out.components.items():
             for j, x in enumerate(v.tolist()):
                 if math.isfinite(x):
@@ -172,9 +181,31 @@ class GroupedSums(dict):
         return {m: float(np.mean([t / n for (name, _), (t, n) in merged.items() if name == m])) for m in names}
 
 
-def nan_mean(x: Tensor) -> float:
-    x = x[torch.isfinite(x)]
-    return float(x.mean()) if x.numel() else float("nan")
+
+# -- on every rank ---------------------------------------------------------------------------------------------------
+def gather(reward: RewardModel, before: dict[str, int], error: str | None, sums: GroupedSums) -> list[GroupedSums]:
+    """The one collective after `reward` scored this rank's samples: every rank's `sums`, in rank order. A RewardError
+    on any rank (`error`) is raised on every rank, so none waits at the next collective for one that stopped; rank 0
+    reports the samples the other ranks could not score since `before` (a copy of `reward.failures` taken before
+    scoring): warned once per cause, naming the rank, and counted in its `reward.failures`."""
+    parts = distributed.all_gather_objects((sums, error, reward.failures_since(before)))
+    if errors := [e for _, e, _ in parts if e]:
+        raise RewardError(errors[0])
+    if distributed.rank_and_world()[0] == 0:
+        reward.merge_failures([f for _, _, f in parts])
+    return [s for s, _, _ in parts]
+
+
+def on_every_rank(reward: RewardModel, images: Tensor, prompts: list[str], metadata: list
+                  ) -> tuple[RewardOutput, list[GroupedSums]]:
+    """`reward` on this rank's samples: its output, and every rank's GroupedSums (`gather`)."""
+    before, sums, out, error = dict(reward.failures), GroupedSums(), None, None
+    try:
+        out = reward(images, prompts, metadata)
+        sums.count(reward, out, metadata)
+    except RewardError as e:
+        error = str(e)
+    return out, gather(reward, before, error, sums)
 
 
 # -- options, checked at start-up ------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""A training session: everything around train.py's loop. Ranks and device, the run folder (checkpoints.py), the
-prompt sets, the models and the policy (engine.py), the logs and figures (logs.py), the final summary. Every check
+"""A training session: everything around train.py's loop. Ranks and device (distributed.py), the run folder
+(checkpoints.py), the prompt sets, the models and the policy (policy.py), the held-out evaluation (evaluation.py), the
+logs and figures (logs.py), the final summary. Every check
 that can fail runs before the run folder is written, and an error stops all ranks with one message.
 
 What an iteration reports reaches `Session.log` as one `Report` (its `Scores`, its `Evaluation`, ...), computed by
@@ -19,8 +20,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from flow_cps import checkpoints, engine, hub, logs, models, plan, prompts, scoring
+from flow_cps import checkpoints, distributed, hub, logs, models, plan, prompts, scoring
 from flow_cps.config import RESUMABLE_CHANGES, Config, reward_options, sampler_problem, validate
+from flow_cps.evaluation import Evaluation, HeldOut
+from flow_cps.policy import Diverged, Policy
+from flow_cps.precision import Precision, precision
 
 EVAL = "eval/"  # the prefix of the held-out metrics in the logs
 TRAIN_GRID = 8  # the training-sample grid: up to 8 members of each of the first 8 prompts' groups
@@ -31,18 +35,12 @@ class Scores:
     """An iteration's rewards: this rank's (`mine`: total, components, valid) and the world's."""
     mine: scoring.RewardOutput
     totals: Tensor  # (world samples,) every rank's totals in rank order, NaN where invalid
-    invalid: int  # samples of the world no reward could score
     components: dict[str, float]  # a weighted sum's components: the world's mean of each (empty for one reward)
 
-
-@dataclass
-class Evaluation:
-    """The held-out metrics {name: value} and the grid's images: rank 0's samples of the first GRID noises (rows)
-    x GRID prompts (`columns`), noise-major."""
-    GRID = 10  # at most 10 x 10 evaluation images are drawn
-    metrics: dict[str, float]
-    images: list[Tensor]
-    columns: int
+    @property
+    def invalid(self) -> int:
+        """Samples of the world no reward could score."""
+        return int((~torch.isfinite(self.totals)).sum())
 
 
 @dataclass
@@ -90,14 +88,14 @@ class Session:
 
     def __init__(self, cfg: Config):
         self.cfg, self.folder = cfg, None
-        self.rank, self.world, self.device = engine.setup(cfg.device, need_group=cfg.parallel == "fsdp",
+        self.rank, self.world, self.device = distributed.setup(cfg.device, need_group=cfg.parallel == "fsdp",
                                                           timeout_minutes=cfg.collective_timeout)
         try:
             validate(cfg)
             self.is_main, self.batch = self.rank == 0, plan.batch(cfg, self.world)
-            if not self.is_main:  # each distinct reward failure is reported once, by rank 0 (`all_ranks`)
+            if not self.is_main:  # each distinct reward failure is reported once, by rank 0 (scoring.gather)
                 warnings.filterwarnings("ignore", category=scoring.RewardWarning)
-            path = engine.from_rank_zero(lambda: checkpoints.resolve(cfg.output_dir, cfg.preset, cfg.resume))
+            path = distributed.from_rank_zero(lambda: checkpoints.resolve(cfg.output_dir, cfg.preset, cfg.resume))
             self.folder = checkpoints.RunFolder(path, self.is_main, auto=not cfg.output_dir)
             self._open(cfg, path)
         except BaseException as e:
@@ -105,26 +103,28 @@ class Session:
             raise
 
     def _fail(self, error: BaseException) -> None:
-        """With several ranks, stop every rank with one message (engine.stop_every_rank). In a world of one, leave
+        """With several ranks, stop every rank with one message (distributed.stop_every_rank). In a world of one, leave
         nothing behind for an in-process caller that starts another run: the logs, the run folder's lock and the
         process group (FSDP2's group of one) are released."""
         if getattr(self, "logger", None) is not None:
             self.logger.close()
         if self.folder is not None:
             self.folder.close()
-        engine.stop_every_rank(error)
-        engine.teardown(wait=False)
+        distributed.stop_every_rank(error)
+        distributed.teardown(wait=False)
 
     def _open(self, cfg: Config, path) -> None:
-        ckpt = engine.from_rank_zero(lambda: self.folder.check(cfg.resume))
+        ckpt = distributed.from_rank_zero(lambda: self.folder.check(cfg.resume))
         self.config = dict(dataclasses.asdict(cfg), output_dir=str(path))
         if ckpt is not None:
             saved = checkpoints.load_state(ckpt / "training_state.pt")["config"]
             checkpoints.check_config(saved, self.config, RESUMABLE_CHANGES, dataclasses.asdict(Config()))
         self.train_set, self.eval_set = load_prompt_sets(cfg)
-        self.precision = engine.precision(cfg.precision, self.device)  # frozen-weight dtype, autocast, loss scaling
-        self.autocast = self.precision.autocast
+        self.precision = precision(cfg.precision, self.device)  # frozen-weight dtype, autocast, loss scaling
         self.policy, self.reward_fn, self.metrics = self._load(self.precision)
+        self.held_out = HeldOut(*self.eval_set, self.metrics, steps=cfg.eval_steps, per_prompt=cfg.eval_per_prompt,
+                                micro_batch=self.batch.micro_batch, guidance=cfg.eval_guidance, rank=self.rank,
+                                world=self.world, pad=self.policy.fsdp)
         note = {"prompt_set": plan.prompt_note(cfg)} if plan.prompt_note(cfg) else {}
         self.folder.start(dict(self.config, **note), fresh=ckpt is None)  # the first write
         self.folder.warn_if_disk_is_short(checkpoints.checkpoint_bytes(self.policy), cfg.keep_checkpoints)
@@ -137,13 +137,13 @@ class Session:
             print(f"output: {path}" + (f" (resumed from {ckpt.name})" if ckpt else ""))
         self.logger = logs.Logger(path, self.is_main, cfg.report_to, self.history, self.config)
 
-    def _load(self, prec: engine.Precision):
+    def _load(self, prec: Precision):
         cfg = self.cfg
         opts = reward_options(cfg)
         if cfg.model not in models.BUILT_IN:  # weights missing: stop before loading anything, naming the files
-            engine.from_rank_zero(lambda: _resolve(cfg.model))
+            distributed.from_rank_zero(lambda: _resolve(cfg.model))
         try:
-            with engine.rank_zero_first():  # rank 0 fills caches (digits pre-training, downloads) first
+            with distributed.rank_zero_first():  # rank 0 fills caches (digits pre-training, downloads) first
                 backbone = models.load_backbone(
                     cfg.model, self.device, resolution=cfg.resolution, guidance=cfg.guidance,
                     max_sequence_length=cfg.max_sequence_length, shift=cfg.shift,
@@ -156,7 +156,7 @@ class Session:
             problem = sampler_problem(cfg, backbone.sigmas(cfg.num_steps))  # on the model's own schedule
             if problem:
                 raise ValueError(problem)
-            policy = engine.Policy(
+            policy = Policy(
                 backbone, self.device, self.world, parallel=cfg.parallel, lr=cfg.lr, weight_decay=cfg.weight_decay,
                 lora=cfg.lora, gradient_checkpointing=cfg.gradient_checkpointing, precision=prec,
                 ema=plan.ema_schedule(cfg), seed=cfg.seed)
@@ -179,7 +179,7 @@ class Session:
         anything of that iteration is checkpointed; any error on one rank stops every rank (`_fail`)."""
         if error is None:
             return
-        if isinstance(error, engine.Diverged):
+        if isinstance(error, Diverged):
             error = SystemExit(f"iteration {self.iteration}: training diverged: {error}. Nothing of this iteration "
                                f"was saved. The learning rate ({self.cfg.lr}) is likely too high (or the gradient clip "
                                f"max_grad_norm {self.cfg.max_grad_norm} too loose); resume from the last checkpoint "
@@ -191,12 +191,10 @@ class Session:
             raise error from None
 
     def train_metrics(self, images, texts, meta) -> dict:
-        """The held-out metrics on this iteration's (stochastic) training samples, over all ranks."""
-        out = all_ranks(self.metrics, images, texts, meta)
-        sums = torch.tensor([[float(torch.nansum(v)), float(torch.isfinite(v).sum())] for v in
-                             out.components.values()], dtype=torch.float64)
-        sums = engine.all_reduce(sums)
-        return {f"train/{k}": float(s / n) if n else math.nan for k, (s, n) in zip(out.components, sums.tolist())}
+        """The held-out metrics on this iteration's (stochastic) training samples, over all ranks: the same rule as
+        the evaluation's (scoring.GroupedSums: GenEval's per tag)."""
+        _, sums = scoring.on_every_rank(self.metrics, images, texts, meta)
+        return {f"train/{k}": v for k, v in scoring.GroupedSums.means(sums).items()}
 
     def log(self, rep: Report) -> None:
         """One row of metrics.jsonl / TensorBoard, the image grids of an evaluation iteration, a progress line."""
@@ -246,7 +244,7 @@ class Session:
     def checkpoint(self, it: int) -> None:
         if self.is_main or self.policy.fsdp:  # FSDP2: every rank writes its shards
             self.folder.save(it, self.policy, self.history, self.config, self.cfg.keep_checkpoints)
-        engine.barrier()
+        distributed.barrier()
 
     def finish(self) -> dict:
         self.logger.close()
@@ -264,26 +262,8 @@ class Session:
             print(f"figures: {curve}  {self.folder.path / 'images'}\ncheckpoint: "
                   f"{self.folder.complete_checkpoints()[0]}\nlog: {self.folder.path / 'metrics.jsonl'}")
         self.folder.close()
-        engine.teardown()
+        distributed.teardown()
         return dict(summary=summary, history=self.history, policy=self.policy, output_dir=self.folder.path)
-
-
-def all_ranks(reward_fn: scoring.RewardModel, *args):
-    """reward_fn(*args) on every rank; a RewardError on any rank is raised on all of them, so no rank waits at the
-    next collective for one that has stopped. The samples other ranks could not score are reported by rank 0,
-    naming the rank (once per cause), and counted in its `reward_fn.failures`."""
-    before = dict(reward_fn.failures)
-    try:
-        out, error = reward_fn(*args), None
-    except scoring.RewardError as e:
-        out, error = None, str(e)
-    gathered = engine.all_gather_objects((error, reward_fn.failures_since(before)))
-    errors = [e for e, _ in gathered if e]
-    if errors:
-        raise scoring.RewardError(errors[0])
-    if engine.rank_and_world()[0] == 0:
-        reward_fn.merge_failures([f for _, f in gathered])
-    return out
 
 
 def _resolve(model: str) -> None:

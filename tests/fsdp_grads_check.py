@@ -1,6 +1,6 @@
 """Run by tests/test_scale.py under `torchrun --nproc_per_node=2` (gloo, CPU): FSDP2 full fine-tuning of the tiny
 FLUX.1-dev-style transformer, one update of two micro-batches per rank, accumulated as train.update does
-(engine.grad_sync, policy.backward). After the first micro-batch a rank must hold only its shard of the gradient:
+(policy.grad_sync, policy.backward). After the first micro-batch a rank must hold only its shard of the gradient:
 the DTensor gradients' local parts, with no unsharded gradient left inside FSDP2. The same update with the old rule
 (no reduce-scatter before the last micro-batch) is run for contrast. Rank 0 writes both runs' storage counts and
 full gradients to OUT/grads.pt; the test compares them with a one-process sum.
@@ -14,10 +14,8 @@ import torch
 from torch.distributed.fsdp import FSDPModule
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from flow_cps import (
-    engine,  # noqa: E402
-    models,  # noqa: E402
-)
+from flow_cps import distributed, models  # noqa: E402
+from flow_cps.policy import Policy  # noqa: E402
 
 RES, MSL = 32, 16
 
@@ -55,12 +53,12 @@ def unsharded_grad_numel(module) -> int:
 
 def one_update(folder: str, world: int, rank: int, keep_sharded: bool) -> tuple[dict, list]:
     bb = models.load_backbone(folder, "cpu", resolution=RES, max_sequence_length=MSL)
-    policy = engine.Policy(bb, torch.device("cpu"), world, lora=None, parallel="fsdp")
+    policy = Policy(bb, torch.device("cpu"), world, lora=None, parallel="fsdp")
     policy.module.keep_grads_sharded = keep_sharded  # True is what Policy sets for full fine-tuning
     data = batches(bb, rank)
     stats = {}
     for f, (x, t, cond) in enumerate(data):
-        with engine.grad_sync(policy.module, f == len(data) - 1):
+        with policy.grad_sync(f == len(data) - 1):
             policy.backward(loss_of(bb, policy.module, x, t, cond))
         if f == 0:  # after the first micro-batch: what this rank stores
             stats = dict(sharded=sum(p.grad.to_local().numel() for p in policy.params if p.grad is not None),
@@ -71,14 +69,14 @@ def one_update(folder: str, world: int, rank: int, keep_sharded: bool) -> tuple[
 
 
 def main(folder: str, out: str) -> None:
-    rank, world, _ = engine.setup("cpu", need_group=True)
+    rank, world, _ = distributed.setup("cpu", need_group=True)
     torch.manual_seed(0)
     new, grads_new = one_update(folder, world, rank, keep_sharded=True)
     old, grads_old = one_update(folder, world, rank, keep_sharded=False)
-    stats = engine.all_gather_objects(dict(new=new, old=old))
+    stats = distributed.all_gather_objects(dict(new=new, old=old))
     if rank == 0:
         torch.save(dict(stats=stats, grads_new=grads_new, grads_old=grads_old), os.path.join(out, "grads.pt"))
-    engine.teardown()
+    distributed.teardown()
 
 
 if __name__ == "__main__":

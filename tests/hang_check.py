@@ -10,19 +10,19 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from flow_cps import engine  # noqa: E402
+from flow_cps import distributed  # noqa: E402
 
 # start the process group together (its timeout also bounds how long rank 0 waits for rank 1 to join)
 ready = Path(sys.argv[3])
 (ready / os.environ["RANK"]).touch()
 while len(list(ready.iterdir())) < 2:
     time.sleep(0.01)
-rank, world, _ = engine.setup("cpu", timeout_minutes=float(sys.argv[1]))
+rank, world, _ = distributed.setup("cpu", timeout_minutes=float(sys.argv[1]))
 try:
-    assert engine.from_rank_zero(lambda: time.sleep(float(sys.argv[2])) or "loaded") == "loaded"
+    assert distributed.from_rank_zero(lambda: time.sleep(float(sys.argv[2])) or "loaded") == "loaded"
     if rank == 1:
         time.sleep(600)
-    engine.barrier()
+    distributed.barrier()
 except BaseException as e:
-    engine.stop_every_rank(e)
+    distributed.stop_every_rank(e)
     raise

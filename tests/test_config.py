@@ -11,7 +11,7 @@ import pytest
 import grpo
 import sampling
 import train
-from flow_cps import config, engine, logs, lora, prompts
+from flow_cps import config, distributed, logs, lora, policy, precision, prompts
 
 ROOT = Path(__file__).resolve().parent.parent
 SHORT = ["--iterations", "1", "--eval_per_prompt", "1", "--report_to", "none"]
@@ -139,8 +139,8 @@ def test_each_choice_is_declared_once_and_shared():
     in gives argparse its choices, and validate checks a Config built in code against the same list."""
     registries = {"sampler": sampling.SAMPLERS, "log_prob": {"": None, **sampling.LOG_PROBS},
                   "advantage": grpo.ADVANTAGES, "kl_form": {"": None, **grpo.KL_FORMS}, "timesteps": grpo.TIMESTEPS,
-                  "parallel": engine.PARALLEL, "precision": ("auto", *engine.PRECISIONS),
-                  "reward_image": ("final", "x0_hat"), "report_to": logs.REPORT_TO, "device": engine.DEVICES}
+                  "parallel": policy.PARALLEL, "precision": ("auto", *precision.PRECISIONS),
+                  "reward_image": ("final", "x0_hat"), "report_to": logs.REPORT_TO, "device": distributed.DEVICES}
     declared = {f.name: f.metadata["choices"] for f in dataclasses.fields(config.Config) if "choices" in f.metadata}
     assert declared == {k: tuple(v) for k, v in registries.items()}
     for name in declared:

@@ -3,7 +3,7 @@ names the rank and the cause; a rank that hangs without failing is caught by the
 (--collective_timeout), which stops every rank the same way; reward failures on rank 1 are reported by rank 0.
 
 Each case is a real multi-process run whose failing rank keeps its process alive (a stuck thread, or asleep): without
-the failure channel (engine.stop_every_rank) the other rank would wait in its collective for the full timeout, 30
+the failure channel (distributed.stop_every_rank) the other rank would wait in its collective for the full timeout, 30
 minutes by default, and the test would hang until its subprocess timeout."""
 import os
 import socket

@@ -76,7 +76,7 @@ def test_memory_estimates_scale_as_documented():
 
 
 def test_memory_estimate_counts_what_the_run_holds():
-    """FSDP2 full fine-tuning: gradients stay sharded (engine.grad_sync), so what remains of the accumulation is the
+    """FSDP2 full fine-tuning: gradients stay sharded (policy.grad_sync), so what remains of the accumulation is the
     blocks being reduce-scattered, not the 44 GiB fp32 gradient of the whole model; FSDP2 LoRA keeps its unsharded
     fp32 gradients until the last micro-batch; DDP its buckets. Rollout buffers grow with the samples per GPU; the
     embedding cache is host RAM, bounded by --embedding_cache_gb."""

@@ -30,8 +30,10 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from flow_cps import checkpoints, config, engine, models
+from flow_cps import checkpoints, config, distributed, models
 from flow_cps.lora import LoRA
+from flow_cps.policy import Policy
+from flow_cps.precision import precision
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["a red cat", "a blue dog", "two birds", "a green apple"]
@@ -285,13 +287,13 @@ def test_fsdp2_gathers_full_fine_tuning_in_fp32_and_a_lora_in_the_precision(tiny
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "1")
     cpu, seen = torch.device("cpu"), {}
-    prec = engine.precision("bf16", cpu)
-    engine.setup("cpu", need_group=True)
+    prec = precision("bf16", cpu)
+    distributed.setup("cpu", need_group=True)
     try:
         for name, trained in (("full", None), ("lora", LoRA(4, 8.0, tuple(config.FLUX_TARGETS)))):
             bb = models.load_backbone(str(tiny["flux-dev"]), cpu, resolution=32, max_sequence_length=16,
                                       dtype=torch.bfloat16)
-            policy = engine.Policy(bb, cpu, 1, lora=trained, parallel="fsdp", precision=prec)
+            policy = Policy(bb, cpu, 1, lora=trained, parallel="fsdp", precision=prec)
             norm = policy.module.transformer_blocks[0].attn.norm_q
             hook = norm.register_forward_pre_hook(lambda m, args, name=name: seen.update({name: m.weight.dtype}))
             with torch.no_grad(), prec.autocast():
@@ -299,5 +301,5 @@ def test_fsdp2_gathers_full_fine_tuning_in_fp32_and_a_lora_in_the_precision(tiny
                             policy.module)
             hook.remove()
     finally:
-        engine.teardown()
+        distributed.teardown()
     assert seen == {"full": torch.float32, "lora": torch.bfloat16}

@@ -2,6 +2,7 @@
 warnings once per cause with counts, non-finite images never scored), group keys, --reward_options checked against
 the factories, and the command line that scores image files."""
 import math
+import types
 import warnings
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 from test_rewards import ocr, pil, render  # noqa: F401 (ocr: the RapidOCR fixture, used by argument name)
 
 import rewards
-from flow_cps import digits, geneval, scoring
+from flow_cps import digits, evaluation, geneval, scoring, session
 from flow_cps.scoring import RewardError, RewardModel, RewardWarning
 from rewards import NORMALISERS, REGISTRY, Normaliser
 
@@ -44,11 +45,13 @@ def test_a_failing_sample_only_invalidates_itself(monkeypatch):
     monkeypatch.setitem(REGISTRY, "t_const", _const([1.0, 1.0, 1.0]))
     images = torch.stack([torch.full((1, 4, 4), v) for v in (0.2, 0.5, 0.8)])
     with pytest.warns(RewardWarning, match="reward t_fragile: 1 of 3 samples failed: RuntimeError: cannot score"):
-        out = RewardModel("t_fragile,t_const")(images, ["ok", "bad", "fine"])
+        out = (model := RewardModel("t_fragile,t_const"))(images, ["ok", "bad", "fine"])
     assert out.valid.tolist() == [True, False, True] and math.isnan(out.total[1])
     assert out.components["t_fragile"][[0, 2]].tolist() == pytest.approx([0.2, 0.8])
     assert out.components["t_const"].tolist() == [1, 1, 1]  # the other reward is untouched
-    assert scoring.nan_mean(out.total) == pytest.approx(float(out.total[[0, 2]].mean()))
+    sums = scoring.GroupedSums()
+    sums.count(model, out, [None] * 3)  # the logged means leave the unscored sample out
+    assert scoring.GroupedSums.means([sums]) == pytest.approx({"t_fragile": 0.5, "t_const": 1.0})
 
 
 def _raising(rules):
@@ -135,6 +138,31 @@ def test_group_keys(monkeypatch):
     keys = RewardModel("t_grouped,t_const").group_keys([{"tag": "counting"}, None])
     assert keys == {"t_grouped": ["counting", None], "t_const": [None, None]}
     assert REGISTRY["geneval_overall"].forwards_to is geneval.Options  # the GenEval rewards key by tag (end-to-end)
+
+
+def test_train_and_eval_metrics_are_one_rule(monkeypatch):
+    """train/geneval_overall (Session.train_metrics, on the training samples) and eval/geneval_overall (the held-out
+    evaluation's streamed sums) are the same rule on the same images: GenEval's overall score, the mean over tags of
+    the tag means (geneval.summarize), not the mean over images (4/6 here). The detector is a stand-in that passes
+    the images the metadata marks."""
+    class Passes:
+        def __call__(self, images, metadata, rule, swap_red_blue):
+            return [geneval.Verdict(correct=bool(m["passes"]), score=float(m["passes"])) for m in metadata]
+    monkeypatch.setattr(geneval, "shared_scorer", lambda *args, **options: Passes())
+    tags = ["counting", "counting", "counting", "colors", "position", "position"]
+    passes = [1, 0, 0, 1, 1, 0]
+    meta = [{"tag": t, "include": [{"class": "cat", "count": 1}], "passes": ok} for t, ok in zip(tags, passes)]
+    images, texts = torch.rand(6, 3, 8, 8), [f"prompt {i}" for i in range(6)]
+    metrics = RewardModel("geneval_overall")
+    train = session.Session.train_metrics(types.SimpleNamespace(metrics=metrics), images, texts, meta)
+    held_out = evaluation.HeldOut(texts, meta, metrics, steps=1, per_prompt=1, micro_batch=4)
+    sums = held_out.sums()
+    for pairs in held_out.batches():  # streamed, in micro-batches, as train.evaluate feeds it
+        sums.add(pairs, images[[p for _, p in pairs]])
+    held = sums.result().metrics
+    assert train == {"train/geneval_overall": held["geneval_overall"]}
+    assert held["geneval_overall"] == pytest.approx(geneval.summarize(tags, passes)["overall"])
+    assert held["geneval_overall"] == pytest.approx((1 / 3 + 1 + 1 / 2) / 3)
 
 
 # -- options, checked at config time -----------------------------------------------------------------------------

@@ -19,7 +19,9 @@ import grpo
 import rewards
 import sampling
 import train
-from flow_cps import checkpoints, config, digits, engine, lora, models, plan, scoring, session
+from flow_cps import checkpoints, config, digits, evaluation, lora, models, plan, scoring, session
+from flow_cps.ema import EMASchedule
+from flow_cps.policy import Policy
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--iterations", "4", "--eval_every", "2", "--checkpoint_every", "2", "--eval_per_prompt", "2",
@@ -37,9 +39,9 @@ def backbone(pretrained):
 
 
 def _policy(backbone, lora_rank=8, lora_alpha=16.0, randomise=True):
-    policy = engine.Policy(backbone, torch.device("cpu"), 1,
+    policy = Policy(backbone, torch.device("cpu"), 1,
                            lora=lora.LoRA(lora_rank, lora_alpha, tuple(config.ATTENTION_TARGETS)),
-                           ema=engine.EMASchedule(0.9))
+                           ema=EMASchedule(0.9))
     if randomise:  # a non-zero LoRA, so the policy differs from the base model
         with torch.no_grad():
             for p in policy.params:
@@ -52,9 +54,9 @@ def _rollout(policy, sampler="cps", eta=0.5, log_prob="", n=16, micro_batch=16):
     lp = sampling.LOG_PROBS[log_prob or sampling.DEFAULT_LOG_PROB[sampler]]
     gens = train.generators(train.Stream.SAMPLE_NOISE, [(0, 1, i, 0) for i in range(n)])
     window = (0, 5) if sampler == "cpws" else None  # CPWS is undefined on the last steps (sampling.cpws)
-    traj, cond = train.rollout(policy.backbone, (digits.prompts("train") * 2)[:n], gens, gens,
-                               grid=policy.backbone.sigmas(10), step=step, log_prob=lp, eta=eta, window=window,
-                               micro_batch=micro_batch, device="cpu")
+    J = train.Objective(step, eta, lp, grpo.kl_mse, beta=0.0, clip_range=1e-4)
+    samples = train.Samples((digits.prompts("train") * 2)[:n], [None] * n, gens, gens)
+    traj, cond = train.rollout(policy.backbone, J, policy.backbone.sigmas(10), samples, window, micro_batch)
     return traj, cond, step, lp
 
 
@@ -129,8 +131,7 @@ def test_flattened_objective_equals_the_per_step_loss(backbone):
         b = plan.Batch(world=1, prompts=2, group_size=8, updates=1, micro_batch=micro_batch)
         J = train.Objective(step, 0.7, lp, grpo.kl_flow_grpo, beta=beta, clip_range=eps)
         work = b.split(grpo.split_updates(keep, 1), 0, K)
-        tally = train.update(J, policy, traj, cond, adv, keep, steps, work=work, micro_batch=micro_batch, world=1,
-                             max_grad_norm=1.0)
+        tally = train.update(J, policy, traj, cond, adv, steps, work, max_grad_norm=1.0)
         stats = tally.reduce()
         assert stats["kept"] == 15 and stats["loss"] == pytest.approx(float(loss_ref.detach()), rel=1e-5)
         assert stats["clipfrac"] > 0  # the clip is exercised
@@ -150,12 +151,11 @@ def test_padding_never_injects_nan(backbone):
     steps = grpo.ordered_timesteps(traj.stochastic, 16, 0.99)
     b = plan.Batch(world=1, prompts=2, group_size=8, updates=1, micro_batch=1000)
     work = b.split(grpo.split_updates(keep, 1), 0, steps.shape[1])
-    work = [plan.Update(w.rows, w.terms, w.forwards + 1) for w in work]  # as if another rank had one more forward
+    work = [plan.Update(w.rows, w.terms, w.forwards + 1, w.micro_batch) for w in work]  # another rank: one more
     J = train.Objective(step, 0.5, lp, grpo.kl_mse, beta=0.0, clip_range=1e-4)
-    tally = train.update(J, policy, traj, cond, adv, keep, steps, work=work, micro_batch=1000, world=1,
-                         max_grad_norm=1.0)
+    tally = train.update(J, policy, traj, cond, adv, steps, work, max_grad_norm=1.0)
     assert math.isfinite(tally.reduce()["grad_norm"]) and all(torch.isfinite(p).all() for p in policy.params)
-    assert torch.equal(engine.padding_row(traj, adv, keep), torch.tensor([1]))
+    assert torch.equal(plan.padding_row(traj, adv, work), torch.tensor([1]))
 
 
 def test_kl_is_zero_at_init_and_positive_after(backbone):
@@ -215,8 +215,8 @@ def test_evaluation_is_streamed_and_capped(backbone, monkeypatch):
     for copies in (1, 4):
         texts = digits.prompts("test") * copies
         seen.clear()
-        ev = train.evaluate(policy, metrics, texts, [None] * len(texts), steps=4, per_prompt=3, micro_batch=8,
-                            guidance=-1, rank=0, world=1, pad=False)
+        ev = train.evaluate(policy, evaluation.HeldOut(texts, [None] * len(texts), metrics, steps=4, per_prompt=3,
+                                                       micro_batch=8))
         out[copies] = (max(seen), sum(seen), len(ev.images), ev.metrics["digit_judge_accuracy"])
     assert out[1][0] == out[4][0] == 8  # the largest batch is the micro-batch, for 30 or 120 samples
     assert (out[1][1], out[4][1]) == (30, 120)
@@ -225,6 +225,16 @@ def test_evaluation_is_streamed_and_capped(backbone, monkeypatch):
     cfg = config.parse_config(["--eval_prompts", "3"])
     _, (held_out, meta) = session.load_prompt_sets(cfg)
     assert held_out == digits.prompts("test")[:3] and len(meta) == 3
+
+
+def test_evaluation_grid_shows_the_first_prompts_at_scale():
+    """4 ranks x 2 noises per prompt (more ranks than noises, as every paper preset on 8 GPUs): rank 0's grid holds
+    the first prompts x the first noises, gathered from the ranks that sampled them, and every rank reports the
+    metrics a world of one computes (tests/eval_grid_check.py, without a model)."""
+    p = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
+              "tests/eval_grid_check.py"], env={"OMP_NUM_THREADS": "1"})
+    oks = sorted(line for line in p.stdout.splitlines() if line.endswith(": ok"))
+    assert oks == [f"rank {r}: ok" for r in range(4)]
 
 
 def _run(args, env=None, check=True):

@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import grpo
 import sampling
 import train
 from flow_cps import digits, models, prompts
@@ -93,9 +94,9 @@ def section_cost(b: dict) -> dict:
     for _ in range(b["repeats"] + 1):  # interleaved: machine noise hits all samplers alike; round 1 warms up
         for s in times:
             t0 = time.perf_counter()
-            train.rollout(bb, texts, gens(), gens(), grid=bb.sigmas(10), step=sampling.SAMPLERS[s],
-                          log_prob=sampling.LOG_PROBS[sampling.DEFAULT_LOG_PROB[s]], eta=0.7 if s != "ode" else 0.0,
-                          window=None, micro_batch=64, device="cpu")
+            J = train.Objective(sampling.SAMPLERS[s], 0.7 if s != "ode" else 0.0,
+                                sampling.LOG_PROBS[sampling.DEFAULT_LOG_PROB[s]], grpo.kl_mse, 0.0, 1.0)
+            train.rollout(bb, J, bb.sigmas(10), train.Samples(texts, [None] * len(texts), gens(), gens()), None, 64)
             times[s].append(time.perf_counter() - t0)
     times = {s: t[1:] for s, t in times.items()}
     x = torch.randn(64, *bb.latent_shape)

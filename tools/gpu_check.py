@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 import train
-from flow_cps import engine, hub, memory, plan
+from flow_cps import distributed, hub, memory, plan, precision
 from flow_cps.config import parse_config
 
 PRESETS = ["sd3.5-geneval", "sd3.5-ocr", "sd3.5-pickscore", "flux-dev-pickscore", "flux-schnell-pickscore",
@@ -226,7 +226,7 @@ def utilisation(policy, autocast, micro_batch: int, repeat: int) -> dict:
 def run_preset(preset: str, args, workdir: Path) -> dict:
     device = torch.device(args.device)
     cfg0 = parse_config(["--preset", preset] + (["--precision", args.precision] if args.precision else []))
-    dtype = torch.float32 if args.tiny else engine.precision(cfg0.precision, device).dtype
+    dtype = torch.float32 if args.tiny else precision.precision(cfg0.precision, device).dtype
     depth = args.depth or (args.dance_depth if preset == "flux-dev-hpsv2" else "")
     depth = tuple(int(d) for d in depth.split(",")) if depth and not args.tiny else None
     base = 0
@@ -244,14 +244,14 @@ def run_preset(preset: str, args, workdir: Path) -> dict:
                        device=args.device, resolution=args.resolution, precision=args.precision)
     cfg = parse_config(argv)
     estimate = plan.describe(cfg, 1, check_files=False)[1]
-    teardown, engine.teardown = engine.teardown, lambda: None  # keep FSDP2's group for the measurements below
+    teardown, distributed.teardown = distributed.teardown, lambda: None  # keep FSDP2's group for the measurements below
     try:
         res = train.main(argv)
         peak = (torch.cuda.max_memory_allocated(device) - base) / memory.GB if device.type == "cuda" else math.nan
         reserved = torch.cuda.max_memory_reserved(device) / memory.GB if device.type == "cuda" else math.nan
         ckpt = sorted((workdir / preset / "checkpoints").glob("iter_*"))
         rows = [r for r in res["history"] if r["iteration"] >= 1]
-        autocast = engine.precision(cfg.precision, device).autocast  # what the Session ran under
+        autocast = precision.precision(cfg.precision, device).autocast  # what the Session ran under
         try:  # the memory and ratio above are kept if the timing fails
             use = utilisation(res["policy"], autocast, cfg.micro_batch, repeat=3 if device.type == "cuda" else 1)
         except Exception as e:
@@ -260,13 +260,13 @@ def run_preset(preset: str, args, workdir: Path) -> dict:
             print(f"gpu_check: {preset}: utilisation failed: {e!r}", flush=True)
             use = dict(flops=math.nan, forward_s=math.nan, train_s=math.nan)
     finally:
-        engine.teardown = teardown
-        engine.teardown()
+        distributed.teardown = teardown
+        distributed.teardown()
     est = estimate["memory"]["gb"]
     k, b = estimate["trained_steps"], plan.batch(cfg, 1)
     last = rows[-1]
     mem = estimate["memory"]
-    out = dict(preset=preset, depth=depth, precision=engine.precision(cfg.precision, device).name,
+    out = dict(preset=preset, depth=depth, precision=precision.precision(cfg.precision, device).name,
                params=mem["params"], trained=mem["trainable_params"], samples=b.samples_per_rank,
                micro_batch=cfg.micro_batch, forward_batch=mem["forward_batch"],
                checkpointing=cfg.gradient_checkpointing, built_s=built, peak_gb=peak, reserved_gb=reserved,

@@ -36,6 +36,7 @@ import torch
 import transformers
 from tqdm.auto import tqdm
 
+import grpo
 import sampling
 import train
 from flow_cps import models, prompts, scoring
@@ -186,9 +187,11 @@ def run_jobs(jobs: list[dict], workers: int) -> dict[str, dict]:
 def sample(backbone, texts: list[str], sampler: str, eta: float, seed: int, log_prob: str = ""):
     """Training samples as a run draws them (10 steps, fixed noises): the trajectory, with its final x0_hat."""
     gens = train.generators(train.Stream.SAMPLE_NOISE, [(seed, 0, i, 0) for i in range(len(texts))])
-    return train.rollout(backbone, texts, gens, gens, grid=backbone.sigmas(10), step=sampling.SAMPLERS[sampler],
-                         eta=eta, window=None, micro_batch=64, device="cpu",
-                         log_prob=sampling.LOG_PROBS[log_prob or sampling.DEFAULT_LOG_PROB.get(sampler, "gaussian")])[0]
+    J = train.Objective(sampling.SAMPLERS[sampler], eta,
+                        sampling.LOG_PROBS[log_prob or sampling.DEFAULT_LOG_PROB.get(sampler, "gaussian")],
+                        grpo.kl_mse, 0.0, 1.0)  # only the sampler, eta and log-prob roll out
+    return train.rollout(backbone, J, backbone.sigmas(10), train.Samples(texts, [None] * len(texts), gens, gens),
+                         None, 64)[0]
 
 
 def residual(traj) -> float:

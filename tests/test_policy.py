@@ -1,20 +1,25 @@
-"""engine.py: the EMA rules against hand-computed values and against Flow-GRPO's training loop written out, the
-optimizer step's stop on non-finite gradients (before the weights change), the precisions, fp16 loss scaling (the
-applied gradient is the unscaled one; overflow skips the step) and an fp16 training run on the CPU."""
+"""policy.py, ema.py, precision.py: the EMA rules against hand-computed values and against Flow-GRPO's training
+loop written out, the optimizer step's stop on non-finite gradients (before the weights change), the precisions, fp16
+loss scaling (the applied gradient is the unscaled one; overflow skips the step) and an fp16 training run on the CPU."""
+import contextlib
+
 import pytest
 import tiny_pipelines
 import torch
 
 import train
-from flow_cps import config, engine, lora, models, plan
+from flow_cps import config, lora, models, plan
+from flow_cps.ema import EMA, EMASchedule
+from flow_cps.policy import Diverged, Policy
+from flow_cps.precision import precision
 
 LORA = lora.LoRA(4, 4.0, tuple(config.ATTENTION_TARGETS))
 
 
-def _run_ema(schedule: engine.EMASchedule, weights: list[float]) -> list[float]:
+def _run_ema(schedule: EMASchedule, weights: list[float]) -> list[float]:
     """Drive the EMA as Policy.step does: optimizer step n sets the weight to weights[n]; returns the EMA after each."""
     w = torch.zeros(1)
-    ema, out = engine.EMA([w], schedule), []
+    ema, out = EMA([w], schedule), []
     for n, value in enumerate(weights):
         ema.before_step([w], n)
         w.fill_(value)  # the optimizer step
@@ -24,7 +29,7 @@ def _run_ema(schedule: engine.EMASchedule, weights: list[float]) -> list[float]:
 
 
 def test_plain_ema_hand_computed():
-    got = _run_ema(engine.EMASchedule(0.9), [1.0, 2.0, 3.0])
+    got = _run_ema(EMASchedule(0.9), [1.0, 2.0, 3.0])
     e1 = 0.1 * 1.0
     e2 = e1 + 0.1 * (2.0 - e1)
     e3 = e2 + 0.1 * (3.0 - e2)
@@ -38,7 +43,7 @@ def test_flow_grpo_ema_hand_computed():
       step 1: s=0 skip, then s=1 (w=1): e = 0 + (1 - 2/11)(1 - 0)                  = 9/11
       step 2: s=1 (w=1): e = 9/11 + (9/11)(1 - 9/11) = 117/121; then s=2 skip
       step 3: s=2 skip; then s=3 (w=3): e = 117/121 + (1 - 4/13)(3 - 117/121)"""
-    got = _run_ema(engine.EMASchedule(0.9, interval=2, updates_per_step=2, warmup=True), [1.0, 2.0, 3.0])
+    got = _run_ema(EMASchedule(0.9, interval=2, updates_per_step=2, warmup=True), [1.0, 2.0, 3.0])
     e1 = 9 / 11
     e2 = e1 + (9 / 11) * (1 - e1)
     e3 = e2 + (9 / 13) * (3 - e2)
@@ -66,7 +71,7 @@ def _flow_grpo_loop(weights: list[float], batches_per_step: int) -> list[float]:
 def test_flow_grpo_ema_equals_its_training_loop():
     torch.manual_seed(0)
     weights = torch.randn(60).tolist()  # the weight after each optimizer step
-    ours = _run_ema(engine.EMASchedule(0.9, interval=8, updates_per_step=3, warmup=True), weights)
+    ours = _run_ema(EMASchedule(0.9, interval=8, updates_per_step=3, warmup=True), weights)
     assert ours == pytest.approx(_flow_grpo_loop(weights, 3), abs=1e-5)
     assert len({round(x, 6) for x in ours}) > 5  # it moved
 
@@ -88,33 +93,32 @@ def test_preset_ema_is_the_papers_32_gpu_run(preset):
 
 def test_non_finite_gradients_stop_before_the_step():
     bb = models.load_builtin_backbone("digits")
-    policy = engine.Policy(bb, torch.device("cpu"), 1, lora=LORA, ema=engine.EMASchedule(0.9))
+    policy = Policy(bb, torch.device("cpu"), 1, lora=LORA, ema=EMASchedule(0.9))
     before = [p.detach().clone() for p in policy.params]
     for p in policy.params:
         p.grad = torch.full_like(p, float("nan"))
-    with pytest.raises(engine.Diverged, match="gradient norm is nan"):
+    with pytest.raises(Diverged, match="gradient norm is nan"):
         policy.step(1.0)
     assert all(torch.equal(a, p.detach()) for a, p in zip(before, policy.params)) and policy.steps == 0
 
 
 def test_precision_names():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert engine.precision("auto", cpu).dtype == torch.float32
-    assert engine.precision("auto", cuda).dtype == torch.bfloat16
-    fp16 = engine.precision("fp16", cpu)
-    assert fp16.dtype == torch.float16 and fp16.loss_scaling and not engine.precision("bf16", cpu).loss_scaling
+    assert precision("auto", cpu).dtype == torch.float32
+    assert precision("auto", cuda).dtype == torch.bfloat16
+    fp16 = precision("fp16", cpu)
+    assert fp16.dtype == torch.float16 and fp16.loss_scaling and not precision("bf16", cpu).loss_scaling
     with fp16.autocast():
         assert torch.get_autocast_dtype("cpu") == torch.float16 and torch.is_autocast_enabled("cpu")
-    with engine.precision("fp32", cpu).autocast():
+    with precision("fp32", cpu).autocast():
         assert not torch.is_autocast_enabled("cpu")
     with pytest.raises(ValueError, match="precision must be"):
-        engine.precision("fp8", cpu)
+        precision("fp8", cpu)
 
 
 def _digits_policy(prec):
     bb = models.load_builtin_backbone("digits")
-    return engine.Policy(bb, torch.device("cpu"), 1, lora=LORA, precision=prec,
-                         ema=engine.EMASchedule(0.9), seed=3)
+    return Policy(bb, torch.device("cpu"), 1, lora=LORA, precision=prec, ema=EMASchedule(0.9), seed=3)
 
 
 def _loss(policy):
@@ -128,7 +132,8 @@ def test_fp16_loss_scaling_applies_the_unscaled_gradient():
     bitwise. An overflow skips the step (weights unchanged, returns inf), halves the scale and still counts the step
     (Flow-GRPO's global_step); good steps double the scale every `interval`; below scale 1 the run has diverged."""
     cpu = torch.device("cpu")
-    plain, scaled = _digits_policy(None), _digits_policy(engine.precision("fp16", cpu))
+    plain, scaled = _digits_policy(None), _digits_policy(precision("fp16", cpu))
+    scaled.backbone.autocast = contextlib.nullcontext  # the loss scaling alone: both forwards in fp32
     with torch.no_grad():
         for p, q in zip(plain.params, scaled.params):
             p.normal_(0, 0.05, generator=torch.Generator().manual_seed(p.numel()))
@@ -153,7 +158,7 @@ def test_fp16_loss_scaling_applies_the_unscaled_gradient():
     scaled.scaler.scale = 1.0
     scaled.backward(_loss(scaled))
     scaled.params[0].grad[0, 0] = float("nan")
-    with pytest.raises(engine.Diverged, match="below 1"):
+    with pytest.raises(Diverged, match="below 1"):
         scaled.step(1.0)
 
 
