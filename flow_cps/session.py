@@ -119,7 +119,7 @@ class Session:
         ckpt = engine.from_rank_zero(lambda: self.folder.check(cfg.resume))
         self.config = dict(dataclasses.asdict(cfg), output_dir=str(path))
         if ckpt is not None:
-            saved = checkpoints.load_state(ckpt / "training_state.pt")["config"]
+            saved = self.folder.resume_state(ckpt)["config"]
             checkpoints.check_config(saved, self.config, RESUMABLE_CHANGES, dataclasses.asdict(Config()))
         self.train_set, self.eval_set = load_prompt_sets(cfg)
         self.precision = engine.precision(cfg.precision, self.device)  # frozen-weight dtype, autocast, loss scaling
@@ -135,7 +135,7 @@ class Session:
         if self.is_main:
             print("\n".join(plan.describe(cfg, self.world, check_files=False, device=self.device.type)[0]))
             print(f"output: {path}" + (f" (resumed from {ckpt.name})" if ckpt else ""))
-        self.logger = logs.Logger(path, self.is_main, cfg.report_to, self.history, self.config)
+        self.logger = logs.Logger(self.folder.dir or path, self.is_main, cfg.report_to, self.history, self.config)
 
     def _load(self, prec: engine.Precision):
         cfg = self.cfg
@@ -254,15 +254,16 @@ class Session:
         if self.is_main:
             base = next(h for h in self.history if h["iteration"] == 0)
             last = [h for h in self.history if any(k.startswith(EVAL) for k in h)][-1]
-            curve = logs.reward_curves(self.history, self.folder.path / "reward_curve.png",
-                                       f"{self.cfg.sampler} eta={self.cfg.eta} on {self.cfg.model}")
+            self.folder.dir.write("reward_curve.png", logs.reward_curves(
+                self.history, f"{self.cfg.sampler} eta={self.cfg.eta} on {self.cfg.model}"))
             print("\nheld-out metrics (ODE, EMA weights)      base  ->  trained")
             for k in base:
                 if k.startswith(EVAL):
                     print(f"  {k.removeprefix(EVAL):<36} {base[k]:.4f} -> {last[k]:.4f}")
                     summary[k] = (base[k], last[k])
-            print(f"figures: {curve}  {self.folder.path / 'images'}\ncheckpoint: "
-                  f"{self.folder.complete_checkpoints()[0]}\nlog: {self.folder.path / 'metrics.jsonl'}")
+            out = self.folder.path
+            print(f"figures: {out / 'reward_curve.png'}  {out / 'images'}\ncheckpoint: "
+                  f"{out / 'checkpoints' / self.folder.complete_checkpoints()[0]}\nlog: {out / 'metrics.jsonl'}")
         self.folder.close()
         engine.teardown()
         return dict(summary=summary, history=self.history, policy=self.policy, output_dir=self.folder.path)

@@ -110,7 +110,7 @@ def test_a_filesystem_without_locks_is_named_with_the_fix(tmp_path, monkeypatch)
 def test_the_lock_record_is_refreshed_while_held(tmp_path, monkeypatch):
     monkeypatch.setattr(lock, "LOCK_REFRESH_S", 0.05)
     held = lock.Lock(tmp_path)
-    held.acquire()
+    held.acquire(os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY))
     old = time.time() - 3600
     os.utime(tmp_path / ".lock", (old, old))
     time.sleep(0.5)
