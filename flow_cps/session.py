@@ -149,8 +149,11 @@ class Session:
                     max_sequence_length=cfg.max_sequence_length, shift=cfg.shift,
                     quantize_timesteps=cfg.quantize_timesteps, offload=cfg.offload, dtype=prec.dtype,
                     cache_bytes=int(cfg.embedding_cache_gb * 2 ** 30))
-                reward_fn = scoring.RewardModel(cfg.reward, device=self.device, **opts)
-                metrics = scoring.RewardModel(cfg.eval_metrics, device=self.device, **opts)
+                try:
+                    reward_fn = scoring.RewardModel(cfg.reward, device=self.device, **opts)
+                    metrics = scoring.RewardModel(cfg.eval_metrics, device=self.device, **opts)
+                except FileNotFoundError as e:  # a reward's weights: the message names them and how to get them
+                    raise SystemExit(f"reward error: {e}") from None
             for texts, _ in (self.train_set, self.eval_set):
                 backbone.check_prompts(texts)
             problem = sampler_problem(cfg, backbone.sigmas(cfg.num_steps))  # on the model's own schedule
