@@ -90,10 +90,10 @@ class Session:
 
     def __init__(self, cfg: Config):
         self.cfg, self.folder = cfg, None
+        validate(cfg)  # before set-up: a bad flag (--device cuda without CUDA) is one line on every rank, not a crash
         self.rank, self.world, self.device = engine.setup(cfg.device, need_group=cfg.parallel == "fsdp",
                                                           timeout_minutes=cfg.collective_timeout)
         try:
-            validate(cfg)
             self.is_main, self.batch = self.rank == 0, plan.batch(cfg, self.world)
             if not self.is_main:  # each distinct reward failure is reported once, by rank 0 (`all_ranks`)
                 warnings.filterwarnings("ignore", category=scoring.RewardWarning)
@@ -107,11 +107,15 @@ class Session:
     def _fail(self, error: BaseException) -> None:
         """With several ranks, stop every rank with one message (engine.stop_every_rank). In a world of one, leave
         nothing behind for an in-process caller that starts another run: the logs, the run folder's lock and the
-        process group (FSDP2's group of one) are released."""
-        if getattr(self, "logger", None) is not None:
-            self.logger.close()
-        if self.folder is not None:
-            self.folder.close()
+        process group (FSDP2's group of one) are released. A failure while releasing (wandb.finish, say) is printed
+        and does not keep the other ranks waiting."""
+        for release in (getattr(getattr(self, "logger", None), "close", None),
+                        getattr(self.folder, "close", None)):
+            try:
+                if release is not None:
+                    release()
+            except Exception as e:
+                print(f"while stopping: {type(e).__name__}: {e}")
         engine.stop_every_rank(error)
         engine.teardown(wait=False)
 
