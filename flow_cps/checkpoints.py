@@ -10,12 +10,14 @@ newest good one and reads nothing that can run code. Plumbing for train.py.
                                        dcp/ (FSDP2: one safetensors file per rank), training_state.pt, MANIFEST.json
       checkpoints/latest               "iter_000150", for people (resume reads the checkpoint folders themselves)
 
-A checkpoint is written into a new `.tmp-` folder; every file is fsynced and its size and sha256 go into
-MANIFEST.json, written last; the folder is renamed to `iter_<iteration>` and the rename made durable before any
-older checkpoint is removed. A checkpoint counts when its name is exactly one the run writes and it has a manifest;
-it is good when the files under it are exactly those the manifest lists, with their sizes and hashes, and its
-training state and safetensors files open without running code. Resume takes the newest good one by iteration
-number and names each damaged one it skipped.
+The folder is held by its descriptor (folder.py): every write, rename and delete goes through it, so a subfolder
+swapped mid-run is never written through. A checkpoint is written into a new private `.tmp-` folder; every file is
+fsynced and its size and sha256 go into MANIFEST.json (manifest.py), written last; the folder is renamed to
+`iter_<iteration>` and the rename made durable before any older checkpoint is removed. A checkpoint counts when its
+name is exactly one the run writes and it has a manifest; it is good when the files under it are exactly those the
+manifest lists, with their sizes and hashes (and signed, with a key), its training state and safetensors files open
+without running code, and the state's iteration is its name's. Resume takes the newest good one by iteration number
+and names each damaged one it skipped. docs/RUN_FOLDER.md says what this holds against.
 """
 from __future__ import annotations
 
@@ -24,16 +26,18 @@ import errno
 import json
 import os
 import re
-import shutil
+import stat
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed.checkpoint as dcp
-from safetensors import safe_open
 from torch.distributed.checkpoint.api import CheckpointException
 
-from flow_cps import distributed, export, files, lora
+from flow_cps import distributed, export, lora, manifest
+from flow_cps.files import UMASK
+from flow_cps.folder import TMP_PREFIX, Folder, NotRegular
 from flow_cps.lock import Lock
 from flow_cps.policy import Policy
 
@@ -45,6 +49,7 @@ RUN_FOLDERS = {"images": re.compile(r"(eval|train)_\d{5,}\.png"),
                "wandb": re.compile(r"(offline-)?run-\d{8}_\d{6}-\w+|latest-run|debug(-internal)?\.log"),
                "checkpoints": None}
 _ITER = re.compile(r"iter_(\d{6,})")
+MAX_CONFIG_BYTES = 2 ** 20  # config.json is a few KiB: a bigger one is not a run's (a sparse file can claim TiB)
 
 
 def checkpoint_name(iteration: int) -> str:
@@ -86,17 +91,34 @@ def resolve(output_dir: str, preset: str, resume: bool) -> Path:
                          "to, or give --output_dir") from None
 
 
+class Checkpoint(NamedTuple):
+    """A checkpoint `check` verified: its folder's name and inode, so that every rank opens that very folder."""
+    name: str
+    inode: int
+
+    @property
+    def iteration(self) -> int:
+        return iteration_of(self.name)
+
+
 class RunFolder:
+    """The run folder, held by its descriptor from `check` (rank 0; the other ranks open it on first use), and the
+    subfolders the run writes into (Folder.child: opened once, and checked on each use to still be there)."""
+
     def __init__(self, path: Path, is_main: bool, auto: bool = False):
         self.path, self.is_main, self.auto = Path(path), is_main, auto
-        self.root = self.path / "checkpoints"
         self.lock = Lock(self.path)
+        self.key = manifest.key(self.path)  # None: the manifest detects corruption, not tampering
+        self.dir: Folder | None = None
+        self.made: list[Path] = []  # the folders `check` created, outermost first (removed if the run never starts)
         self.created = self.started = False  # made by this run / written into (so a failure before removes it)
         self.resumed_from: int | None = None  # never pruned
         self._clear: list[str] = []  # what `start` removes for a fresh run (approved by `check`)
+        self._resume: Folder | None = None  # the checkpoint `check` verified, held until it is loaded
+        self._state: dict | None = None  # its training state, read once
 
     # -- before any work: claim the folder, then decide whether this run may use it ----------------------------------
-    def check(self, resume: bool) -> Path | None:
+    def check(self, resume: bool) -> Checkpoint | None:
         """Rank 0. Lock the folder (creating it if needed) before looking inside, then return the checkpoint to
         resume from (None for a fresh run). Stops with one line if the folder cannot be used: a file, not writable,
         locked by a running run, holding a run without --resume, or holding files no run of this project wrote."""
@@ -109,20 +131,20 @@ class RunFolder:
         except OSError as e:
             raise SystemExit(f"--output_dir {p}: cannot write into {existing} ({e.strerror}); choose a folder you can "
                              "write to") from None
-        self.created = not p.exists() or (self.auto and not resume)  # resolve() reserved a new run-NNN
-        p.mkdir(parents=True, exist_ok=True)
-        self.lock.acquire()
-        links = [n for n in RUN_FOLDERS if (p / n).is_symlink()]
-        if links:
-            raise SystemExit(f"{p / links[0]} is a symbolic link; a run writes only into real folders inside its run "
-                             "folder: replace it with a folder (or make --output_dir itself the link)")
+        self.made = _make_folders(p)
+        self.created = bool(self.made) or (self.auto and not resume)  # or resolve() reserved a new run-NNN
+        self.dir = Folder.open(p)
+        self.lock.acquire(self.dir.fd)
+        for name in RUN_FOLDERS:  # a link or a file where a run writes a folder stops the run now, not mid-run
+            if self.dir.lstat(name) is not None:
+                self.dir.child(name)
         good = self.complete_checkpoints()
         if resume and not good:
-            raise SystemExit(f"--resume: no complete checkpoint in {self.root}; run without --resume to start fresh "
-                             "(its incomplete files are then cleared)")
+            raise SystemExit(f"--resume: no complete checkpoint in {p / 'checkpoints'}; run without --resume to start "
+                             "fresh (its incomplete files are then cleared)")
         if not resume and good:
-            raise SystemExit(f"{p} already holds a run (checkpoint {good[0].name}); pass --resume true to continue "
-                             "it, or choose another --output_dir")
+            raise SystemExit(f"{p} already holds a run (checkpoint {good[0]}); pass --resume true to continue it, or "
+                             "choose another --output_dir")
         if not resume:
             self._clear = self._earlier_run()
         return self.newest_valid(good) if resume else None
@@ -130,13 +152,12 @@ class RunFolder:
     def _earlier_run(self) -> list[str]:
         """The entries an earlier run of this project left (a fresh run clears them in `start`): every entry must be
         a name the run writes, and config.json must carry WRITTEN_BY. Otherwise stops, naming the files."""
-        entries = sorted(q.name for q in self.path.iterdir() if q.name != ".lock")
+        entries = [n for n in self.dir.names() if n != ".lock"]
         if not entries:
             return []
-        config = self.path / "config.json"
         try:
-            ours = not config.is_symlink() and json.loads(config.read_text()).get("written_by") == WRITTEN_BY
-        except (OSError, ValueError, AttributeError):
+            ours = json.loads(self.dir.read("config.json", MAX_CONFIG_BYTES)).get("written_by") == WRITTEN_BY
+        except (OSError, ValueError, AttributeError):  # missing, a link, a FIFO, too big, not JSON, not an object
             ours = False
         foreign = [n for n in entries if not self._written_by_a_run(n)] if ours else entries
         if foreign:
@@ -147,18 +168,19 @@ class RunFolder:
         return entries
 
     def _written_by_a_run(self, name: str) -> bool:
-        q = self.path / name
-        if name.startswith(files.TMP_PREFIX):
+        st = self.dir.lstat(name)
+        if name.startswith(TMP_PREFIX):
             return True
-        if q.is_symlink():
+        if st is None or stat.S_ISLNK(st.st_mode):
             return False
         if name in RUN_FILES:
-            return q.is_file()
-        if name not in RUN_FOLDERS or not q.is_dir():
+            return stat.S_ISREG(st.st_mode)
+        if name not in RUN_FOLDERS or not stat.S_ISDIR(st.st_mode):
             return False
         ok = RUN_FOLDERS[name].fullmatch if RUN_FOLDERS[name] else is_checkpoint_entry
-        return all(c.startswith(files.TMP_PREFIX) or ((not (q / c).is_symlink() or name == "wandb") and ok(c))
-                   for c in os.listdir(q))  # wandb links its latest run and logs itself
+        sub = self.dir.child(name)
+        return all(c.startswith(TMP_PREFIX) or ((not stat.S_ISLNK(sub.lstat(c).st_mode) or name == "wandb") and ok(c))
+                   for c in sub.names())  # wandb links its latest run and logs itself
 
     def start(self, config: dict, fresh: bool) -> None:
         """The first write: clear what `check` approved (fresh) or interrupted temporary files (resume), write
@@ -167,122 +189,212 @@ class RunFolder:
             if fresh and self._clear:
                 print(f"{self.path}: cleared an earlier run that left no complete checkpoint "
                       f"({', '.join(self._clear)})")
-            for q in [*(self.path / n for n in self._clear), *self._temporaries()]:
-                _remove(q)
-            files.write_atomic(self.path / "config.json", json.dumps({"written_by": WRITTEN_BY, **config}, indent=1))
+            for name in self._clear:
+                self.dir.remove(name)
+            for d in [self.dir, *(self.dir.child(n) for n in RUN_FOLDERS if self.dir.is_dir(n))]:
+                for name in d.names():  # interrupted writes, through held folders only (never a link swapped in)
+                    if name.startswith(TMP_PREFIX):
+                        d.remove(name)
+            self.dir.write("config.json", json.dumps({"written_by": WRITTEN_BY, **config}, indent=1))
             self.started = True
             if self.auto:  # runs/<preset>/latest -> this run, replaced atomically
-                link = self.path.parent / f"{files.TMP_PREFIX}latest-{os.getpid()}"
+                link = self.path.parent / f"{TMP_PREFIX}latest-{os.getpid()}"
                 link.unlink(missing_ok=True)
                 link.symlink_to(self.path.name)
                 os.replace(link, self.path.parent / "latest")
         distributed.barrier()
 
-    def _temporaries(self) -> list[Path]:
-        return [q for d in (self.path, *(self.path / n for n in RUN_FOLDERS)) if d.is_dir()
-                for q in d.glob(files.TMP_PREFIX + "*")]
-
     def warn_if_disk_is_short(self, checkpoint_bytes: int, keep: int) -> None:
         """A warning at the start when the free space cannot hold keep + 1 checkpoints (rank 0)."""
-        free = shutil.disk_usage(self.path).free
-        if self.is_main and free < (keep + 1) * checkpoint_bytes:
+        if self.is_main and (free := _free(self.dir)) < (keep + 1) * checkpoint_bytes:
             print(f"warning: {self.path} has {free / 2 ** 30:.1f} GiB free, less than {keep + 1} checkpoints of "
                   f"~{checkpoint_bytes / 2 ** 30:.1f} GiB need (--keep_checkpoints {keep} + the one being written)")
 
     def close(self) -> None:
         """Release the lock. A run that stops before its first write leaves nothing: the lock file it created goes,
-        and so does the folder if it created that (bad input writes nothing)."""
-        self.lock.release()
-        if not self.started and self.lock.made:
-            (self.path / ".lock").unlink(missing_ok=True)
-        if self.created and not self.started:
-            try:
-                self.path.rmdir()
-            except OSError:  # no longer empty: someone else's now
-                pass
+        and so do the folders it created (bad input writes nothing). A run refused by the lock removes nothing."""
+        self.lock.release(remove=self.lock.made and not self.started)
+        if self.created and not self.started:  # rmdir: only folders this run made, and only while empty
+            for q in reversed(self.made or [self.path]):
+                try:
+                    q.rmdir()
+                except OSError:  # no longer empty: someone else's now
+                    break
+        for f in (self._resume, self.dir):
+            if f is not None:
+                f.close()
+        self._resume = self.dir = None
+
+    def _run(self) -> Folder:
+        """The run folder: rank 0's from `check`; another rank's opened on first use, after rank 0 made it."""
+        if self.dir is None:
+            self.dir = Folder.open(self.path)
+        return self.dir
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
-    def complete_checkpoints(self) -> list[Path]:
+    def complete_checkpoints(self) -> list[str]:
         """The checkpoints named as the run names them that have a manifest, newest (highest iteration) first; their
         files are checked by `newest_valid`."""
-        found = [q for q in self.root.glob("iter_*") if iteration_of(q.name) is not None and not q.is_symlink()
-                 and (q / "MANIFEST.json").is_file()] if self.root.is_dir() else []
-        return sorted(found, key=lambda q: iteration_of(q.name), reverse=True)
+        if not self._run().is_dir("checkpoints"):
+            return []
+        ck = self.dir.child("checkpoints")
+        found = [n for n in ck.names() if iteration_of(n) is not None and ck.is_dir(n)
+                 and ck.lstat(f"{n}/{manifest.NAME}") is not None]
+        return sorted(found, key=iteration_of, reverse=True)
 
-    def newest_valid(self, candidates: list[Path]) -> Path:
-        """The newest checkpoint that `verify` finds good; says which damaged ones it skipped. Stops if none is."""
-        problems = []
-        for ckpt in candidates:
-            problem = verify(ckpt)
+    def newest_valid(self, candidates: list[str]) -> Checkpoint:
+        """The newest checkpoint that `verify` finds good, held open until it is loaded; says which damaged ones it
+        skipped. Stops if none is."""
+        problems, ck = [], self.dir.child("checkpoints")
+        for name in candidates:
+            try:
+                held = ck.sub(name)
+            except OSError as e:
+                problems.append(f"{name} (cannot be opened: {e.strerror})")
+                continue
+            problem = verify(held, name, self.key)
             if problem is None:
                 if problems and self.is_main:
-                    print("resume: skipped damaged checkpoint(s): " + "; ".join(problems) + f"; using {ckpt.name}")
-                return ckpt
-            problems.append(f"{ckpt.name} ({problem})")
+                    print("resume: skipped damaged checkpoint(s): " + "; ".join(problems) + f"; using {name}")
+                self._resume = held
+                return Checkpoint(name, held.identity()[1])
+            held.close()
+            problems.append(f"{name} ({problem})")
         raise SystemExit("--resume: every checkpoint is damaged: " + "; ".join(problems) +
                          "; run without --resume (and another --output_dir) to start again")
 
-    def save(self, iteration: int, policy: Policy, history: list[dict], config: dict, keep: int) -> Path:
+    def _checkpoint(self, ckpt: Checkpoint) -> Folder:
+        """The verified checkpoint: rank 0 holds it; another rank opens it and checks it is the same folder."""
+        if self._resume is None:
+            held = self._run().child("checkpoints").sub(ckpt.name)
+            if held.identity()[1] != ckpt.inode:
+                held.close()
+                raise SystemExit(f"{self.path}/checkpoints/{ckpt.name} was replaced after rank 0 verified it; resume "
+                                 "again (and keep other processes out of the run folder)")
+            self._resume = held
+        return self._resume
+
+    def resume_state(self, ckpt: Checkpoint) -> dict:
+        """The training state of the checkpoint to resume from (iteration, history, RNG, config, ...): every rank."""
+        if self._state is None:
+            self._state = manifest.read_state(self._checkpoint(ckpt))
+        return self._state
+
+    def load(self, ckpt: Checkpoint, policy: Policy) -> tuple[list[dict], int]:
+        """Restore the policy (and the global RNG) from `ckpt`; returns (history, iteration). Every rank reads."""
+        st, held = self.resume_state(ckpt), self._checkpoint(ckpt)
+        if policy.fsdp:
+            policy.load_sharded(f"{held.path}/dcp")
+            policy.steps = int(st.get("steps", 0))
+        else:
+            policy.load_state(st)
+        torch.set_rng_state(st["torch_rng"])
+        self.resumed_from = ckpt.iteration  # the folder's name: what verify matched the state against
+        self._state = None
+        held.close()
+        self._resume = None
+        return st["history"], ckpt.iteration
+
+    def save(self, iteration: int, policy: Policy, history: list[dict], config: dict, keep: int) -> str:
         """Write checkpoint `iteration` atomically and durably (call on every rank under FSDP2, else on rank 0). The
         earlier checkpoints stay intact until this one is complete and its rename is on disk; then all but the newest
-        `keep` up to this one are removed, never this one nor the one the run resumed from."""
-        final, tmp = self.root / checkpoint_name(iteration), None
+        `keep` up to this one are removed, never this one nor the one the run resumed from. Every write goes into a
+        0700 folder this run made and holds; a moved or swapped folder stops the run (docs/RUN_FOLDER.md)."""
+        final, name, tmp = checkpoint_name(iteration), None, None
         try:
-            make = lambda: Path(tempfile.mkdtemp(prefix=f"{files.TMP_PREFIX}{final.name}-", dir=self.root))  # noqa: E731
-            self.root.mkdir(exist_ok=True)
-            tmp = distributed.from_rank_zero(make) if policy.fsdp else make()  # one folder every rank writes into
+            if policy.fsdp:  # one folder every rank writes into, each through its own descriptor
+                name, inode = distributed.from_rank_zero(lambda: self._temporary(final))
+                tmp = self._tmp if self.is_main else self._join_temporary(name, inode)
+            else:
+                name, _ = self._temporary(final)
+                tmp = self._tmp
             self._write(tmp, iteration, policy, history, config)
             hashed = _hash_shares(tmp) if policy.fsdp else {}  # every rank hashes a share of the files
             if self.is_main:
-                write_manifest(tmp, hashed)
-                os.chmod(tmp, 0o777 & ~files.UMASK)  # mkdtemp's 0700 kept others out while it was written
-                self._publish(tmp, final)
-                files.write_atomic(self.root / "latest", final.name)
-                self._prune(iteration, keep)
+                if self.key is not None:  # no one else may change what a keyed manifest vouches for
+                    tmp.seal(0o022)
+                manifest.write(tmp, final, hashed, self.key)
+                tmp.chmod(0o777 & ~UMASK & ~(0o022 if self.key is not None else 0))  # 0700 kept others out meanwhile
+                ck = self.dir.child("checkpoints")
+                self._publish(ck, name, tmp, final)
+                ck.write("latest", final)
+                self._prune(ck, iteration, keep)
         except (OSError, RuntimeError, CheckpointException) as e:
-            if self.is_main and tmp is not None:
-                shutil.rmtree(tmp, ignore_errors=True)
-            cause = _cause(e)
-            free = shutil.disk_usage(self.root if self.root.exists() else self.path).free
+            if self.is_main and name is not None:
+                with contextlib.suppress(OSError, SystemExit):
+                    self.dir.child("checkpoints").remove(name)
+            cause, free = _cause(e), _free(self._run())
+            if isinstance(cause, NotRegular):
+                raise SystemExit(f"writing checkpoint {final}: {cause.filename} is {cause.strerror}; the run stops so "
+                                 "that it writes nothing outside its folder: keep other processes out of the run "
+                                 "folder and continue with --resume true") from None
             if getattr(cause, "errno", None) == errno.ENOSPC or free < 2 ** 20 or "unexpected pos" in str(cause):
-                raise SystemExit(f"no space left on the device writing checkpoint {final.name} into {self.root} "
+                raise SystemExit(f"no space left on the device writing checkpoint {final} into {self.path}/checkpoints "
                                  f"({free / 2 ** 20:.0f} MiB free); the earlier checkpoints are intact: free space "
                                  "and continue with --resume true") from None
             raise
+        finally:
+            if tmp is not None:
+                tmp.close()
+            self._tmp = None
         return final
 
-    def _publish(self, tmp: Path, final: Path) -> None:
-        """Rename the finished folder into place (an earlier checkpoint of this number, damaged, is replaced) and make
-        the rename durable."""
-        if final.is_symlink():
-            final.unlink()
-        aside = None
-        if final.exists():
-            aside = Path(tempfile.mkdtemp(prefix=f"{files.TMP_PREFIX}old-{final.name}-", dir=self.root))
-            os.replace(final, aside)  # a rename onto an empty folder
-        os.replace(tmp, final)
-        files.fsync_dir(self.root)
-        if aside is not None:
-            shutil.rmtree(aside)
+    def _temporary(self, final: str) -> tuple[str, int]:
+        """Rank 0: a new private folder checkpoints/.tmp-<final>-<random> (self._tmp): (its name, its inode)."""
+        name, self._tmp = self._run().child("checkpoints", create=True).private(f"{TMP_PREFIX}{final}-")
+        return name, self._tmp.identity()[1]
 
-    def _prune(self, iteration: int, keep: int) -> None:
+    def _join_temporary(self, name: str, inode: int) -> Folder:
+        """Another rank (FSDP2): rank 0's temporary folder, checked to be that folder and not one swapped in."""
+        tmp = self._run().child("checkpoints").sub(name)
+        if tmp.identity()[1] != inode:
+            tmp.close()
+            raise SystemExit(f"{self.path}/checkpoints/{name}, the checkpoint being written, was replaced before rank "
+                             "joined it; the run stops so that it writes nothing outside its folder")
+        return tmp
+
+    def _publish(self, ck: Folder, name: str, tmp: Folder, final: str) -> None:
+        """Rename the finished folder into place (an earlier checkpoint of this number, damaged, is replaced) and make
+        the rename durable. Before and after, the name must lead to the folder this run wrote."""
+        if not ck.holds(name, tmp):
+            raise SystemExit(f"{ck.where}/{name}, the checkpoint being written, was moved or replaced; nothing was "
+                             "published and the run stops: keep other processes out of the run folder and continue "
+                             "with --resume true")
+        aside, old = None, ck.lstat(final)
+        if old is not None and stat.S_ISDIR(old.st_mode):
+            aside = f"{TMP_PREFIX}old-{final}-{os.getpid()}"
+            ck.remove(aside)
+            ck.rename(final, aside)
+        elif old is not None:
+            ck.remove(final)  # a link or a file at the name: replaced, its target untouched
+        ck.rename(name, final)
+        ck.fsync()
+        if not ck.holds(final, tmp):
+            raise SystemExit(f"{ck.where}/{final} is not the checkpoint this run wrote (its folder was swapped while "
+                             "it was published); the run stops: remove it and continue with --resume true")
+        if aside is not None:
+            ck.remove(aside)
+
+    def _prune(self, ck: Folder, iteration: int, keep: int) -> None:
         """Keep the newest `keep` checkpoints up to `iteration` (this one included) and the one resumed from; a
         checkpoint of a later iteration (one that resume skipped as damaged) is neither counted nor removed. Each
-        removed folder is renamed to a temporary name first, so a half-removed one never looks complete."""
-        older = [c for c in self.complete_checkpoints() if iteration_of(c.name) < iteration]
+        removed folder is renamed to a temporary name first, so a half-removed one never looks complete. Only
+        entries of the run's own checkpoints/ folder, through its descriptor."""
+        older = [c for c in self.complete_checkpoints() if iteration_of(c) < iteration]
         for old in older[keep - 1:]:
-            if iteration_of(old.name) != self.resumed_from:
-                aside = self.root / f"{files.TMP_PREFIX}pruned-{old.name}"
-                shutil.rmtree(aside, ignore_errors=True)
-                os.replace(old, aside)
-                shutil.rmtree(aside)
+            if iteration_of(old) != self.resumed_from:
+                aside = f"{TMP_PREFIX}pruned-{old}"
+                ck.remove(aside)
+                ck.rename(old, aside)
+                ck.remove(aside)
 
-    def _write(self, out: Path, iteration: int, policy: Policy, history: list[dict], config: dict) -> None:
+    def _write(self, out: Folder, iteration: int, policy: Policy, history: list[dict], config: dict) -> None:
         """The weights as diffusers loads them, live and EMA: lora/ and lora_ema/ (`pipe.load_lora_weights`), or
         for full fine-tuning transformer/ and transformer_ema/ (`from_pretrained`; under FSDP2 gathered tensor by
         tensor, written shard by shard: export.py). training_state.pt: iteration, history, RNG, config; without
         FSDP also the trained weights, EMA, AdamW state and step counter, which under FSDP2 go to dcp/, one
-        safetensors file per rank (Policy.save_sharded; `read_sharded` assembles them)."""
+        safetensors file per rank (Policy.save_sharded; `read_sharded` assembles them). The libraries take
+        paths: out.path reaches the held folder itself."""
         tr, kind = policy.backbone.transformer, policy.backbone.kind
         exports = [("", contextlib.nullcontext)] + ([("_ema", policy.ema_weights)] if policy.ema is not None else [])
         for suffix, weights in exports:
@@ -290,28 +402,17 @@ class RunFolder:
                 if getattr(tr, "peft_config", None) is not None:
                     state = lora.lora_state_dict(tr)  # under FSDP: a collective gather of the LoRA tensors only
                     if self.is_main:
-                        lora.save_lora(tr, out / f"lora{suffix}", state_dict=state, pipeline=kind)
+                        lora.save_lora(tr, f"{out.path}/lora{suffix}", state_dict=state, pipeline=kind)
                 else:
-                    export.save_transformer(tr, out / f"transformer{suffix}", self.is_main)
+                    export.save_transformer(tr, f"{out.path}/transformer{suffix}", self.is_main)
         if policy.fsdp:
-            policy.save_sharded(out / "dcp")
+            policy.save_sharded(f"{out.path}/dcp")
         if self.is_main:
             state = dict(iteration=iteration, history=history, config=config, torch_rng=torch.get_rng_state(),
                          steps=policy.steps)
             state.update({} if policy.fsdp else policy.state())
-            torch.save(state, out / "training_state.pt")
-
-    def load(self, ckpt: Path, policy: Policy) -> tuple[list[dict], int]:
-        """Restore the policy (and the global RNG) from `ckpt`; returns (history, iteration). Every rank reads."""
-        st = load_state(ckpt / "training_state.pt")
-        if policy.fsdp:
-            policy.load_sharded(ckpt / "dcp")
-            policy.steps = int(st.get("steps", 0))
-        else:
-            policy.load_state(st)
-        torch.set_rng_state(st["torch_rng"])
-        self.resumed_from = st["iteration"]
-        return st["history"], st["iteration"]
+            with out.create("training_state.pt") as f:
+                torch.save(state, f)
 
 
 def is_checkpoint_entry(name: str) -> bool:
@@ -319,10 +420,7 @@ def is_checkpoint_entry(name: str) -> bool:
     return iteration_of(name) is not None or name == "latest"
 
 
-def load_state(path: Path) -> dict:
-    """training_state.pt holds only tensors, numbers, strings, lists and dicts: read with weights_only=True, so a
-    file planted in a shared run folder cannot run code when someone resumes."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+load_state = manifest.load_state  # a training_state.pt by path (tools, tests)
 
 
 def read_sharded(folder: str | Path) -> dict[str, torch.Tensor]:
@@ -344,59 +442,12 @@ def check_config(saved: dict, given: dict, resumable: set[str], defaults: dict) 
                          "start a new run.")
 
 
-# -- the manifest ------------------------------------------------------------------------------------------------
-def write_manifest(folder: Path, hashed: dict[str, str] | None = None) -> None:
-    """MANIFEST.json: every file under `folder` with its size and sha256 (streamed; `hashed` holds those the ranks
-    already computed). Each file is fsynced, then the folders, then the manifest itself."""
-    names = [n for n in files.files_under(folder)[0] if n != "MANIFEST.json"]
-    hashed = dict(hashed or {})
-    missing = [n for n in names if n not in hashed]
-    hashed.update(zip(missing, files.sha256_many([folder / n for n in missing])))
-    entries = {n: dict(size=(folder / n).stat().st_size, sha256=hashed[n]) for n in names}
-    files.fsync_tree(folder)
-    files.write_atomic(folder / "MANIFEST.json", json.dumps(entries, indent=1))
-
-
-def verify(ckpt: Path) -> str | None:
-    """None if the files under `ckpt` are exactly those its manifest lists, each of its size and sha256 (every file,
-    streamed), and the training state and every safetensors file open without running code; else what is wrong,
-    naming the file."""
-    try:
-        entries = json.loads((ckpt / "MANIFEST.json").read_text())
-        if not isinstance(entries, dict) or not all(isinstance(m, dict) and isinstance(m.get("size"), int) and
-                                                    isinstance(m.get("sha256"), str) for m in entries.values()):
-            return "MANIFEST.json is not a manifest (every file's size and sha256)"
-    except (OSError, ValueError) as e:
-        return f"MANIFEST.json unreadable: {e}"
-    present, odd = files.files_under(ckpt)
-    present.remove("MANIFEST.json")
-    if odd:
-        return f"{odd[0]} is a link or not a regular file"
-    for name in sorted(set(present) - set(entries)):
-        return f"{name} is not in the manifest"
-    for name, meta in entries.items():
-        if name not in present:
-            return f"{name} is missing"
-        if name.startswith("dcp/") and not name.endswith(".safetensors"):  # what torch's pickled format writes
-            return f"{name} is not a safetensors shard (dcp/ holds only those; a planted file, or an older version's " \
-                   "pickled format, which is not read)"
-        size = (ckpt / name).stat().st_size
-        if size != meta["size"]:
-            return f"{name} has {size} bytes, {meta['size']} expected"
-    for name, digest in zip(entries, files.sha256_many([ckpt / n for n in entries])):
-        if digest != entries[name]["sha256"]:
-            return f"{name} is corrupt (checksum mismatch)"
-    for name in (n for n in entries if n.endswith(".safetensors")):
-        try:
-            with safe_open(ckpt / name, "pt") as f:
-                f.keys()
-        except Exception as e:  # the hash matched a rewritten manifest: not a safetensors file
-            return f"{name} cannot be read as safetensors ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
-    try:
-        load_state(ckpt / "training_state.pt")
-    except Exception as e:  # e.g. a pickled object that weights_only refuses
-        return f"training_state.pt cannot be loaded safely ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
-    return None
+def verify(ckpt: Folder | str | Path, name: str | None = None, key: bytes | None = None) -> str | None:
+    """manifest.verify of a checkpoint folder (held, or given by path), against the iteration its name says."""
+    if not isinstance(ckpt, Folder):
+        with Folder.open(ckpt) as held:
+            return verify(held, Path(ckpt).name, key)
+    return manifest.verify(ckpt, name, key, iteration_of(name))
 
 
 def checkpoint_bytes(policy: Policy) -> int:
@@ -406,13 +457,13 @@ def checkpoint_bytes(policy: Policy) -> int:
     return sum(p.numel() for p in policy.params) * (16 if policy.ema is None else 24)
 
 
-def _hash_shares(folder: Path) -> dict[str, str]:
-    """(Every rank, once every file is written) sha256 of the files under `folder`, each rank a share of them:
-    {name: sha256} of all of them on every rank."""
+def _hash_shares(folder: Folder) -> dict[str, list]:
+    """(Every rank, once every file is written) size and sha256 of the files under `folder`, each rank a share of
+    them: {name: [size, sha256]} of all of them on every rank."""
     distributed.barrier()  # rank 0's exports and training state are written
-    names = files.files_under(folder)[0]
+    names = folder.files()[0]
     rank, world = distributed.rank_and_world()
-    mine = dict(zip(names[rank::world], files.sha256_many([folder / n for n in names[rank::world]])))
+    mine = manifest.hash_files(folder, names[rank::world])
     return {k: v for part in distributed.all_gather_objects(mine) for k, v in part.items()}
 
 
@@ -423,8 +474,24 @@ def _cause(e: BaseException) -> BaseException:
     return e
 
 
-def _remove(q: Path) -> None:
-    if q.is_dir() and not q.is_symlink():
-        shutil.rmtree(q)
-    else:
-        q.unlink(missing_ok=True)
+def _free(folder: Folder) -> int:
+    st = os.fstatvfs(folder.fd)
+    return st.f_bavail * st.f_frsize
+
+
+def _make_folders(path: Path) -> list[Path]:
+    """mkdir -p `path`; returns the folders this call created, outermost first (a run that never starts removes
+    exactly those; one another process made at the same moment is not counted)."""
+    missing = []
+    q = path
+    while not os.path.lexists(q):
+        missing.append(q)
+        q = q.parent
+    made = []
+    for q in reversed(missing):
+        try:
+            q.mkdir()
+            made.append(q)
+        except FileExistsError:
+            pass
+    return made

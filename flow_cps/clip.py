@@ -9,8 +9,9 @@
   * the OpenCLIP -> transformers mapping (`load_openclip_state_dict`, `openclip_to_transformers`), so HPSv2.1's
     OpenCLIP checkpoint runs in transformers' CLIPModel without open_clip or torchvision.
 
-Imports no project module, and transformers only inside the functions that build a model: importing this module
-(and so rewards.py or geneval.py) never pulls in a transformers image processor or its torchvision warnings.
+Imports only hub.py (the rule that tells a local path from a hub id, the one --model follows), and transformers only
+inside the functions that build a model: importing this module (and so rewards.py or geneval.py) never pulls in a
+transformers image processor or its torchvision warnings.
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from flow_cps.hub import hub_id as _hub_id
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalisation, used by all CLIPs here
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -94,14 +97,24 @@ def missing_weights_message(reward: str, what: str, tried: str, option: str, hub
             f"{'file' if filename else 'dir'}\"}}}}'")
 
 
-def load_pretrained(cls, name_or_path: str, reward: str, option: str, hub_id: str, what: str, **kwargs):
-    """`cls.from_pretrained(name_or_path)`, turning "not found / not cached / offline" into one clear error."""
+def local_or_hub(name_or_path: str, reward: str, option: str, hub_id: str, what: str) -> str:
+    """What to load: an existing local path, or a hub id. A missing path is never sent to the Hub: one that starts
+    with '/', '.' or '~', is not owner/name, or whose first part is a folder here (`flow_cps/PickScore_v1`), as
+    --model decides (hub.hub_id); it fails naming the path."""
     path = Path(name_or_path).expanduser()
-    if str(name_or_path).startswith(("/", ".", "~")) and not path.exists():  # clearly a path, not a hub id
+    if path.exists():
+        return str(path)
+    if _hub_id(str(name_or_path)) is None:
         raise FileNotFoundError(missing_weights_message(reward, what, name_or_path, option, hub_id,
                                                         FileNotFoundError(f"no such directory: {path}")))
+    return name_or_path
+
+
+def load_pretrained(cls, name_or_path: str, reward: str, option: str, hub_id: str, what: str, **kwargs):
+    """`cls.from_pretrained(name_or_path)`, turning "not found / not cached / offline" into one clear error."""
+    source = local_or_hub(name_or_path, reward, option, hub_id, what)
     try:
-        return cls.from_pretrained(str(path) if path.exists() else name_or_path, **kwargs)
+        return cls.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as e:  # OSError: not cached / offline / no such dir; ValueError: malformed hub id
         raise FileNotFoundError(missing_weights_message(reward, what, name_or_path, option, hub_id, e)) from None
 
@@ -117,12 +130,12 @@ def load_processor_settings(name_or_path: str, reward: str, option: str, hub_id:
     missing, and only these four values are used (the transform itself runs on tensors, `clip_preprocess`)."""
     from transformers.image_processing_base import ImageProcessingMixin
 
-    path = Path(name_or_path).expanduser()
+    what = "the CLIP image processor settings"
+    source = local_or_hub(name_or_path, reward, option, hub_id, what)
     try:
-        cfg, _ = ImageProcessingMixin.get_image_processor_dict(str(path) if path.exists() else name_or_path)
+        cfg, _ = ImageProcessingMixin.get_image_processor_dict(source)
     except (OSError, ValueError) as e:  # not cached / offline / no such dir / malformed hub id
-        raise FileNotFoundError(missing_weights_message(reward, "the CLIP image processor settings", name_or_path,
-                                                        option, hub_id, e)) from None
+        raise FileNotFoundError(missing_weights_message(reward, what, name_or_path, option, hub_id, e)) from None
     return dict(size=_size_of(cfg["size"], "shortest_edge"), crop=_size_of(cfg["crop_size"], "height"),
                 mean=tuple(cfg.get("image_mean", CLIP_MEAN)), std=tuple(cfg.get("image_std", CLIP_STD)))
 

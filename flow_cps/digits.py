@@ -3,19 +3,15 @@
 Everything a newcomer needs to see GRPO work on a laptop, with no download: the data (1,797 bundled images), the
 prompts ("a handwritten digit 7"), a learned one-token prompt encoder standing in for CLIP+T5, the flow-matching
 pre-training of a real diffusers `FluxTransformer2DModel` (deliberately stopped early so RL has headroom), and the
-judge classifier behind the `digit_judge` reward. Both are trained on first use and cached on disk (atomically) under
-`cache_dir()`; later runs load the model with the same `from_pretrained` code that loads FLUX.1. The pre-training
-drives the transformer through the backbone it is given (models.digits_backbone), the same one GRPO uses.
+judge classifier behind the `digit_judge` reward. Both are trained on first use and cached on disk (cache.py: built
+atomically, checked against its manifest on every use); later runs load the model with the same `from_pretrained`
+code that loads FLUX.1. The pre-training drives the transformer through the backbone it is given
+(models.digits_backbone), the same one GRPO uses.
 """
 from __future__ import annotations
 
-import errno
-import hashlib
 import json
-import os
 import re
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from flow_cps import cache
 from sampling import rollout
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -141,37 +138,6 @@ def train_svm():
     return SVC(C=10.0, gamma="scale").fit(svm_features(images), labels.numpy())
 
 
-def cache_dir() -> Path:
-    """Where the pre-trained digits model and judge live: $FLOW_CPS_CACHE, else ~/.cache/flow_cps."""
-    return Path(os.environ.get("FLOW_CPS_CACHE") or Path.home() / ".cache" / "flow_cps")
-
-
-def cache_key(*spec) -> str:
-    return hashlib.sha256(json.dumps([*spec, torch.__version__], sort_keys=True).encode()).hexdigest()[:10]
-
-
-def cached(path: Path, build, what: str) -> Path:
-    """`path` if it holds a finished build (info.json), else build(tmp) into a temporary folder renamed into place:
-    a killed build leaves nothing, and concurrent builders (ranks, bench workers) agree on one result."""
-    if (path / "info.json").exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    print(f"[flow_cps] first use: {what} into {path}")
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-build-", dir=path.parent))
-    try:
-        build(tmp)
-        try:  # no check-then-rename: the rename itself decides, atomically, which builder's result is kept
-            os.replace(tmp, path)
-        except OSError as e:
-            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not (path / "info.json").exists():
-                raise
-            shutil.rmtree(tmp)  # another process won the race; theirs is identical
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
-
-
 @torch.enable_grad()  # a first use may come from inside a caller's no_grad (an evaluation, a figure)
 def flow_matching(backbone, params, batch, steps: int, *, lr: float, seed: int, progress: bool = True) -> float:
     """Pre-train a built-in model by flow matching (AdamW, logit-normal t as in SD3's recipe): each step draws
@@ -201,7 +167,8 @@ def judge_dir() -> Path:
         save_file(judge.state_dict(), out / "judge.safetensors")
         (out / "info.json").write_text(json.dumps(dict(judge_accuracy=acc), indent=1))
         print(f"[digits] judge held-out accuracy {acc:.4f}")
-    return cached(cache_dir() / f"judge-{cache_key('judge', 300, 0)}", build, "training the digit judge")
+    key = cache.cache_key("judge", 300, 0)
+    return cache.cached(cache.cache_dir() / f"judge-{key}", build, "training the digit judge")
 
 
 def model_dir(make_backbone, progress: bool = True, size: int = SIZE) -> Path:
@@ -211,9 +178,9 @@ def model_dir(make_backbone, progress: bool = True, size: int = SIZE) -> Path:
         raise ValueError(f"digits models exist at sizes {sorted(PRETRAIN_STEPS)}, not {size} (the shapes task renders "
                          f"natively at 16, 24 and 32: --preset shapes)")
     judge_dir()  # the pre-training reports its base accuracy with the judge
-    key = cache_key(TRANSFORMER_CONFIG, PRETRAIN, PRETRAIN_STEPS[size], EMBED_DIM, size)
-    return cached(cache_dir() / f"digits-{key}", lambda out: _build(out, make_backbone, progress, size),
-                   f"pre-training the tiny FLUX model ({PRETRAIN_STEPS[size]} steps, about 20 s)")
+    key = cache.cache_key(TRANSFORMER_CONFIG, PRETRAIN, PRETRAIN_STEPS[size], EMBED_DIM, size)
+    return cache.cached(cache.cache_dir() / f"digits-{key}", lambda out: _build(out, make_backbone, progress, size),
+                        f"pre-training the tiny FLUX model ({PRETRAIN_STEPS[size]} steps, about 20 s)")
 
 
 def _build(out: Path, make_backbone, progress: bool, size: int = SIZE) -> dict:

@@ -95,7 +95,10 @@ CLIP_HUB_ID = "openai/clip-vit-large-patch14"
 def metadata_problem(meta: dict) -> str | None:
     """What makes a GenEval metadata object unusable by the rules below (None: usable): include/exclude must be
     lists of clauses {class: one of COCO_CLASSES, count: a whole number >= 1, optional color: one of COLORS,
-    optional position: [one of POSITIONS, the index of an earlier include]}, and at least one clause."""
+    optional position: [one of POSITIONS, the index of an earlier include]}, and at least one clause; the tag, if
+    given, one of TAGS (it picks the counting threshold, and the overall score is a mean over tags)."""
+    if "tag" in meta and (not isinstance(meta["tag"], str) or meta["tag"] not in TAGS):
+        return f"'tag' must be one of {', '.join(TAGS)} (got {meta['tag']!r})"
     clauses = {k: meta.get(k, []) for k in ("include", "exclude")}
     if not all(isinstance(v, list) for v in clauses.values()) or not any(clauses.values()):
         return "'include' / 'exclude' must be lists of clauses, at least one clause in all"

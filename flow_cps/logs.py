@@ -1,18 +1,20 @@
 """Run outputs (rank 0 only): metrics.jsonl, image grids, TensorBoard or Weights & Biases, the reward-curve figure.
-Files are written as files.py writes them: replaced atomically, never through a link."""
+Written through the run folder's descriptor (folder.Folder): replaced atomically, never through a link, and never
+into a subfolder swapped in after the run opened it."""
 from __future__ import annotations
 
 import io
 import json
 import math
 import os
+import secrets
 from pathlib import Path
 
 import numpy as np
 from torch import Tensor
 
-from flow_cps import files
 from flow_cps.clip import to_uint8
+from flow_cps.folder import Folder
 
 
 def image_grid(images: Tensor, rows: int, min_side: int = 64, row_labels: list[str] = (),
@@ -81,24 +83,31 @@ class Logger:
     The logs are the run: a fresh run starts them empty; a resumed run rewrites metrics.jsonl to the checkpoint's
     history, has TensorBoard drop every event after the checkpoint (purge_step), and starts a new W&B run that
     replays the checkpoint's history; so iterations that a killed run logged past its last checkpoint are not
-    shown twice. The image grids the killed run wrote stay as files, and are not replayed."""
+    shown twice. The image grids the killed run wrote stay as files, and are not replayed.
 
-    def __init__(self, out_dir: Path, enabled: bool, report_to: str = "tensorboard", history: list[dict] = (),
+    `out` is the run folder, held (checkpoints.RunFolder.dir) or by path. TensorBoard writes into the held
+    tensorboard/ (its /proc/self/fd path) under a file name with a random part, so no link can be planted at it; W&B
+    writes wandb/ by name from its own service process (docs/RUN_FOLDER.md)."""
+
+    def __init__(self, out: Path | Folder, enabled: bool, report_to: str = "tensorboard", history: list[dict] = (),
                  config: dict | None = None):
-        self.enabled, self.path, self.images = enabled, out_dir / "metrics.jsonl", out_dir / "images"
-        self.tb = self.wandb = self.fd = None
+        self.enabled, self.tb, self.wandb, self.fd, self.dir, self._own = enabled, None, None, None, None, False
         if not enabled:
             return
-        files.write_atomic(self.path, "".join(json.dumps(strict(h), allow_nan=False) + "\n" for h in history))
-        self.fd = files.open_append(self.path)  # rows go to this file, whatever is later put at its name
+        self.dir, self._own = (out, False) if isinstance(out, Folder) else (Folder.open(out), True)
+        out_dir = Path(self.dir.where)
+        self.dir.write("metrics.jsonl", "".join(json.dumps(strict(h), allow_nan=False) + "\n" for h in history))
+        self.fd = self.dir.append("metrics.jsonl")  # rows go to this file, whatever is later put at its name
         if report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(out_dir / "tensorboard"),
-                                    purge_step=history[-1]["iteration"] + 1 if history else None)
+            self.tb = SummaryWriter(self.dir.child("tensorboard", create=True).path,
+                                    purge_step=history[-1]["iteration"] + 1 if history else None,
+                                    filename_suffix="." + secrets.token_hex(4))
         elif report_to == "wandb":
             import wandb
 
+            self.dir.child("wandb", create=True)  # a link there stops the run; W&B itself goes by name
             resumed = f" (resumed after iteration {history[-1]['iteration']})" if history else ""
             self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "flow_cps"), dir=str(out_dir),
                                     name=out_dir.name + resumed, config=config)
@@ -125,10 +134,9 @@ class Logger:
         from PIL import Image
 
         grid = image_grid(images, rows, row_labels=row_labels, col_labels=col_labels)
-        self.images.mkdir(parents=True, exist_ok=True)
         png = io.BytesIO()
         Image.fromarray(grid).save(png, format="PNG")
-        files.write_atomic(self.images / f"{tag}_{iteration:05d}.png", png.getvalue())
+        self.dir.child("images", create=True).write(f"{tag}_{iteration:05d}.png", png.getvalue())
         if self.tb is not None:
             self.tb.add_image(tag, grid, iteration, dataformats="HWC")
             self.tb.flush()
@@ -145,10 +153,13 @@ class Logger:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+        if self._own:
+            self.dir.close()
+            self._own = False
 
 
-def reward_curves(history: list[dict], path: str | Path, title: str) -> Path:
-    """Training reward (stochastic rollouts) and held-out ODE metrics versus iteration, one panel each."""
+def reward_curves(history: list[dict], title: str) -> bytes:
+    """Training reward (stochastic rollouts) and held-out ODE metrics versus iteration, one panel each: a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -169,4 +180,4 @@ def reward_curves(history: list[dict], path: str | Path, title: str) -> Path:
     png = io.BytesIO()
     fig.savefig(png, dpi=110, format="png")
     plt.close(fig)
-    return files.write_atomic(path, png.getvalue())
+    return png.getvalue()

@@ -213,9 +213,10 @@ class Policy:
 
     # FSDP2: torch.distributed.checkpoint writes each rank's shards of the trained weights, AdamW state and EMA as one
     # safetensors file per rank (HuggingFaceStorageWriter; the shard offsets are JSON in each file's header), and
-    # reads them back with HuggingFaceStorageReader: nothing pickled is written or read (DCP's default format keeps
-    # its metadata as a pickle and unpickles non-tensor items), and no rank ever holds the whole model. Only tensors
-    # are saved; AdamW's hyperparameters come from the config. Frozen base weights are not saved (pretrained).
+    # reads them back with HuggingFaceStorageReader: no pickle is written to disk or loaded from it (DCP's default
+    # format keeps its metadata as a pickle and unpickles non-tensor items; its planning still passes pickles between
+    # ranks in memory, over the trusted network), and no rank ever holds the whole model. Only tensors are saved;
+    # AdamW's hyperparameters come from the config. Frozen base weights are not saved (pretrained).
     def _sharded_state(self) -> tuple[dict, list]:
         """(the tensors to save or load into, AdamW's param_groups)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict

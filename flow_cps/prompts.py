@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -38,7 +39,9 @@ from flow_cps import digits, scenes
 from flow_cps.geneval import COCO_CLASSES, COLORS, POSITIONS, metadata_problem
 
 SPLITS = ("train", "test")
-MAX_FILE_BYTES = 256 * 2 ** 20  # a prompt file is read whole on every rank; the paper's sets are a few MiB
+MAX_FILE_BYTES = 256 * 2 ** 20  # a prompt file is read on every rank; the paper's sets are a few MiB
+MAX_LINE_BYTES = 64 * 2 ** 10  # one prompt and its metadata (GenEval's lines are ~200 bytes)
+MAX_PROMPT_MEMORY = 512 * 2 ** 20  # the kept prompts and metadata as Python objects, per load (the paper's: ~50 MiB)
 TEST_FRACTION = 4  # one item in 4 (by content hash) belongs to the test split
 
 
@@ -200,10 +203,14 @@ GENERATORS = {"digits": digit_prompts, "geneval": geneval, "ocr": ocr, "shapes":
 
 
 # -- users' own files ----------------------------------------------------------------------------------------------
-def load_file(path) -> tuple[list[str], list[dict | None]]:
-    """Every prompt of a file: .txt (one prompt per line; blank lines skipped; metadata None) or .jsonl (one JSON
+def load_file(path, split: str = "all") -> tuple[list[str], list[dict | None]]:
+    """The prompts of a file: .txt (one prompt per line; blank lines skipped; metadata None) or .jsonl (one JSON
     object per line with a non-empty string "prompt"; the whole object is that prompt's metadata, as in GenEval's
-    format)."""
+    format). `split` "train" or "test" keeps only that split's prompts (`_is_test`), "all" every one.
+
+    Read line by line in bounded memory: a line is at most MAX_LINE_BYTES, and the kept prompts and their metadata at
+    most MAX_PROMPT_MEMORY bytes as Python objects (a file of short lines grows ~25x in memory: the byte cap alone
+    did not bound it). An empty split raises ValueError naming the counts."""
     path = Path(path)
     if path.suffix not in (".txt", ".jsonl"):
         raise ValueError(f"{path}: prompt files are .txt (one prompt per line) or .jsonl (one JSON object with a "
@@ -213,51 +220,77 @@ def load_file(path) -> tuple[list[str], list[dict | None]]:
                          f"rank and capped at {MAX_FILE_BYTES // 2 ** 20} MiB: give a file of the prompts to train on")
     texts: list[str] = []
     metadata: list[dict | None] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
+    used, counts = 0, [0, 0]  # bytes of the kept prompts; prompts seen in (train, test)
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(iter(lambda: f.readline(MAX_LINE_BYTES + 1), b""), 1):
+            if len(raw) > MAX_LINE_BYTES:
+                raise ValueError(f"{path}:{lineno}: a line longer than {MAX_LINE_BYTES // 1024} KiB; a prompt and its "
+                                 "metadata fit on a short line: is this a prompt file?")
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start})") from None
             if not line:
                 continue
-            if path.suffix == ".txt":
-                texts.append(line)
-                metadata.append(None)
+            text, meta = (line, None) if path.suffix == ".txt" else _jsonl_item(path, lineno, line)
+            test = _is_test(text)
+            counts[test] += 1
+            if split != "all" and test != (split == "test"):
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}): {line[:80]!r}") \
-                    from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object with a 'prompt' field, got "
-                                 f"{type(obj).__name__}: {line[:80]!r}")
-            if not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
-                raise ValueError(f"{path}:{lineno}: missing or empty 'prompt' (a non-empty string); keys present: "
-                                 f"{sorted(obj)}")
-            problem = metadata_problem(obj) if "include" in obj or "exclude" in obj else None
-            if problem:
-                raise ValueError(f"{path}:{lineno}: GenEval metadata: {problem}")
-            texts.append(obj["prompt"].strip())
-            metadata.append(obj)
-    if not texts:
+            used += _bytes(text) + _bytes(meta) + 16  # + the two list slots
+            if used > MAX_PROMPT_MEMORY:
+                raise ValueError(f"{path}:{lineno}: the prompts up to this line take more than "
+                                 f"{MAX_PROMPT_MEMORY // 2 ** 20} MiB of memory on every rank; give a file of the "
+                                 "prompts to train on (or a folder with train and test files)")
+            texts.append(text)
+            metadata.append(meta)
+    if not sum(counts):
         raise ValueError(f"{path}: no prompts (the file is empty or only blank lines)")
+    if not texts:
+        raise ValueError(f"{path}: the {split!r} split of this file is empty: a single prompt file is split by a hash "
+                         f"of each prompt (about 1 in {TEST_FRACTION} goes to 'test'), and its {sum(counts)} prompt(s) "
+                         f"give {counts[0]} train / {counts[1]} test. Give more prompts, a folder with "
+                         f"train.txt and test.txt (or train/test .jsonl), or an explicit evaluation file "
+                         f"(--eval_prompts FILE).")
     return texts, metadata
+
+
+def _jsonl_item(path: Path, lineno: int, line: str) -> tuple[str, dict]:
+    """(prompt, metadata) of one .jsonl line, its metadata checked (GenEval's clauses, the tag, OCR's text)."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}): {line[:80]!r}") from None
+    except RecursionError:
+        raise ValueError(f"{path}:{lineno}: JSON nested too deeply: {line[:80]!r}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}:{lineno}: expected a JSON object with a 'prompt' field, got "
+                         f"{type(obj).__name__}: {line[:80]!r}")
+    if not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
+        raise ValueError(f"{path}:{lineno}: missing or empty 'prompt' (a non-empty string); keys present: "
+                         f"{sorted(obj)}")
+    problem = metadata_problem(obj) if "include" in obj or "exclude" in obj else None
+    if problem:
+        raise ValueError(f"{path}:{lineno}: GenEval metadata: {problem}")
+    for key in ("tag", "text"):  # a reward groups by the tag, OCR reads the text: a list there failed mid-run
+        if key in obj and (not isinstance(obj[key], str) or not obj[key].strip()):
+            raise ValueError(f"{path}:{lineno}: '{key}' must be a non-empty string (got {obj[key]!r})")
+    return obj["prompt"].strip(), obj
+
+
+def _bytes(obj) -> int:
+    """The memory a parsed JSON value holds (sys.getsizeof, recursively)."""
+    if isinstance(obj, dict):
+        return sys.getsizeof(obj) + sum(_bytes(k) + _bytes(v) for k, v in obj.items())
+    if isinstance(obj, list):
+        return sys.getsizeof(obj) + sum(map(_bytes, obj))
+    return sys.getsizeof(obj)
 
 
 def split_file(path, split: str) -> tuple[list[str], list[dict | None]]:
     """The `split` part of a single prompt file: "test" holds the prompts whose text hashes into the test split
     (`_is_test`, about one in 4), "train" the others, "all" every prompt. An empty part raises ValueError."""
-    texts, metadata = load_file(path)
-    if split == "all":
-        return texts, metadata
-    test = [_is_test(t) for t in texts]
-    keep = [i for i, t in enumerate(test) if t == (split == "test")]
-    if not keep:
-        raise ValueError(f"{path}: the {split!r} split of this file is empty: a single prompt file is split by a hash "
-                         f"of each prompt (about 1 in {TEST_FRACTION} goes to 'test'), and its {len(texts)} prompt(s) "
-                         f"give {len(texts) - sum(test)} train / {sum(test)} test. Give more prompts, a folder with "
-                         f"train.txt and test.txt (or train/test .jsonl), or an explicit evaluation file "
-                         f"(--eval_prompts FILE).")
-    return [texts[i] for i in keep], [metadata[i] for i in keep]
+    return load_file(path, split)
 
 
 def _check_split(split: str, allowed=SPLITS) -> None:

@@ -88,10 +88,10 @@ class Session:
 
     def __init__(self, cfg: Config):
         self.cfg, self.folder = cfg, None
+        validate(cfg)  # before set-up: a bad flag (--device cuda without CUDA) is one line on every rank, not a crash
         self.rank, self.world, self.device = distributed.setup(cfg.device, need_group=cfg.parallel == "fsdp",
                                                           timeout_minutes=cfg.collective_timeout)
         try:
-            validate(cfg)
             self.is_main, self.batch = self.rank == 0, plan.batch(cfg, self.world)
             if not self.is_main:  # each distinct reward failure is reported once, by rank 0 (scoring.gather)
                 warnings.filterwarnings("ignore", category=scoring.RewardWarning)
@@ -105,11 +105,15 @@ class Session:
     def _fail(self, error: BaseException) -> None:
         """With several ranks, stop every rank with one message (distributed.stop_every_rank). In a world of one, leave
         nothing behind for an in-process caller that starts another run: the logs, the run folder's lock and the
-        process group (FSDP2's group of one) are released."""
-        if getattr(self, "logger", None) is not None:
-            self.logger.close()
-        if self.folder is not None:
-            self.folder.close()
+        process group (FSDP2's group of one) are released. A failure while releasing (wandb.finish, say) is printed
+        and does not keep the other ranks waiting."""
+        for release in (getattr(getattr(self, "logger", None), "close", None),
+                        getattr(self.folder, "close", None)):
+            try:
+                if release is not None:
+                    release()
+            except Exception as e:
+                print(f"while stopping: {type(e).__name__}: {e}")
         distributed.stop_every_rank(error)
         distributed.teardown(wait=False)
 
@@ -117,7 +121,7 @@ class Session:
         ckpt = distributed.from_rank_zero(lambda: self.folder.check(cfg.resume))
         self.config = dict(dataclasses.asdict(cfg), output_dir=str(path))
         if ckpt is not None:
-            saved = checkpoints.load_state(ckpt / "training_state.pt")["config"]
+            saved = self.folder.resume_state(ckpt)["config"]
             checkpoints.check_config(saved, self.config, RESUMABLE_CHANGES, dataclasses.asdict(Config()))
         self.train_set, self.eval_set = load_prompt_sets(cfg)
         self.precision = precision(cfg.precision, self.device)  # frozen-weight dtype, autocast, loss scaling
@@ -135,7 +139,7 @@ class Session:
         if self.is_main:
             print("\n".join(plan.describe(cfg, self.world, check_files=False, device=self.device.type)[0]))
             print(f"output: {path}" + (f" (resumed from {ckpt.name})" if ckpt else ""))
-        self.logger = logs.Logger(path, self.is_main, cfg.report_to, self.history, self.config)
+        self.logger = logs.Logger(self.folder.dir or path, self.is_main, cfg.report_to, self.history, self.config)
 
     def _load(self, prec: Precision):
         cfg = self.cfg
@@ -149,8 +153,11 @@ class Session:
                     max_sequence_length=cfg.max_sequence_length, shift=cfg.shift,
                     quantize_timesteps=cfg.quantize_timesteps, offload=cfg.offload, dtype=prec.dtype,
                     cache_bytes=int(cfg.embedding_cache_gb * 2 ** 30))
-                reward_fn = scoring.RewardModel(cfg.reward, device=self.device, **opts)
-                metrics = scoring.RewardModel(cfg.eval_metrics, device=self.device, **opts)
+                try:
+                    reward_fn = scoring.RewardModel(cfg.reward, device=self.device, **opts)
+                    metrics = scoring.RewardModel(cfg.eval_metrics, device=self.device, **opts)
+                except FileNotFoundError as e:  # a reward's weights: the message names them and how to get them
+                    raise SystemExit(f"reward error: {e}") from None
             for texts, _ in (self.train_set, self.eval_set):
                 backbone.check_prompts(texts)
             problem = sampler_problem(cfg, backbone.sigmas(cfg.num_steps))  # on the model's own schedule
@@ -252,15 +259,16 @@ class Session:
         if self.is_main:
             base = next(h for h in self.history if h["iteration"] == 0)
             last = [h for h in self.history if any(k.startswith(EVAL) for k in h)][-1]
-            curve = logs.reward_curves(self.history, self.folder.path / "reward_curve.png",
-                                       f"{self.cfg.sampler} eta={self.cfg.eta} on {self.cfg.model}")
+            self.folder.dir.write("reward_curve.png", logs.reward_curves(
+                self.history, f"{self.cfg.sampler} eta={self.cfg.eta} on {self.cfg.model}"))
             print("\nheld-out metrics (ODE, EMA weights)      base  ->  trained")
             for k in base:
                 if k.startswith(EVAL):
                     print(f"  {k.removeprefix(EVAL):<36} {base[k]:.4f} -> {last[k]:.4f}")
                     summary[k] = (base[k], last[k])
-            print(f"figures: {curve}  {self.folder.path / 'images'}\ncheckpoint: "
-                  f"{self.folder.complete_checkpoints()[0]}\nlog: {self.folder.path / 'metrics.jsonl'}")
+            out = self.folder.path
+            print(f"figures: {out / 'reward_curve.png'}  {out / 'images'}\ncheckpoint: "
+                  f"{out / 'checkpoints' / self.folder.complete_checkpoints()[0]}\nlog: {out / 'metrics.jsonl'}")
         self.folder.close()
         distributed.teardown()
         return dict(summary=summary, history=self.history, policy=self.policy, output_dir=self.folder.path)

@@ -1,7 +1,7 @@
 """The shapes task's learned models: a tiny FLUX transformer that draws scenes.py's scenes from prompts, the
 word-reading prompt encoder it is conditioned on, and the learned detector behind the `scene_reward` reward.
 
-Both are trained on first use and cached on disk like the digits model (digits.cached, under $FLOW_CPS_CACHE):
+Both are trained on first use and cached on disk like the digits model (cache.cached, under $FLOW_CPS_CACHE):
 
   * the generator: a real diffusers `FluxTransformer2DModel` on 2x2-packed RGB pixels (12 channels per token), the same
     code path as FLUX.1 and the digits model, pre-trained by flow matching on training scenes only (never a held-out
@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from flow_cps import digits, scenes
+from flow_cps import cache, digits, scenes
 from sampling import rollout
 
 SIZE = 16  # the default side in pixels; scenes.SIZES are the sizes the study uses
@@ -97,11 +97,11 @@ def model_dir(make_backbone, progress: bool = True, size: int = SIZE) -> Path:
     use through `make_backbone(transformer, prompt_encoder, size)` (models.shapes_backbone)."""
     if size not in PRETRAIN_STEPS:
         raise ValueError(f"shapes models exist at sizes {sorted(PRETRAIN_STEPS)}, not {size}")
-    key = digits.cache_key(TRANSFORMER_CONFIG, PRETRAIN, PRETRAIN_STEPS[size], size, SCENES_CODE,
-                           code_of(PromptEncoder, words, draw, _build, digits.flow_matching))
-    return digits.cached(digits.cache_dir() / f"shapes{size}-{key}", lambda out: _build(out, make_backbone, progress,
-                                                                                        size),
-                         f"pre-training the shapes model at {size}x{size} ({PRETRAIN_STEPS[size]} steps)")
+    key = cache.cache_key(TRANSFORMER_CONFIG, PRETRAIN, PRETRAIN_STEPS[size], size, SCENES_CODE,
+                          code_of(PromptEncoder, words, draw, _build, digits.flow_matching))
+    return cache.cached(cache.cache_dir() / f"shapes{size}-{key}", lambda out: _build(out, make_backbone, progress,
+                                                                                       size),
+                        f"pre-training the shapes model at {size}x{size} ({PRETRAIN_STEPS[size]} steps)")
 
 
 def _build(out: Path, make_backbone, progress: bool, size: int) -> dict:
@@ -241,10 +241,10 @@ def detector_dir(size: int = SIZE) -> Path:
         (out / "info.json").write_text(json.dumps(info, indent=1))
         print(f"[shapes] scene_reward detector: agrees with the exact judge on {info['agreement']:.3f} of fresh "
               f"renders ({info['seconds']:.0f} s)")
-    key = digits.cache_key("detector", DETECTOR_TRAIN, size, SCENES_CODE,
-                           code_of(Detector, pixel_classes, detector_batch, train_detector))
-    return digits.cached(digits.cache_dir() / f"scene_detector{size}-{key}", build,
-                         f"training the scene_reward detector at {size}x{size}")
+    key = cache.cache_key("detector", DETECTOR_TRAIN, size, SCENES_CODE,
+                          code_of(Detector, pixel_classes, detector_batch, train_detector))
+    return cache.cached(cache.cache_dir() / f"scene_detector{size}-{key}", build,
+                        f"training the scene_reward detector at {size}x{size}")
 
 
 def load_detector(size: int = SIZE) -> Detector:

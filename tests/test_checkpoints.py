@@ -16,7 +16,8 @@ import torch
 
 import rewards
 import train
-from flow_cps import checkpoints, files
+from flow_cps import checkpoints, files, manifest
+from flow_cps.folder import Folder
 
 RUN = ["--iterations", "4", "--eval_every", "2", "--checkpoint_every", "2", "--eval_per_prompt", "1",
        "--prompts_per_iter", "4", "--group_size", "4", "--micro_batch", "72", "--report_to", "none"]
@@ -24,6 +25,12 @@ RUN = ["--iterations", "4", "--eval_every", "2", "--checkpoint_every", "2", "--e
 
 def _lora(run, it):
     return (run / "checkpoints" / f"iter_{it:06d}" / "lora" / "pytorch_lora_weights.safetensors").read_bytes()
+
+
+def _rewrite_manifest(ckpt):
+    """What anyone who can write the folder can do: a manifest that matches the files as they now are."""
+    with Folder.open(ckpt) as held:
+        manifest.write(held, ckpt.name)
 
 
 def _rows(run):
@@ -41,7 +48,9 @@ def straight(tmp_path_factory):
 
 def test_crash_in_the_first_checkpoint_then_restart(tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
-    monkeypatch.setattr(checkpoints, "write_manifest", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    write = manifest.write  # (the model cache writes manifests too)
+    monkeypatch.setattr(manifest, "write", lambda folder, name, *a: (_ for _ in ()).throw(KeyboardInterrupt)
+                        if name.startswith("iter_") else write(folder, name, *a))
     with pytest.raises(KeyboardInterrupt):
         train.main([*RUN, "--output_dir", str(out)])
     monkeypatch.undo()
@@ -77,7 +86,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(straight, tmp_pa
         st = checkpoints.load_state(newest / "training_state.pt")
         st["payload"] = _Planted()
         torch.save(st, newest / "training_state.pt")
-        checkpoints.write_manifest(newest)  # even with a matching manifest
+        _rewrite_manifest(newest)  # even with a matching manifest
     (out / "checkpoints" / "latest").write_text("")  # and an emptied pointer
     res = train.main([*RUN, "--output_dir", str(out), "--resume", "true"])
     text = capsys.readouterr().out
@@ -109,10 +118,10 @@ def test_a_full_disk_stops_with_a_message_and_keeps_the_earlier_checkpoint(strai
     shutil.copytree(straight, out)
     save = torch.save
 
-    def full(obj, path, *a, **k):
-        if "iter_000006" in str(path):
+    def full(obj, f, *a, **k):
+        if obj.get("iteration") == 6:  # the training state of checkpoint 6
             raise OSError(28, "No space left on device")
-        return save(obj, path, *a, **k)
+        return save(obj, f, *a, **k)
     monkeypatch.setattr(torch, "save", full)
     with pytest.raises(SystemExit, match="no space left on the device writing checkpoint iter_000006"):
         train.main([*RUN, "--iterations", "6", "--output_dir", str(out), "--resume", "true"])
@@ -193,18 +202,18 @@ def test_a_planted_pickle_in_any_file_of_a_sharded_checkpoint_never_runs(sharded
     for name in names:
         original = (newest / name).read_bytes()
         plant(name)
-        checkpoints.write_manifest(newest)
+        _rewrite_manifest(newest)
         assert name in checkpoints.verify(newest)
         (newest / name).write_bytes(original)
-    checkpoints.write_manifest(newest)
+    _rewrite_manifest(newest)
     (newest / "dcp" / ".metadata").write_bytes(pickle.dumps(_Bomb(marker)))  # DCP's default format: a pickle
     assert checkpoints.verify(newest) == "dcp/.metadata is not in the manifest"
     assert checkpoints.read_sharded(newest / "dcp")  # the reader opens the safetensors files only
-    checkpoints.write_manifest(newest)
+    _rewrite_manifest(newest)
     assert checkpoints.verify(newest).startswith("dcp/.metadata is not a safetensors shard")
     for name in names:
         plant(name)
-    checkpoints.write_manifest(newest)
+    _rewrite_manifest(newest)
     res = train.main([*RUN, "--parallel", "fsdp", "--output_dir", str(out), "--resume", "true"])
     assert "skipped damaged checkpoint(s): iter_000004 (" in capsys.readouterr().out
     assert not marker.exists()
@@ -281,9 +290,9 @@ def test_checkpoints_are_numbers_not_names(straight, tmp_path, capsys):
     assert checkpoints.verify(ck / "iter_best") is None and checkpoints.verify(ck / "iter_000004_keep") is None
     folder = checkpoints.RunFolder(tmp_path / "numbers", True)
     for it in (999_999, 1_000_000, 7):
-        (folder.root / checkpoints.checkpoint_name(it)).mkdir(parents=True)
-        (folder.root / checkpoints.checkpoint_name(it) / "MANIFEST.json").write_text("{}")
-    assert [p.name for p in folder.complete_checkpoints()] == ["iter_1000000", "iter_999999", "iter_000007"]
+        (folder.path / "checkpoints" / checkpoints.checkpoint_name(it)).mkdir(parents=True)
+        (folder.path / "checkpoints" / checkpoints.checkpoint_name(it) / "MANIFEST.json").write_text("{}")
+    assert folder.complete_checkpoints() == ["iter_1000000", "iter_999999", "iter_000007"]
     assert checkpoints.iteration_of("iter_0000007") is None and checkpoints.iteration_of("iter_000007") == 7
 
 
@@ -308,10 +317,17 @@ def test_every_file_is_durable_before_the_rename_and_the_rename_before_a_prune(s
     shutil.copytree(straight, out)
     events = []
     fsync, replace, rmtree = os.fsync, os.replace, shutil.rmtree
-    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
-                        or fsync(fd))
-    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", str(a), str(b))) or replace(a, b))
-    monkeypatch.setattr(shutil, "rmtree", lambda p, *a, **k: events.append(("rmtree", str(p))) or rmtree(p, *a, **k))
+
+    def at(fd, name=None):  # the path a descriptor (with a name: a name relative to it) has now
+        if fd is None:
+            return str(name)
+        return os.readlink(f"/proc/self/fd/{fd}") + ("" if name is None else f"/{name}")
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", at(fd))) or fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b, src_dir_fd=None, dst_dir_fd=None: events.append(
+        ("replace", at(src_dir_fd, a), at(dst_dir_fd, b))) or replace(a, b, src_dir_fd=src_dir_fd,
+                                                                        dst_dir_fd=dst_dir_fd))
+    monkeypatch.setattr(shutil, "rmtree", lambda p, *a, dir_fd=None, **k: events.append(("rmtree", at(dir_fd, p)))
+                        or rmtree(p, *a, dir_fd=dir_fd, **k))
     train.main([*RUN, "--iterations", "6", "--output_dir", str(out), "--resume", "true"])
     monkeypatch.undo()
     ck = out / "checkpoints"

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import grpo
 import sampling
@@ -160,3 +161,12 @@ def test_bool_flags_and_presets_resolve():
     assert config.parse_config([]) == config.Config()
     flux = config.parse_config(["--preset", "flux-dev-pickscore", "--eta", "0.5"])
     assert flux.eta == 0.5 and flux.lora_rank == 64 and (flux.ema_interval, flux.ema_warmup) == (8, True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a host with CUDA")
+def test_device_cuda_on_a_cpu_only_host_is_a_config_error_before_set_up(tmp_path):
+    """The device is checked with the other flags, before the process group and the device are set up (set-up ran
+    first and crashed in torch.cuda.set_device)."""
+    with pytest.raises(SystemExit, match=r"^config error: device 'cuda' requested but CUDA is not available"):
+        train.main([*SHORT, "--device", "cuda", "--output_dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()

@@ -11,6 +11,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+import train
+from flow_cps import distributed, logs
+
 ROOT = Path(__file__).resolve().parent.parent
 FLAGS = ["--iterations", "3", "--eval_every", "100", "--checkpoint_every", "100", "--eval_per_prompt", "1",
          "--prompts_per_iter", "4", "--group_size", "4", "--micro_batch", "8", "--report_to", "none"]
@@ -59,3 +64,17 @@ def test_a_rank_that_hangs_is_stopped_by_the_collective_timeout_but_loading_may_
     assert last.startswith("rank 0 failed: RuntimeError:") and "Timed out" in last and \
         "longer than --collective_timeout" in last
     assert err1 == ""  # stopped by rank 0's failure, silently
+
+
+def test_a_failure_while_releasing_still_stops_every_rank(tmp_path, monkeypatch):
+    """The logs' close raises while a failing run releases them (as wandb.finish can): the other ranks are still
+    told to stop (distributed.stop_every_rank is reached), and the run's own error is the one reported."""
+    def close_fails(self):
+        raise RuntimeError("the W&B service is gone")
+    stopped = []
+    stop = distributed.stop_every_rank
+    monkeypatch.setattr(logs.Logger, "close", close_fails)
+    monkeypatch.setattr(distributed, "stop_every_rank", lambda e: stopped.append(e) or stop(e))
+    with pytest.raises(SystemExit, match="training diverged"):
+        train.main([*FLAGS, "--iterations", "1", "--lr", "1e38", "--output_dir", str(tmp_path / "run")])
+    assert len(stopped) == 1 and "training diverged" in str(stopped[0])

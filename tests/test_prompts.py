@@ -2,6 +2,7 @@
 with clear errors."""
 import json
 import re
+import tracemalloc
 
 import pytest
 
@@ -176,6 +177,7 @@ def test_malformed_jsonl_names_file_line_and_problem(tmp_path, content, message)
      r"include\[1\]: 'position' must be \[one of left of, right of, above, below, an earlier include's index\]"),
     ({"include": [], "exclude": []}, r"'include' / 'exclude' must be lists of clauses, at least one clause"),
     ({"include": {"class": "cat"}}, r"'include' / 'exclude' must be lists of clauses"),
+    ({"tag": ["counting"], "include": [{"class": "clock", "count": 2}]}, r"'tag' must be one of single_object"),
 ])
 def test_geneval_jsonl_metadata_is_checked_when_loaded(tmp_path, clause, message):
     """A clause that would break the rules at scoring time (count 0 divides by zero in every sample's score) stops
@@ -195,3 +197,34 @@ def test_unknown_names_extensions_and_splits(tmp_path):
         prompts.load(str(tmp_path / "p.csv"), "train")
     with pytest.raises(ValueError, match="split"):
         prompts.load("ocr", "validation")
+
+
+def test_a_tag_or_text_that_is_not_a_string_stops_the_load(tmp_path):
+    """A list-valued tag crashed the first evaluation (the tag is a dictionary key when metrics are grouped), after
+    the model loaded and config.json was written: it is refused when the file is read, naming file and line."""
+    f = tmp_path / "mine.jsonl"
+    f.write_text(json.dumps({"prompt": "a cat", "tag": "animals"}) + "\n" + json.dumps({"prompt": "a sign",
+                                                                                       "tag": ["signs"]}) + "\n")
+    with pytest.raises(ValueError, match=r"mine\.jsonl:2: 'tag' must be a non-empty string \(got \['signs'\]\)"):
+        prompts.load_file(f)
+    f.write_text(json.dumps({"prompt": "a sign", "text": {"word": "OPEN"}}) + "\n")
+    with pytest.raises(ValueError, match=r"mine\.jsonl:1: 'text' must be a non-empty string"):
+        prompts.load_file(f)
+
+
+@pytest.mark.parametrize("suffix, line", [(".txt", b"a\n"), (".jsonl", b'{"prompt":"a","x":[]}\n')])
+def test_a_prompt_file_is_read_in_bounded_memory(tmp_path, monkeypatch, suffix, line):
+    """Short lines grow ~25x as Python objects: a file far under the byte cap took far more memory than its size.
+    With the memory cap set to 4 MiB, a 2 MiB file of the shortest prompts stops at the cap."""
+    monkeypatch.setattr(prompts, "MAX_PROMPT_MEMORY", 4 * 2 ** 20, raising=False)  # (absent before the cap)
+    f = tmp_path / f"many{suffix}"
+    f.write_bytes(line * (2 * 2 ** 20 // len(line)))
+    tracemalloc.start()
+    with pytest.raises(ValueError, match=r"take more than 4 MiB of memory"):
+        prompts.load_file(f)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 8 * 2 ** 20, f"{peak / 2 ** 20:.0f} MiB"
+    f.write_bytes(b"x" * (prompts.MAX_LINE_BYTES + 1) + b"\n")  # one giant line is refused before it is parsed
+    with pytest.raises(ValueError, match=r"many.*:1: a line longer than 64 KiB"):
+        prompts.load_file(f)

@@ -24,6 +24,7 @@ from clip_fixtures import (
 from PIL import Image, ImageDraw, ImageFont
 
 import rewards
+import train
 from flow_cps import clip, digits, geneval
 from flow_cps.scoring import RewardModel
 from rewards import REGISTRY
@@ -301,6 +302,20 @@ def test_missing_weights_fail_at_start_up_with_instructions(name, options, hint)
     msg = str(err.value)
     assert hint in msg and "--reward_options" in msg and f'"{name}": {{"' in msg
     assert next(iter(options.values())) in msg  # the path or hub id that was tried
+
+
+def test_a_missing_local_reward_path_never_goes_to_the_hub(tmp_path, monkeypatch):
+    """`data/PickScore_v1` with a data/ folder here is a local path, as --model decides (hub.hub_id): it fails naming
+    the path, without a Hub lookup (which went offline-error or, online, downloaded whatever that repo holds); a
+    run stops with the message, not a traceback after the model loaded."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"'data/PickScore_v1' \(FileNotFoundError: no such directory"):
+        RewardModel("pickscore", "cpu", pickscore={"model": "data/PickScore_v1"})
+    with pytest.raises(SystemExit, match=r"^reward error: pickscore: cannot load the PickScore_v1 model from "
+                                         r"'data/PickScore_v1'"):
+        train.main(["--iterations", "1", "--report_to", "none", "--reward", "pickscore", "--reward_options",
+                    '{"pickscore": {"model": "data/PickScore_v1"}}', "--output_dir", str(tmp_path / "run")])
 
 
 def test_pickscore_rejects_unknown_scale(pickscore_dirs):

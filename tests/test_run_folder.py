@@ -1,20 +1,27 @@
 """The run folder (checkpoints.RunFolder, lock.py, files.py) tried as an attacker and as a cluster would: a folder
 is claimed before it is inspected, a fresh run clears only what an earlier run of this project wrote, no write
 follows a link planted in the folder, a filesystem without locks is named, and another host's live run is refused;
-and the digits cache, which concurrent processes build."""
+and the model cache, which concurrent processes build, a killed build leaves behind, a group shares and a bad disk
+damages."""
 import errno
 import fcntl
 import json
 import os
 import shutil
 import socket
+import stat
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 import train
-from flow_cps import checkpoints, digits, lock
+from flow_cps import cache, checkpoints, lock
+from flow_cps.folder import Folder
+
+ROOT = Path(__file__).resolve().parent.parent
 
 RUN = ["--iterations", "2", "--eval_every", "2", "--checkpoint_every", "2", "--eval_per_prompt", "1",
        "--prompts_per_iter", "4", "--group_size", "4", "--micro_batch", "72", "--report_to", "none"]
@@ -110,7 +117,7 @@ def test_a_filesystem_without_locks_is_named_with_the_fix(tmp_path, monkeypatch)
 def test_the_lock_record_is_refreshed_while_held(tmp_path, monkeypatch):
     monkeypatch.setattr(lock, "LOCK_REFRESH_S", 0.05)
     held = lock.Lock(tmp_path)
-    held.acquire()
+    held.acquire(os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY))
     old = time.time() - 3600
     os.utime(tmp_path / ".lock", (old, old))
     time.sleep(0.5)
@@ -133,19 +140,69 @@ def test_another_hosts_live_record_is_refused_a_stale_one_taken_over(tmp_path):
     assert (out / ".lock").read_text() == ""  # a finished run clears its record
 
 
-def test_two_builders_of_the_digits_cache_agree(tmp_path, monkeypatch):
-    """Two processes pre-train the same cache entry at once (ranks, bench workers): the other's rename lands between
+def test_two_builders_of_a_cache_entry_agree(tmp_path, monkeypatch):
+    """Two processes build the same cache entry at once (ranks, bench workers): the other's rename lands between
     this one's build and its rename. The rename decides: the second finds the first's result and keeps it (a check
     before the rename could not see it coming, and the rename then failed with ENOTEMPTY)."""
     path, replace = tmp_path / "digits-key", os.replace
 
-    def racing(src, dst):
-        if Path(dst) == path and not path.exists():
+    def racing(src, dst, **kw):
+        if dst == path.name and not path.exists():
             (tmp_path / "theirs").mkdir()
             (tmp_path / "theirs" / "info.json").write_text('{"built_by": "the other process"}')
+            with Folder.open(tmp_path / "theirs") as theirs:
+                cache.seal(theirs)
             replace(tmp_path / "theirs", path)
-        return replace(src, dst)
+        return replace(src, dst, **kw)
     monkeypatch.setattr(os, "replace", racing)
-    built = digits.cached(path, lambda out: (out / "info.json").write_text('{"built_by": "this one"}'), "a test")
+    built = cache.cached(path, lambda out: (out / "info.json").write_text('{"built_by": "this one"}'), "a test")
     assert built == path and json.loads((path / "info.json").read_text()) == {"built_by": "the other process"}
     assert [p.name for p in tmp_path.iterdir()] == ["digits-key"]  # this one's build is gone
+
+
+def _build(out):
+    (out / "weights.bin").write_bytes(b"w" * 1000)
+    (out / "info.json").write_text("{}")
+
+
+def test_a_cache_entry_is_checked_on_every_use_and_a_damaged_one_rebuilt(tmp_path, capsys):
+    """A flipped byte in a cached model (a bad disk, a copy cut short): it was used as it was; now the entry's
+    manifest finds it and the entry is built again."""
+    path = cache.cached(tmp_path / "judge-key", _build, "a test")
+    data = bytearray((path / "weights.bin").read_bytes())
+    data[500] ^= 1
+    (path / "weights.bin").write_bytes(bytes(data))
+    assert cache.cached(path, _build, "a test") == path and (path / "weights.bin").read_bytes() == b"w" * 1000
+    assert "is damaged (weights.bin is corrupt (checksum mismatch)): building it again" in capsys.readouterr().out
+
+
+def test_a_killed_build_leaves_no_folder_behind_for_long(tmp_path):
+    """A build killed by SIGKILL (no cleanup runs) leaves its .tmp-build-* folder; the next build removes it once
+    no builder holds it. A live builder's folder (its lock held) is left alone."""
+    script = ("import sys, time; from pathlib import Path; from flow_cps import cache; "
+              "cache.cached(Path(sys.argv[1]), lambda out: (print('building', flush=True), time.sleep(600)), 'x')")
+    p = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "entry")], cwd=ROOT, stdout=subprocess.PIPE,
+                         text=True)
+    assert p.stdout.readline().startswith("[flow_cps] first use") and p.stdout.readline() == "building\n"
+    (live,) = tmp_path.glob(".tmp-build-*")
+    old = time.time() - cache.STALE_S - 60
+    os.utime(live, (old, old))  # a build that has run for over an hour
+    cache.cached(tmp_path / "other", _build, "a test")
+    assert live.exists()  # its builder holds it: still building
+    p.kill()
+    p.wait()
+    cache.cached(tmp_path / "third", _build, "a test")
+    assert not live.exists() and sorted(q.name for q in tmp_path.iterdir()) == ["other", "third"]
+
+
+def test_a_shared_cache_is_readable_by_the_group(tmp_path, monkeypatch):
+    """Entries were 0700 (the build's temporary folder, renamed into place): a second user could not load them.
+    They get the umask's permissions, group-writable with umask 002 (docs/RUN_FOLDER.md, "The model cache")."""
+    monkeypatch.setattr(cache, "UMASK", 0o002)
+    old = os.umask(0o002)
+    try:
+        path = cache.cached(tmp_path / "entry", _build, "a test")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o775
+    assert {stat.S_IMODE(q.stat().st_mode) for q in path.iterdir()} == {0o664}
