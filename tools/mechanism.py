@@ -144,9 +144,54 @@ def task_table(task: study.Task, grid: dict[str, list[float]], groups: int, seed
     rows, t0 = [], time.perf_counter()
     for s, e in tqdm(settings, desc=f"mechanism {task.name}"):
         rows.append(measure(backbone, task, s, e, math.ceil(groups / PROMPTS_PER_ITER), seed, metrics))
+    base = shapes_base_judge(backbone) if task.name == "shapes" else None
     return dict(task=task.name, reward=task.reward, judge=task.judge, groups=groups, group_size=GROUP_SIZE,
-                steps=STEPS, seed=seed, model_info=model_info(task.name), rows=rows,
+                steps=STEPS, seed=seed, model_info=model_info(task.name), rows=rows, base_judge=base,
                 seconds=time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def shapes_base_judge(backbone, images_per_tag: int = 192, seed: int = SEED) -> dict:
+    """The shapes base model's judge (scene_judge, GenEval's rule) on 10-step ODE samples, as the study evaluates,
+    per split: training compositions (each image a scene drawn from the train split, tag first), fresh prompts and
+    held-out compositions (each prompt of a tag an equal share of the tag's images, noises never used elsewhere).
+    The value is the mean over tags of the tag means (scene_judge's grouping); its 95% interval is a bootstrap that
+    resamples prompts within each tag (images of one prompt are not independent)."""
+    import random
+
+    from flow_cps import scenes
+
+    out = {}
+    for split in ("train", "fresh", "test"):
+        if split == "train":  # the training distribution: scenes drawn as pre-training draws them, one image each
+            rng = random.Random(f"base/train/{seed}")
+            chosen = {tag: [[rng.choice(ss)] for _ in range(images_per_tag)]
+                      for tag, ss in scenes.scenes("train").items()}
+        else:  # the evaluation's prompt lists (prompts.load), each prompt of a tag an equal share of its images
+            texts, meta = prompts.load("shapes", split)
+            by_tag = {m["tag"]: [scenes.parse(t) for t, m2 in zip(texts, meta) if m2["tag"] == m["tag"]] for m in meta}
+            chosen = {tag: [[sc] * (images_per_tag // len(ss)) for sc in ss] for tag, ss in by_tag.items()}
+        flat = [(tag, k, sc) for tag, groups in chosen.items() for k, g in enumerate(groups) for sc in g]
+        texts = [scenes.text(sc) for _, _, sc in flat]
+        gens = train.generators(train.Stream.EVAL_NOISE, [(seed, i) for i in range(len(texts))])
+        images = []
+        for i in range(0, len(texts), 64):
+            cond = backbone.encode(texts[i:i + 64], cache=False)
+            x1 = torch.stack([sampling.randn(backbone.latent_shape, g) for g in gens[i:i + 64]])
+            traj = sampling.rollout(lambda x, t, c=cond: backbone.velocity(x, t, c), x1, backbone.sigmas(STEPS), "ode")
+            images.append(backbone.decode(traj.final))
+        passed = [scenes.judge(im, sc) for im, (_, _, sc) in zip(torch.cat(images).numpy(), flat)]
+        per_prompt = {tag: [] for tag in chosen}
+        for tag, groups in chosen.items():
+            for k in range(len(groups)):
+                per_prompt[tag].append(np.mean([p for p, (t, j, _) in zip(passed, flat) if (t, j) == (tag, k)]))
+        data = tuple(np.array(v) for v in per_prompt.values())
+        value = float(np.mean([d.mean() for d in data]))
+        ci = stats.bootstrap(data, lambda *a: np.mean([x.mean() for x in a]), n_resamples=9999,
+                             method="percentile", random_state=0).confidence_interval
+        out[split] = dict(judge=value, lo=float(ci.low), hi=float(ci.high), images=len(flat),
+                          prompts=sum(map(len, data)), tags={t: float(d.mean()) for t, d in zip(per_prompt, data)})
+    return out
 
 
 def model_info(name: str) -> dict:

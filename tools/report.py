@@ -239,6 +239,13 @@ def mechanism_tables(res: dict) -> list[str]:
                          f"({bj['n']}) | {sign(sh['diff'])} [{sign(sh['lo'])}, {sign(sh['hi'])}] ({sh['n']}) | "
                          f"{f(r['r_final'])} / {f(r['r_clean'])} | {flag} |")
             L.append("")
+            if tab.get("base_judge"):  # the shapes model the study uses: its judge per prompt split (ODE, 10 steps)
+                L += [f"Base model `{tab['judge']}` (10-step ODE samples, fresh noises; mean over tags [95% bootstrap "
+                      "over prompts within tags]): " + "; ".join(
+                          f"{name} {f(v['judge'])} [{f(v['lo'])}, {f(v['hi'])}] ({v['images']} images, "
+                          f"{v['prompts']} prompts)" for name, v in zip(
+                              ("training compositions", "fresh prompts", "held-out compositions"),
+                              tab["base_judge"].values())) + ".", ""]
     if res.get("ocr_noise"):
         o = res["ocr_noise"]
         L += ["## 9. A real reward model against noise: OCR", "",
