@@ -54,7 +54,8 @@ SDE = ["cps", "flow_sde", "dance_sde"]
 def budget(quick: bool) -> dict:
     """Every budget of the bench; the study's are docs/STUDY.md's (written before any report seed ran)."""
     if quick:
-        mechanism_budget = dict(groups=8, grid={s: [0.7] for s in SDE}, ocr_groups=2, ocr_sigmas=[0.2])
+        mechanism_budget = dict(groups=8, grid={s: [0.7] for s in SDE}, base_images=8, ocr_groups=2,
+                                ocr_sigmas=[0.2])
         study_budget = dict(tuning_seeds=[0], report_seeds=[1], etas={s: [0.7] for s in SDE},
                             run=dict(iterations=4, eval_every=2, eval_per_prompt=2), budgets=[2, 4], noise=16)
         return dict(mechanism=mechanism_budget, repeats=2, speed_iterations=4, scaling_iterations=3,
@@ -68,7 +69,8 @@ def budget(quick: bool) -> dict:
     # study runs every group.
     # docs/STUDY.md, "The mechanism as a number": 128 groups per setting; the OCR table's 48 groups x 6 noise levels
     # take ~10 min of OCR on one thread.
-    mechanism_budget = dict(groups=mechanism.GROUPS, grid=mechanism.GRID, ocr_groups=48, ocr_sigmas=ocr_noise.SIGMAS)
+    mechanism_budget = dict(groups=mechanism.GROUPS, grid=mechanism.GRID, base_images=192, ocr_groups=48,
+                            ocr_sigmas=ocr_noise.SIGMAS)
     return dict(mechanism=mechanism_budget, repeats=7, speed_iterations=12, scaling_iterations=10,
                 noise_sigmas=[0.05, 0.1, 0.2, 0.4],
                 noise_etas={"cps": [0.15, 0.3, 0.5, 0.7, 1.0], "flow_sde": [0.5, 0.7, 0.9, 1.2],
@@ -246,7 +248,8 @@ def section_mechanism(b: dict, out: Path, tasks: list[str], earlier: dict) -> di
     figure of all of them."""
     torch.set_num_threads(1)
     m = b["mechanism"]
-    res = {**earlier, **{t: mechanism.task_table(study.TASKS[t], m["grid"], m["groups"]) for t in tasks}}
+    res = {**earlier, **{t: mechanism.task_table(study.TASKS[t], m["grid"], m["groups"], base_images=m["base_images"])
+                         for t in tasks}}
     mechanism.figure(res, out / "mechanism_distortion.png")
     return res
 

@@ -136,15 +136,17 @@ def measure(backbone, task: study.Task, sampler: str, eta: float, iterations: in
                 identical=bool(all(np.array_equal(a, c) for a, c in zip(r_final, r_clean))))
 
 
-def task_table(task: study.Task, grid: dict[str, list[float]], groups: int, seed: int = SEED) -> dict:
-    """Every setting of the grid on one task's base model (the same prompts and noises at every setting)."""
+def task_table(task: study.Task, grid: dict[str, list[float]], groups: int, seed: int = SEED,
+               base_images: int = 192) -> dict:
+    """Every setting of the grid on one task's base model (the same prompts and noises at every setting); for shapes
+    also the base model's judge per prompt split (`base_images` per tag)."""
     backbone = models.load_builtin_backbone(task.name)
     metrics = scoring.RewardModel(task.reward), scoring.RewardModel(task.judge)
     settings = [(s, e) for s, es in grid.items() for e in es]
     rows, t0 = [], time.perf_counter()
     for s, e in tqdm(settings, desc=f"mechanism {task.name}"):
         rows.append(measure(backbone, task, s, e, math.ceil(groups / PROMPTS_PER_ITER), seed, metrics))
-    base = shapes_base_judge(backbone) if task.name == "shapes" else None
+    base = shapes_base_judge(backbone, base_images, seed) if task.name == "shapes" else None
     return dict(task=task.name, reward=task.reward, judge=task.judge, groups=groups, group_size=GROUP_SIZE,
                 steps=STEPS, seed=seed, model_info=model_info(task.name), rows=rows, base_judge=base,
                 seconds=time.perf_counter() - t0)
