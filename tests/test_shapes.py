@@ -9,6 +9,7 @@ import torch
 from flow_cps import digits, models, prompts, scenes, shapes
 from flow_cps.scoring import RewardModel
 from rewards import REGISTRY
+from tools import shapes_pilot
 
 
 def test_the_shapes_model_is_a_flux_transformer_on_packed_rgb_pixels():
@@ -84,4 +85,12 @@ def test_a_pilot_snapshot_is_exactly_the_shorter_pre_training(tmp_path, monkeypa
     assert any(not torch.equal(short[n], long[n]) for n in short)
     enc = load_file(tmp_path / "short" / "prompt_encoder.safetensors")
     assert all(torch.equal(enc[n], snap["e"][n]) for n in enc)
-    assert shapes.pretrain_steps(16) == 200  # tests/conftest.py's short pre-training, not the study's
+    assert shapes.pretrain_steps(16) == 200 and shapes.cooldown_steps(16) == 0  # conftest's short pre-training
+    # a cooldown from the saved 3-step model (tools/shapes_pilot.py --cool) is exactly the 3 + 2 build
+    shapes._build(tmp_path / "cooled", models.shapes_backbone, False, 16, 3, cooldown=2)
+    bb, tr, en = shapes_pilot.load_snapshot(tmp_path / "short")
+    shapes.cool(bb, tr, en, 16, 2, progress=False)
+    cooled = FluxTransformer2DModel.from_pretrained(tmp_path / "cooled", subfolder="transformer").state_dict()
+    assert all(torch.equal(cooled[n], p) for n, p in tr.state_dict().items())
+    assert any(not torch.equal(cooled[n], short[n]) for n in short)
+    assert shapes.model_path(16, 3, 2) != shapes.model_path(16, 3, 0)
