@@ -2,6 +2,7 @@
 for constant groups, the claim that advantages rank as rewards do, CPS's distortion of exactly 1 on a real rollout,
 the grid check against the step's formula, the report's tables, and the OCR table on real RapidOCR."""
 import itertools
+import json
 import math
 import random
 
@@ -131,3 +132,11 @@ def test_ocr_signs_fit_and_the_reward_is_deterministic():
     t = res["rows"]["0.5"]["tau"]
     assert t["n"] + t["neither"] + t["x_only"] + t["y_only"] == t["groups"] == 2
     assert 0 <= res["rows"]["0.5"]["score"] <= res["rows"]["0.0"]["score"] + 0.2
+
+
+def test_a_table_is_the_same_in_worker_processes(digits):
+    task = digits[0]
+    grid = {"flow_sde": [0.7], "cps": [0.5]}
+    serial, parallel = (mechanism.task_table(task, grid, 8, workers=w) for w in (1, 2))
+    assert json.dumps(serial["rows"]) == json.dumps(parallel["rows"])  # NaN (undefined taus) written alike
+    assert len(serial["rows"]) == 2 and serial["base_judge"] is None

@@ -243,13 +243,13 @@ def section_noise(b: dict) -> dict:
 
 
 # -- the mechanism: advantage distortion, and a real reward model against noise ---------------------------------------
-def section_mechanism(b: dict, out: Path, tasks: list[str], earlier: dict) -> dict:
+def section_mechanism(b: dict, out: Path, tasks: list[str], earlier: dict, workers: int) -> dict:
     """Each task's distortion table on its base model (a run of some tasks keeps the others' last tables) and the
-    figure of all of them."""
+    figure of all of them; the settings run in `workers` single-threaded processes."""
     torch.set_num_threads(1)
     m = b["mechanism"]
-    res = {**earlier, **{t: mechanism.task_table(study.TASKS[t], m["grid"], m["groups"], base_images=m["base_images"])
-                         for t in tasks}}
+    res = {**earlier, **{t: mechanism.task_table(study.TASKS[t], m["grid"], m["groups"], base_images=m["base_images"],
+                                                 workers=workers) for t in tasks}}
     mechanism.figure(res, out / "mechanism_distortion.png")
     return res
 
@@ -315,7 +315,8 @@ def main(argv: list[str] | None = None) -> Path:
                          ("scaling", lambda: {k: section_scaling(b, out, t, k) for k, t in trees.items()}),
                          ("main_job", lambda: {k: section_main_job(out, t, k) for k, t in trees.items()}),
                          ("noise", lambda: section_noise(b)),
-                         ("mechanism", lambda: section_mechanism(b, out, tasks, res.get("mechanism", {}))),
+                         ("mechanism", lambda: section_mechanism(b, out, tasks, res.get("mechanism", {}),
+                                                                 args.workers)),
                          ("ocr_noise", lambda: section_ocr(b, out)),
                          ("study", lambda: section_study(b, out, args.workers, tasks))):
             if name in sections or (name == "ocr_noise" and "ocr" in sections):

@@ -136,20 +136,46 @@ def measure(backbone, task: study.Task, sampler: str, eta: float, iterations: in
                 identical=bool(all(np.array_equal(a, c) for a, c in zip(r_final, r_clean))))
 
 
+_LOADED: dict[str, tuple] = {}  # per process: a task's backbone and reward models, loaded once
+
+
+def _job(name: str, what: str, args: tuple):
+    """One unit of a table in this process (1 thread): a setting (`measure`) or the shapes base judge; timed."""
+    torch.set_num_threads(1)
+    task = study.TASKS[name]
+    if name not in _LOADED:
+        _LOADED[name] = (models.load_builtin_backbone(name),
+                         (scoring.RewardModel(task.reward), scoring.RewardModel(task.judge)))
+    backbone, metrics = _LOADED[name]
+    t0 = time.process_time()
+    out = measure(backbone, task, *args, metrics=metrics) if what == "setting" else shapes_base_judge(backbone, *args)
+    return out, time.process_time() - t0
+
+
 def task_table(task: study.Task, grid: dict[str, list[float]], groups: int, seed: int = SEED,
-               base_images: int = 192) -> dict:
+               base_images: int = 192, workers: int = 1) -> dict:
     """Every setting of the grid on one task's base model (the same prompts and noises at every setting); for shapes
-    also the base model's judge per prompt split (`base_images` per tag)."""
-    backbone = models.load_builtin_backbone(task.name)
-    metrics = scoring.RewardModel(task.reward), scoring.RewardModel(task.judge)
-    settings = [(s, e) for s, es in grid.items() for e in es]
-    rows, t0 = [], time.perf_counter()
-    for s, e in tqdm(settings, desc=f"mechanism {task.name}"):
-        rows.append(measure(backbone, task, s, e, math.ceil(groups / PROMPTS_PER_ITER), seed, metrics))
-    base = shapes_base_judge(backbone, base_images, seed) if task.name == "shapes" else None
+    also the base model's judge per prompt split (`base_images` per tag). workers > 1: the settings run in that many
+    single-threaded processes (each setting's numbers do not depend on where it runs)."""
+    models.load_builtin_backbone(task.name)  # pre-train (or find) the model once, before any worker starts
+    jobs = [("setting", (s, e, math.ceil(groups / PROMPTS_PER_ITER), seed)) for s, es in grid.items() for e in es]
+    if task.name == "shapes":
+        jobs.append(("base", (base_images, seed)))
+    t0 = time.perf_counter()
+    if workers > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as ex:
+            futures = [ex.submit(_job, task.name, what, args) for what, args in jobs]
+            done = [f.result() for f in tqdm(futures, desc=f"mechanism {task.name}")]
+    else:
+        done = [_job(task.name, what, args) for what, args in tqdm(jobs, desc=f"mechanism {task.name}")]
+    rows = [out for (what, _), (out, _) in zip(jobs, done) if what == "setting"]
+    base = next((out for (what, _), (out, _) in zip(jobs, done) if what == "base"), None)
     return dict(task=task.name, reward=task.reward, judge=task.judge, groups=groups, group_size=GROUP_SIZE,
                 steps=STEPS, seed=seed, model_info=model_info(task.name), rows=rows, base_judge=base,
-                seconds=time.perf_counter() - t0)
+                seconds=time.perf_counter() - t0, cpu_seconds=sum(c for _, c in done))
 
 
 @torch.no_grad()

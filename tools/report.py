@@ -227,7 +227,8 @@ def mechanism_tables(res: dict) -> list[str]:
             base = info.get("base_judge_accuracy", info.get("base_accuracy"))
             L += [f"**{task}** (reward `{tab['reward']}`, judge `{tab['judge']}`; base model: {info['steps']} "
                   f"pre-training steps, info.json judge {json.dumps(base)}; {tab['groups']} groups of "
-                  f"{tab['group_size']}; {tab['seconds'] / 60:.1f} process-minutes)", "",
+                  f"{tab['group_size']}; " + (f"{tab['cpu_seconds'] / 60:.1f} CPU-minutes)" if "cpu_seconds" in tab else
+                                             f"{tab['seconds'] / 60:.1f} minutes)"), "",
                   "| sampler | η | residual noise | D_reward [95% CI] (n) | D_judge (n) | B_judge (n) | "
                   "D_judge − B_judge [95% CI] (n) | mean reward final / x̂₀ | b < 0 |", "|---" * 9 + "|"]
             for r in tab["rows"]:
