@@ -234,12 +234,13 @@ NAMES = {"cps": "CPS", "flow_sde": "Flow-SDE", "dance_sde": "Dance-SDE"}
 
 
 def figure(tables: dict[str, dict], path: Path) -> Path:
-    """D_reward (top) and D_judge - B_judge (bottom) against eta, one line per sampler, one column per task."""
+    """D_reward (top) and D_judge - B_judge (middle) against eta, and D_reward against the residual noise (bottom:
+    eta means a different noise in each sampler), one line per sampler, one column per task."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, len(tables), figsize=(5.5 * len(tables), 7), squeeze=False)
+    fig, axes = plt.subplots(3, len(tables), figsize=(5.5 * len(tables), 10), squeeze=False)
     for col, (name, tab) in enumerate(tables.items()):
         for s in NAMES:
             rows = [r for r in tab["rows"] if r["sampler"] == s]
@@ -249,15 +250,21 @@ def figure(tables: dict[str, dict], path: Path) -> Path:
                                                       r["judge_shift"]["hi"]))):
                 m, lo, hi = map(np.array, zip(*map(get, rows)))
                 ax.errorbar(eta, m, yerr=[m - lo, hi - m], marker="o", capsize=3, label=NAMES[s])
+            m, lo, hi = (np.array([r["d_reward"][k] for r in rows]) for k in ("mean", "lo", "hi"))
+            axes[2, col].errorbar([r["residual"] for r in rows], m, yerr=[m - lo, hi - m], marker="o", capsize=3,
+                                  label=NAMES[s])
         axes[0, col].set_title(f"{name}: reward `{tab['reward']}`, {tab['groups']} groups of {tab['group_size']}")
         axes[0, col].set_ylabel("D_reward = τ-b(r_final, r_clean)")
-        axes[1, col].set_ylabel("D_judge − B_judge (τ-b vs the judge)")
+        axes[1, col].set_ylabel("D_judge − B_judge")
         axes[1, col].axhline(0, color="grey", lw=0.8)
-        for ax in axes[:, col]:
+        axes[2, col].set_ylabel("D_reward")
+        for ax in axes[:2, col]:
             ax.set_xlabel("η (its meaning differs per sampler)")
+        axes[2, col].set_xlabel("residual noise std(final − x̂₀), latent units")
+        for ax in axes[:, col]:
             ax.grid(alpha=0.3)
         axes[0, col].legend()
-    fig.suptitle("Advantage distortion on the base model: 1 = the residual noise reorders nothing (95% intervals)")
+    fig.suptitle("Advantage distortion on the base model (1 = no reordering; 95% intervals)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -113,7 +113,7 @@ def figure(res: dict, path) -> None:
                         lambda r: (r["tau"]["mean"], r["tau"]["lo"], r["tau"]["hi"]))):
         m, lo, hi = map(np.array, zip(*map(get, rows)))
         ax.errorbar(sig, m, yerr=[m - lo, hi - m], marker="o", capsize=3, label=label)
-    ax.set_xlabel("added Gaussian noise std, image units [-1, 1] (a pixel proxy for latent residual noise)")
+    ax.set_xlabel("added pixel noise std, image units [-1, 1]\n(a proxy: real residual noise is latent, decoded)")
     ax.set_title(f"OCR reward (RapidOCR) on {res['size']} px signs, {res['groups']} groups of {res['group_size']}")
     ax.set_ylim(0, 1.05)
     ax.grid(alpha=0.3)
