@@ -225,8 +225,10 @@ def mechanism_tables(res: dict) -> list[str]:
         for task, tab in res["mechanism"].items():
             info = tab["model_info"]
             base = info.get("base_judge_accuracy", info.get("base_accuracy"))
-            L += [f"**{task}** (reward `{tab['reward']}`, judge `{tab['judge']}`; base model: {info['steps']} "
-                  f"pre-training steps, info.json judge {json.dumps(base)}; {tab['groups']} groups of "
+            base = ", ".join(f"{k} {f(v)}" for k, v in base.items()) if isinstance(base, dict) else f(base)
+            cool = f" + {info['cooldown']['steps']} cooldown" if info.get("cooldown") else ""
+            L += [f"**{task}** (reward `{tab['reward']}`, judge `{tab['judge']}`; base model: {info['steps']}{cool} "
+                  f"pre-training steps, its info.json's judge {base}; {tab['groups']} groups of "
                   f"{tab['group_size']}; " + (f"{tab['cpu_seconds'] / 60:.1f} CPU-minutes)" if "cpu_seconds" in tab else
                                              f"{tab['seconds'] / 60:.1f} minutes)"), "",
                   "| sampler | η | residual noise | D_reward [95% CI] (n) | D_judge (n) | B_judge (n) | "
