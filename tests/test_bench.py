@@ -14,9 +14,11 @@ def test_quick_report_structure(tmp_path):
     for heading in ["## 1. Sampler cost", "## 2. Speed of the default iteration", "## 3. Data-parallel efficiency",
                     "## 5. What residual noise does to each reward", "## 6. The sampler comparison on the shapes task",
                     "## 7. The sampler comparison on the digits task", "### 6.2 Reward hacking", "### 7.3 Tuning",
-                    "### 6.5 The paper's Figure 1"]:
+                    "### 6.5 The paper's Figure 1", "## 8. The mechanism, measured before training",
+                    "## 9. A real reward model against noise: OCR"]:
         assert heading in text
-    for png in ["shapes_convergence.png", "shapes_figure1.png", "digits_convergence.png", "digits_figure1.png"]:
+    for png in ["shapes_convergence.png", "shapes_figure1.png", "digits_convergence.png", "digits_figure1.png",
+                "mechanism_distortion.png", "ocr_noise.png"]:
         assert (out / png).stat().st_size > 1000
     res = json.loads((out / "results.json").read_text())
     assert set(res["cost"]["ratio_vs_ode"]) == {"cps", "flow_sde", "dance_sde"}
@@ -31,6 +33,11 @@ def test_quick_report_structure(tmp_path):
         assert st["primary"]["auc"]["n"] == 1 and st["runs"] == 8  # 3 tuning + 5 distinct report runs, each once
         noise = res["noise"][task]["response"][0]["rows"]
         assert noise["0.4"]["reward"] < noise["0.0"]["reward"]  # residual-sized noise lowers each task's reward
+    for task, tab in res["mechanism"].items():  # advantage distortion: CPS exactly 1, the SDEs measured beside it
+        rows = {r["sampler"]: r for r in tab["rows"]}
+        assert rows["cps"]["d_reward"]["mean"] == 1.0 and rows["cps"]["identical"] and not rows["flow_sde"]["identical"]
+        assert (tab["base_judge"] is not None) == (task == "shapes") and tab["groups"] == 8
+    assert set(res["ocr_noise"]["rows"]) == {"0.0", "0.2"}
     # every label comes from the settings the runs used: 24 held-out shapes prompts x 2 noises (quick), 64 samples
     assert "24 held-out prompts × 2 fixed noises = 48 images" in text and "10 held-out prompts × 2 fixed noises" in text
     readme = report.render_readme((ROOT / "README.md").read_text(), res)

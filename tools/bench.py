@@ -16,6 +16,9 @@ Sections:
   main_job  the Quickstart command (torchrun, 2 processes), cold (empty cache) and warm
   noise     each task's reward, judge and quality measure against added Gaussian noise, and the residual noise each
             sampler leaves, per eta (noise.py)
+  mechanism advantage distortion on each task's base model: the within-group rank correlation of the rewards of
+            the final samples with those of the last x0_hat, per sampler and eta (mechanism.py, docs/STUDY.md)
+  ocr       the OCR reward's score and within-group ranking against added noise (ocr_noise.py)
   study     the sampler comparison on each task (study.py, docs/STUDY.md): eta tuned on tuning seeds, the primary
             comparison and the Holm-adjusted secondary family on report seeds, equivalence tests, censored time to
             threshold, reward hacking, the image-size dose-response (shapes), the paper's Figure 1
@@ -42,7 +45,7 @@ import torch
 import sampling
 import train
 from flow_cps import digits, models, prompts
-from tools import figures, noise, report, study
+from tools import figures, mechanism, noise, ocr_noise, report, study
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository root
 SDE = ["cps", "flow_sde", "dance_sde"]
@@ -51,9 +54,12 @@ SDE = ["cps", "flow_sde", "dance_sde"]
 def budget(quick: bool) -> dict:
     """Every budget of the bench; the study's are docs/STUDY.md's (written before any report seed ran)."""
     if quick:
+        mechanism_budget = dict(groups=8, grid={s: [0.7] for s in SDE}, base_images=8, ocr_groups=2,
+                                ocr_sigmas=[0.2])
         study_budget = dict(tuning_seeds=[0], report_seeds=[1], etas={s: [0.7] for s in SDE},
                             run=dict(iterations=4, eval_every=2, eval_per_prompt=2), budgets=[2, 4], noise=16)
-        return dict(repeats=2, speed_iterations=4, scaling_iterations=3, noise_sigmas=[0.1, 0.4],
+        return dict(mechanism=mechanism_budget, repeats=2, speed_iterations=4, scaling_iterations=3,
+                    noise_sigmas=[0.1, 0.4],
                     noise_etas={s: [0.7] for s in SDE}, noise_images=32,
                     studies={"digits": dict(study_budget, thresholds=[0.85], sizes=[8]),
                              "shapes": dict(study_budget, thresholds=[0.3], sizes=[16])})
@@ -61,7 +67,12 @@ def budget(quick: bool) -> dict:
     # docs/STUDY.md's budgets, cut to what one 3-hour working session could run (its section "Cost"): the shapes
     # study runs the primary comparison and the two CPS - Dance-SDE ones, at 16x16, tuned on two seeds; the digits
     # study runs every group.
-    return dict(repeats=7, speed_iterations=12, scaling_iterations=10, noise_sigmas=[0.05, 0.1, 0.2, 0.4],
+    # docs/STUDY.md, "The mechanism as a number": 128 groups per setting; the OCR table's 48 groups x 6 noise levels
+    # take ~10 min of OCR on one thread.
+    mechanism_budget = dict(groups=mechanism.GROUPS, grid=mechanism.GRID, base_images=192, ocr_groups=48,
+                            ocr_sigmas=ocr_noise.SIGMAS)
+    return dict(mechanism=mechanism_budget, repeats=7, speed_iterations=12, scaling_iterations=10,
+                noise_sigmas=[0.05, 0.1, 0.2, 0.4],
                 noise_etas={"cps": [0.15, 0.3, 0.5, 0.7, 1.0], "flow_sde": [0.5, 0.7, 0.9, 1.2],
                             "dance_sde": [0.3, 0.5, 0.7, 0.9]}, noise_images=240,
                 studies={"digits": dict(tuning_seeds=[0, 1, 2], report_seeds=report_seeds,
@@ -231,6 +242,25 @@ def section_noise(b: dict) -> dict:
             for name, task in study.TASKS.items()}
 
 
+# -- the mechanism: advantage distortion, and a real reward model against noise ---------------------------------------
+def section_mechanism(b: dict, out: Path, tasks: list[str], earlier: dict, workers: int) -> dict:
+    """Each task's distortion table on its base model (a run of some tasks keeps the others' last tables) and the
+    figure of all of them; the settings run in `workers` single-threaded processes."""
+    torch.set_num_threads(1)
+    m = b["mechanism"]
+    res = {**earlier, **{t: mechanism.task_table(study.TASKS[t], m["grid"], m["groups"], base_images=m["base_images"],
+                                                 workers=workers) for t in tasks}}
+    mechanism.figure(res, out / "mechanism_distortion.png")
+    return res
+
+
+def section_ocr(b: dict, out: Path) -> dict:
+    torch.set_num_threads(1)
+    res = ocr_noise.sensitivity(b["mechanism"]["ocr_groups"], b["mechanism"]["ocr_sigmas"])
+    ocr_noise.figure(res, out / "ocr_noise.png")
+    return res
+
+
 # -- the study -------------------------------------------------------------------------------------------------------
 def section_study(b: dict, out: Path, workers: int, tasks: list[str]) -> dict:
     """Each task's study (study.run_study) and its figures: convergence, the dose-response (several sizes), and the
@@ -255,8 +285,9 @@ def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny budgets (~2 min) for smoke tests")
     p.add_argument("--out", default=None, help="results folder (default: results/, or bench_out/ with --quick)")
-    p.add_argument("--only", default="", help="comma-separated sections: cost,speed,scaling,main_job,noise,study")
-    p.add_argument("--tasks", default="digits,shapes", help="the study's tasks, comma-separated")
+    p.add_argument("--only", default="", help="comma-separated sections: cost,speed,scaling,main_job,noise,"
+                                                "mechanism,ocr,study")
+    p.add_argument("--tasks", default="digits,shapes", help="the study's and the mechanism's tasks, comma-separated")
     p.add_argument("--workers", type=int, default=2, help="training runs in parallel, one thread each")
     p.add_argument("--seeds", default="", help="report seeds of the study, comma-separated (default: 100-109)")
     p.add_argument("--baseline", default="", help="a git commit whose loop the speed section also times")
@@ -264,7 +295,7 @@ def main(argv: list[str] | None = None) -> Path:
     out = Path(args.out or ("bench_out" if args.quick else "results"))
     out.mkdir(parents=True, exist_ok=True)
     sections = set(filter(None, args.only.split(","))) or (
-        {"cost", "speed", "scaling", "noise", "study"} | (set() if args.quick else {"main_job"}))
+        {"cost", "speed", "scaling", "noise", "mechanism", "ocr", "study"} | (set() if args.quick else {"main_job"}))
     b = budget(args.quick)
     if args.seeds:
         for sb in b["studies"].values():
@@ -284,8 +315,11 @@ def main(argv: list[str] | None = None) -> Path:
                          ("scaling", lambda: {k: section_scaling(b, out, t, k) for k, t in trees.items()}),
                          ("main_job", lambda: {k: section_main_job(out, t, k) for k, t in trees.items()}),
                          ("noise", lambda: section_noise(b)),
+                         ("mechanism", lambda: section_mechanism(b, out, tasks, res.get("mechanism", {}),
+                                                                 args.workers)),
+                         ("ocr_noise", lambda: section_ocr(b, out)),
                          ("study", lambda: section_study(b, out, args.workers, tasks))):
-            if name in sections:
+            if name in sections or (name == "ocr_noise" and "ocr" in sections):
                 print(f"[bench] {name}", flush=True)
                 if name == "study":  # one entry per task: a run of some tasks keeps the others' last results
                     res["studies"] = {**res.get("studies", {}), **fn()}

@@ -207,6 +207,68 @@ def study_section(task: str, st: dict, b: dict, number: str) -> list[str]:
     return L
 
 
+def mechanism_tables(res: dict) -> list[str]:
+    """Sections 8 and 9: advantage distortion on each task's base model (tools/mechanism.py) and the OCR reward's
+    sensitivity to noise (tools/ocr_noise.py); the definitions are docs/STUDY.md's "The mechanism as a number"."""
+    L = []
+    if res.get("mechanism"):
+        L += ["## 8. The mechanism, measured before training: advantage distortion", "",
+              "Groups drawn as training draws them on each task's base model (8 training prompts × 8 samples per "
+              "iteration, 10 steps, mechanism seed 7000, the same prompts and noises at every setting). Kendall's τ-b "
+              "within each group, mean over the groups where both vectors vary [95% bootstrap interval], n = groups "
+              "used. D_reward = τ-b(reward of the final sample, reward of the last x̂₀): 1 = the residual noise "
+              "reorders no advantage. D_judge = τ-b(reward of the final sample, judge of x̂₀) against B_judge, the same "
+              "with the reward of x̂₀ (no noise): D_judge − B_judge is what the noise costs the advantages in the "
+              "judge's eyes (paired over groups, 95% t-interval). Residual noise: std(final − x̂₀), latent units. "
+              "'b < 0': steps before the last whose x̂₁ coefficient is negative (the SDE's drift overshoots).", "",
+              "![advantage distortion](mechanism_distortion.png)", ""]
+        for task, tab in res["mechanism"].items():
+            info = tab["model_info"]
+            base = info.get("base_judge_accuracy", info.get("base_accuracy"))
+            base = ", ".join(f"{k} {f(v)}" for k, v in base.items()) if isinstance(base, dict) else f(base)
+            cool = f" + {info['cooldown']['steps']} cooldown" if info.get("cooldown") else ""
+            L += [f"**{task}** (reward `{tab['reward']}`, judge `{tab['judge']}`; base model: {info['steps']}{cool} "
+                  f"pre-training steps, its info.json's judge {base}; {tab['groups']} groups of "
+                  f"{tab['group_size']}; " + (f"{tab['cpu_seconds'] / 60:.1f} CPU-minutes)" if "cpu_seconds" in tab else
+                                             f"{tab['seconds'] / 60:.1f} minutes)"), "",
+                  "| sampler | η | residual noise | D_reward [95% CI] (n) | D_judge (n) | B_judge (n) | "
+                  "D_judge − B_judge [95% CI] (n) | mean reward final / x̂₀ | b < 0 |", "|---" * 9 + "|"]
+            for r in tab["rows"]:
+                d, j, bj, sh = r["d_reward"], r["d_judge"], r["b_judge"], r["judge_shift"]
+                flag = "not defined" if not r["check"]["defined"] else (
+                    "steps " + ", ".join(map(str, r["check"]["negative_b"])) if r["check"]["negative_b"] else "–")
+                L.append(f"| {NAMES[r['sampler']]} | {r['eta']:g} | {f(r['residual'])} | {f(d['mean'])} "
+                         f"[{f(d['lo'])}, {f(d['hi'])}] ({d['n']}) | {f(j['mean'])} ({j['n']}) | {f(bj['mean'])} "
+                         f"({bj['n']}) | {sign(sh['diff'])} [{sign(sh['lo'])}, {sign(sh['hi'])}] ({sh['n']}) | "
+                         f"{f(r['r_final'])} / {f(r['r_clean'])} | {flag} |")
+            L.append("")
+            if tab.get("base_judge"):  # the shapes model the study uses: its judge per prompt split (ODE, 10 steps)
+                L += [f"Base model `{tab['judge']}` (10-step ODE samples, fresh noises; mean over tags [95% bootstrap "
+                      "over prompts within tags]): " + "; ".join(
+                          f"{name} {f(v['judge'])} [{f(v['lo'])}, {f(v['hi'])}] ({v['images']} images, "
+                          f"{v['prompts']} prompts)" for name, v in zip(
+                              ("training compositions", "fresh prompts", "held-out compositions"),
+                              tab["base_judge"].values())) + ".", ""]
+    if res.get("ocr_noise"):
+        o = res["ocr_noise"]
+        L += ["## 9. A real reward model against noise: OCR", "",
+              f"`rewards.ocr` (RapidOCR, PP-OCR models, CPU) on {o['size']}×{o['size']} signs of {o['groups']} OCR "
+              f"test prompts, {o['group_size']} renders per prompt whose legibility varies (font size, contrast, blur, "
+              "a typo, an occlusion: tools/ocr_noise.py), plus Gaussian noise in the images' [-1, 1] units. Mean "
+              "score [95% t-interval over groups]; τ-b(clean, noisy) within groups as in section 8. **A proxy**: a "
+              "sampler's residual noise lives in the VAE's latent space and reaches the pixels through the decoder, "
+              "so pixel noise of a given std is not what latent noise of that std becomes.", "",
+              "![OCR against noise](ocr_noise.png)", "",
+              "| noise std | mean OCR score [95% CI] | read exactly | τ-b(clean, noisy) [95% CI] (n) | groups left "
+              "out: neither varies / only clean / only noisy |", "|---|---|---|---|---|"]
+        for sigma, r in o["rows"].items():
+            t = r["tau"]
+            L.append(f"| {sigma} | {f(r['score'])} [{f(r['lo'])}, {f(r['hi'])}] | {f(r['exact'])} | {f(t['mean'])} "
+                     f"[{f(t['lo'])}, {f(t['hi'])}] ({t['n']}) | {t['neither']} / {t['x_only']} / {t['y_only']} |")
+        L.append("")
+    return L
+
+
 # -- report.md -----------------------------------------------------------------------------------------------------
 def write(res: dict, out: Path) -> Path:
     """res as results.json holds it (JSON keys are strings)."""
@@ -227,6 +289,7 @@ def write(res: dict, out: Path) -> Path:
     for number, task in (("6", "shapes"), ("7", "digits")):
         if task in res.get("studies", {}):
             L += study_section(task, res["studies"][task], b["studies"][task], number)
+    L += mechanism_tables(res)
     path = out / "report.md"
     path.write_text("\n".join(L) + "\n")
     return path
