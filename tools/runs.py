@@ -3,6 +3,7 @@ is rebuilt from files in the repository:
 
     results/runs/<task>/<group>/seed<k>.json    one finished run (a few KB)
     results/runs/probes/<code version>.json     the probe: a fixed set of short runs on that code version
+    results/cache-runs/...                       the runs' folders (checkpoints, logs, images; not committed)
 
 A record holds what the report needs of a run and nothing else: its argv, the code version it ran on, every held-out
 evaluation (iteration and metrics), the training reward and approx_kl per iteration, the measurements taken after
@@ -26,6 +27,7 @@ import json
 import multiprocessing
 import os
 import platform
+import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -42,7 +44,6 @@ import train
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository root
 RECORDS = ROOT / "results" / "runs"
-SCRATCH = ROOT / "results" / "cache-runs"  # run folders (checkpoints, logs): not committed (.gitignore)
 KEPT_PER_ITERATION = ("reward", "reward_std", "approx_kl")  # of each training iteration's metrics
 VOLATILE = ("code", "wall", "finished", "machine")  # what may differ between two records of the same computation
 
@@ -118,17 +119,25 @@ def record_of(job: Job, history: list[dict], measured: dict, wall: float, versio
                 machine=f"{platform.node()}: {os.cpu_count()} CPU cores, torch {torch.__version__}")
 
 
-def run(job: Job, version: str, root: Path = RECORDS, scratch: Path = SCRATCH) -> dict:
-    """Train one run in this process (one thread), measure it, write its record atomically; returns the record."""
-    torch.set_num_threads(1)
-    folder = scratch / job.task / job.group / f"seed{job.seed}"
-    if folder.exists():  # an interrupted attempt: start over (a record exists only for finished runs)
-        import shutil
+def scratch(root: Path) -> Path:
+    """Where the runs of a records folder keep their run folders (checkpoints, logs, images): beside it, named
+    cache-<name> (results/cache-runs for results/runs: not committed, .gitignore's results/cache-*/)."""
+    return root.parent / f"cache-{root.name}"
 
+
+def run(job: Job, version: str, root: Path = RECORDS) -> dict:
+    """Train one run in this process (one thread), measure it, write its record atomically; returns the record."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    folder = scratch(root) / job.task / job.group / f"seed{job.seed}"
+    if folder.exists():  # an interrupted attempt: start over (a record exists only for finished runs)
         shutil.rmtree(folder)
     t0 = time.perf_counter()
-    out = quiet(train.main, [*job.argv, "--output_dir", str(folder)])
-    measured = job.measure(out["policy"], job) if job.measure else {}
+    try:
+        out = quiet(train.main, [*job.argv, "--output_dir", str(folder)])
+        measured = job.measure(out["policy"], job) if job.measure else {}
+    finally:
+        torch.set_num_threads(threads)
     record = record_of(job, out["history"], measured, time.perf_counter() - t0, version)
     write(job.path(root), record)
     return record
@@ -171,11 +180,12 @@ def tempfile_dir():
 
 
 def equivalent_versions(version: str, root: Path = RECORDS) -> set[str]:
-    """The code versions whose probe equals `version`'s bit for bit (version itself included)."""
+    """The code versions whose probe equals `version`'s bit for bit (version itself included); none without a
+    probe, or with an empty one (it would equal every other empty probe)."""
     mine = load(root / "probes" / f"{version}.json")
     same = {version}
     for p in (root / "probes").glob("*.json"):
-        if mine is not None and p.stem != version and load(p) == mine:
+        if mine and p.stem != version and load(p) == mine:
             same.add(p.stem)
     return same
 
@@ -193,10 +203,16 @@ def _run_in_worker(job: Job, version: str, root: Path) -> dict:
 
 def pool(jobs: list[tuple[Job, Path]], version: str, workers: int, deadline: float | None = None,
          desc: str = "training runs") -> dict[str, dict]:
-    """Run (job, records root) pairs in `workers` single-threaded processes; a run is started only before the
-    deadline (time.time()), so a study can be run in parts. Returns the records of the runs that finished."""
+    """Run (job, records root) pairs in `workers` single-threaded processes (0: one after another in this process);
+    a run is started only before the deadline (time.time()), so a study can be run in parts. Returns the records of
+    the runs that finished."""
     out: dict[str, dict] = {}
     todo = list(jobs)
+    if workers == 0:
+        for job, root in tqdm(todo, desc=desc):
+            if deadline is None or time.time() < deadline:
+                out[job.name] = run(job, version, root)
+        return out
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as ex, \
             tqdm(total=len(todo), desc=desc) as bar:  # spawn: a fresh interpreter per worker, no forked threads
         running = {}
@@ -219,7 +235,8 @@ def run_missing(jobs: list[Job], probe_jobs: list[Job], measuring: tuple[Callabl
     """Every job's record: reused where a numerically equal code version made it, run otherwise (new runs start only
     in the first `hours`). Returns (records by job name, the jobs still missing)."""
     version = code_version(*measuring)
-    probe(probe_jobs, version, root, workers)  # this version's probe: what later versions compare themselves with
+    if probe_jobs:  # this version's probe: what later versions compare themselves with
+        probe(probe_jobs, version, root, workers)
     versions = equivalent_versions(version, root)
     records = {j.name: r for j in jobs if (r := reusable(j, versions, root)) is not None}
     todo = [j for j in jobs if j.name not in records]

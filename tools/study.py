@@ -181,9 +181,9 @@ def measure_final(policy, job: runs.Job) -> dict:
     return out
 
 
-def trained_backbone(task: Task, run_dir: str, size: int):
+def trained_backbone(task: Task, run_dir: Path):
     """The task's model with a finished run's final LoRA (the live weights that drew its last training samples)."""
-    bb = models.load_builtin_backbone(task.name, resolution=size)
+    bb = models.load_builtin_backbone(task.name)
     ckpt = sorted((Path(run_dir) / "checkpoints").glob("iter_*"))[-1]
     bb.transformer.load_lora_adapter(str(ckpt / "lora"), weight_name="pytorch_lora_weights.safetensors")
     return bb
@@ -356,7 +356,7 @@ def probe_jobs(designs: dict[str, Design] = DESIGNS) -> list[runs.Job]:
 
 
 # -- the pilots: what chose the shapes run length and the margins (docs/STUDY.md, "Pilots") ------------------------
-PILOT_ROOT = runs.RECORDS / "pilots"
+PILOT_ROOT = runs.RECORDS.parent / "pilots"  # records of the pilots; their run folders in results/cache-pilots
 
 
 def pilot(task: Task, iterations: int, eval_every: int, eval_per_prompt: int) -> Design:
