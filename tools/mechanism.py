@@ -23,7 +23,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
+import random
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +36,7 @@ from tqdm.auto import tqdm
 
 import sampling
 import train
-from flow_cps import models, plan, prompts, scoring
+from flow_cps import models, plan, prompts, scenes, scoring
 from tools import study
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -163,9 +166,6 @@ def task_table(task: study.Task, grid: dict[str, list[float]], groups: int, seed
         jobs.append(("base", (base_images, seed)))
     t0 = time.perf_counter()
     if workers > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as ex:
             futures = [ex.submit(_job, task.name, what, args) for what, args in jobs]
             done = [f.result() for f in tqdm(futures, desc=f"mechanism {task.name}")]
@@ -185,10 +185,6 @@ def shapes_base_judge(backbone, images_per_tag: int = 192, seed: int = SEED) -> 
     held-out compositions (each prompt of a tag an equal share of the tag's images, noises never used elsewhere).
     The value is the mean over tags of the tag means (scene_judge's grouping); its 95% interval is a bootstrap that
     resamples prompts within each tag (images of one prompt are not independent)."""
-    import random
-
-    from flow_cps import scenes
-
     out = {}
     for split in ("train", "fresh", "test"):
         if split == "train":  # the training distribution: scenes drawn as pre-training draws them, one image each

@@ -21,6 +21,7 @@ import time
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from scipy import stats
 from tqdm.auto import tqdm
 
 from flow_cps import prompts
@@ -78,8 +79,6 @@ def groups(n: int, size: int = SIZE, seed: int = SEED) -> tuple[torch.Tensor, li
 @torch.no_grad()
 def sensitivity(n_groups: int, sigmas: list[float] = SIGMAS, size: int = SIZE, seed: int = SEED) -> dict:
     """Per noise std: the mean OCR score (95% t-interval over groups of the group means) and tau-b(clean, noisy)."""
-    from scipy import stats
-
     images, texts = groups(n_groups, size, seed)
     ocr = REGISTRY["ocr"]()
     g = torch.Generator().manual_seed(seed)
