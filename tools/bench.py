@@ -66,9 +66,10 @@ def budget(quick: bool) -> dict:
 
 def designs(quick: bool, tasks: list[str]) -> dict[str, study.Design]:
     """The study's designs: docs/STUDY.md's, or (quick) the same groups and comparisons for 4 iterations on 1 seed."""
+    tasks = [t for t in tasks if t in study.DESIGNS]
     if not quick:
         return {t: study.DESIGNS[t] for t in tasks}
-    return {t: dataclasses.replace(study.design(study.TASKS[t], 4, 2, 2, None, seeds=(1,)), residual_samples=8)
+    return {t: dataclasses.replace(study.design(study.TASKS[t], 4, 2, 2, 0.01, seeds=(1,)), residual_samples=8)
             for t in tasks}
 
 
@@ -295,6 +296,7 @@ def main(argv: list[str] | None = None) -> Path:
                 print(f"[bench] {name}", flush=True)
                 if name == "study":  # one entry per task: a run of some tasks keeps the others' last results
                     res["studies"] = {**res.get("studies", {}), **fn()}
+                    res["pilots"] = study.pilot_summary(out / "pilots" if args.quick else study.PILOT_ROOT)
                 else:
                     res[name] = fn()
     if args.baseline:

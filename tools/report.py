@@ -16,6 +16,8 @@ import re
 import sys
 from pathlib import Path
 
+from tools import study
+
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = {"cps": "CPS", "flow_sde": "Flow-SDE", "dance_sde": "Dance-SDE", "ode": "ODE"}
 NOT_YET = "*Not measured yet with this code: run `python -m tools.bench{}`.*"
@@ -158,6 +160,31 @@ def study_section(task: str, st: dict, number: str) -> list[str]:
     return L
 
 
+def pilots_section(res: dict, number: str) -> list[str]:
+    """The pilots (docs/STUDY.md): what chose the run lengths and the margins, and why the shapes task is not
+    trained."""
+    p = res.get("pilots")
+    if not p or not p["runs"]:
+        return []
+    L = [f"## {number}. The pilots (seed 2001; they chose the design, the report seeds ran after)", "",
+         "| task | pilot | held-out judge at each evaluation | held-out quality, base → final | training reward, "
+         "first → last 5 iterations | residual noise | minutes |", "|---|---|---|---|---|---|---|"]
+    for r in p["runs"]:
+        L.append(f"| {r['task']} | `{r['pilot']}` | " + ", ".join(f"{i}: {f(v)}" for i, v in r["curve"]) +
+                 f" | {f(r['quality'][0])} → {f(r['quality'][1])} | {f(r['reward'][0])} → {f(r['reward'][1])} | "
+                 f"{f(r['residual'])} | {r['minutes']:.0f} |")
+    L.append("")
+    if p.get("shapes_splits"):
+        L += ["The shapes models' `scene_judge` (mean over tags) / `clean_background` on 10-step ODE samples, up to 24 "
+              "prompts per tag × 4 fixed noises per split (`python -m tools.study splits`):", "",
+              "| model | training prompts | fresh prompts | held-out compositions |", "|---|---|---|---|"]
+        for name, splits in p["shapes_splits"].items():
+            L.append(f"| `{name}` | " + " | ".join(f"{f(v['judge'])} / {f(v['clean_background'])}"
+                                                  for v in splits.values()) + " |")
+        L += ["", f"The shapes task is not in the training study: {study.NOT_TRAINED['shapes']}.", ""]
+    return L
+
+
 def mechanism_tables(res: dict) -> list[str]:
     """Sections 5 and 6: advantage distortion on each task's base model (tools/mechanism.py) and the OCR reward's
     sensitivity to noise (tools/ocr_noise.py); the definitions are docs/STUDY.md's "The mechanism as a number"."""
@@ -228,9 +255,10 @@ def write(res: dict, out: Path) -> Path:
          f"Machine: {res['machine']}. Command: `python -m tools.bench{' --quick' if quick else ''}`; this invocation "
          f"took {res['wall'] / 60:.1f} min.", ""]
     L += machine_sections(res) + mechanism_tables(res)
-    for number, task in (("7", "shapes"), ("8", "digits")):
+    for number, task in (("7", "digits"),):
         if task in res.get("studies", {}):
             L += study_section(task, res["studies"][task], number)
+    L += pilots_section(res, "8")
     path = out / "report.md"
     path.write_text("\n".join(L) + "\n")
     return path
@@ -332,7 +360,9 @@ def results_block(res: dict) -> list[str]:
             f"{f(o[k]['tau']['mean'], 2)} at {k}" for k in list(o)[1:4]) + "."]
     for task in ("shapes", "digits"):
         st = res.get("studies", {}).get(task)
-        if st is None:
+        if task in study.NOT_TRAINED:
+            L.append(f"- **{task}**: not in the training study: {study.NOT_TRAINED[task]}.")
+        elif st is None:
             L.append(f"- **{task}**: " + NOT_YET.format(f" --only study --tasks {task}"))
         elif st["primary"] is None:
             L.append(f"- **{task}**: the study is running in parts ({st['runs']} of {st['of']} runs recorded); its "
