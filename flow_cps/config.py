@@ -64,6 +64,8 @@ class Config:
     prompts: str = option("digits", "prompt set: 'digits', 'shapes', 'geneval', 'ocr', a .txt/.jsonl file, or a folder "
                           "with train.txt/test.txt (Flow-GRPO's dataset/pickscore)")
     eval_prompts: int = option(0, "held-out prompts evaluated (the first N of the test split); 0 = all")
+    eval_split: str = choice("test", "the split of --prompts evaluated: 'test' (held out) or, for the shapes task, "
+                             "'fresh' (prompts never trained on, of trained compositions)", ("test", "fresh"))
     eval_prompt_file: str = option("", "a .txt/.jsonl prompt file to evaluate on instead of the test split of "
                                    "--prompts")
     resolution: int = option(0, "image height = width in pixels; 0 = the model's default (digits 8, shapes 16, "

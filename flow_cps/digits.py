@@ -139,25 +139,35 @@ def train_svm():
 
 
 @torch.enable_grad()  # a first use may come from inside a caller's no_grad (an evaluation, a figure)
-def flow_matching(backbone, params, batch, steps: int, *, lr: float, seed: int, progress: bool = True) -> float:
+def flow_matching(backbone, params, batch, steps: int, *, lr: float, seed: int, progress: bool = True,
+                  on_step=None, decay: bool = False) -> float:
     """Pre-train a built-in model by flow matching (AdamW, logit-normal t as in SD3's recipe): each step draws
     `batch(g) -> (x0 latents, prompts)` and regresses v_theta(x_t, t, c) on v = eps - x0 at x_t = (1-t) x0 + t eps.
-    Returns the seconds it took."""
+    Returns the seconds the steps took. on_step(k, seconds so far) runs after step k (a pilot's snapshots); its own
+    time is not counted, and at a constant lr the first k steps of a longer run are exactly a k-step run. decay:
+    the lr falls linearly from lr (step 1) to lr / steps (the last step), a cooldown."""
     from tqdm.auto import tqdm
 
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(params, lr=lr)
     t0 = time.time()
-    for _ in tqdm(range(steps), desc="pre-training", disable=not progress):
+    elsewhere = 0.0  # seconds spent in on_step
+    for k in tqdm(range(1, steps + 1), desc="pre-training", disable=not progress):
         x0, text = batch(g)
         t = torch.sigmoid(torch.randn(len(x0), generator=g))
         eps = torch.randn(x0.shape, generator=g)
         xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps
         loss = (backbone.velocity(xt, t, backbone.encode(text, cache=False)) - (eps - x0)).pow(2).mean()
+        if decay:
+            opt.param_groups[0]["lr"] = lr * (steps - k + 1) / steps
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return time.time() - t0
+        if on_step is not None:
+            t1 = time.time()
+            on_step(k, t1 - t0 - elsewhere)
+            elsewhere += time.time() - t1
+    return time.time() - t0 - elsewhere
 
 
 def judge_dir() -> Path:

@@ -5,6 +5,7 @@
     texts, metadata = prompts.load("ocr", "test")                 # 'A sign that says "OPEN LATE"', ...; metadata None
     texts, metadata = prompts.load("digits", "train")             # the built-in task (digits.prompts)
     texts, metadata = prompts.load("shapes", "test")              # the shapes task: held-out compositions
+    texts, metadata = prompts.load("shapes", "fresh")             # the shapes task: fresh prompts, trained compositions
     texts, metadata = prompts.load("my_prompts.txt", "train")     # the file's train part (see below)
     texts, metadata = prompts.load("my_eval.txt", "all")          # every prompt of a file (an explicit eval set)
     texts, metadata = prompts.load("flow_grpo/dataset/geneval", "test")   # a folder with test_metadata.jsonl, ...
@@ -184,12 +185,16 @@ def digit_prompts(split: str = "train", seed: int = 0) -> tuple[list[str], list[
 
 
 def shape_prompts(split: str = "train", seed: int = 0, per_tag: int = 8) -> tuple[list[str], list[dict]]:
-    """The shapes task (scenes.py), metadata {"tag": ...}. Train: every scene without a held-out composition, each
-    tag's list repeated to the length of the longest, so the four tags are drawn equally often. Test: `per_tag`
-    scenes of each tag that has held-out ones (counting, two-object, position: 24 prompts), each holding a
-    composition never trained on; the same for every seed."""
-    _check_split(split)
+    """The shapes task (scenes.py), metadata {"tag": ...}. Train: every scene without a held-out composition or a
+    fresh prompt, each tag's list repeated to the length of the longest, so the four tags are drawn equally often.
+    Test: `per_tag` scenes of each tag that has held-out ones (counting, two-object, position: 24 prompts), each
+    holding a composition never trained on; the same for every seed. Fresh: every fresh prompt (scenes.fresh_scenes:
+    20 prompts of trained compositions that neither this train list nor the pre-training ever held)."""
+    _check_split(split, (*SPLITS, "fresh"))
     by_tag = scenes.scenes(split)
+    if split == "fresh":
+        chosen = [s for tag in scenes.TAGS for s in by_tag[tag]]
+        return [scenes.text(s) for s in chosen], [{"tag": s.tag} for s in chosen]
     if split == "test":
         rng = random.Random("shapes/test")
         chosen = [s for tag in scenes.TAGS for s in rng.sample(by_tag[tag], min(per_tag, len(by_tag[tag])))]
@@ -306,7 +311,8 @@ def load(name_or_path: str, split: str, seed: int = 0) -> tuple[list[str], list[
     split "all" gives every prompt); or a folder holding {split}.txt, {split}.jsonl or {split}_metadata.jsonl
     (Flow-GRPO's dataset layout)."""
     path = Path(name_or_path).expanduser()
-    _check_split(split, (*SPLITS, "all") if path.is_file() else SPLITS)
+    _check_split(split, (*SPLITS, "all") if path.is_file() else (*SPLITS, "fresh") if name_or_path == "shapes" else
+                 SPLITS)
     if name_or_path in GENERATORS:
         return GENERATORS[name_or_path](split, seed)
     if path.is_dir():

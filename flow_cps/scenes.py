@@ -9,10 +9,16 @@ quarter of the pairs of objects (`held_out_pair`) never appear together in a tra
 Every held-out prompt holds one of them: a combination of trained words that the model was never trained on, which
 the word-reading prompt encoder (shapes.PromptEncoder) conditions on differently from every training prompt.
 
+Fresh prompts (split "fresh"): prompts of the training distribution that no training prompt list and no pre-training
+scene ever held. Each is made of trained compositions only (its count of a shape, or its pair of objects, is trained
+through other prompts), so the judge on them measures generalisation to new prompts of the same distribution, not to
+new compositions. `fresh_scenes` picks them (FRESH_PER_TAG, at most one per composition).
+
 The judge (`judge`, the `scene_judge` reward) is an exact analytic detector with GenEval's rule.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import random
 import re
@@ -108,12 +114,47 @@ def is_held_out(s: Scene) -> bool:
     return len(s.objects) == 2 and held_out_pair(*s.objects)
 
 
+# How many fresh prompts each tag gets. Counting has only four trained count-shape compositions (two ... squares /
+# circles, three ... squares / triangles), so at most one fresh prompt each; a lone object's prompt is its only
+# string, so the single tag has none (as the held-out compositions, the fresh split has three tags).
+FRESH_PER_TAG = {"counting": 4, "two_object": 8, "position": 8}
+
+
+def composition(s: Scene):
+    """What a scene composes: its count of a shape (counting), or its unordered pair of objects."""
+    if s.tag == "counting":
+        return s.objects[0].count, s.objects[0].shape
+    return frozenset((o.colour, o.shape) for o in s.objects)
+
+
+@functools.cache
+def fresh_scenes() -> frozenset[Scene]:
+    """The fresh split: per tag, FRESH_PER_TAG[tag] scenes without a held-out composition, taken in the order of a
+    crc32 of their prompt (stable across processes and versions), skipping any whose composition already has a fresh
+    scene, so every fresh scene's composition stays trained through its other prompts (three other colours of a
+    count, nine other prompts of a pair)."""
+    chosen: list[Scene] = []
+    for tag, n in FRESH_PER_TAG.items():
+        pool = sorted((s for s in all_scenes()[tag] if not is_held_out(s)),
+                      key=lambda s: zlib.crc32(f"fresh/{text(s)}".encode()))
+        picked: list[Scene] = []
+        for s in pool:
+            if len(picked) < n and composition(s) not in {composition(c) for c in chosen + picked}:
+                picked.append(s)
+        chosen += picked
+    return frozenset(chosen)
+
+
 def scenes(split: str) -> dict[str, list[Scene]]:
-    """The scenes of a split by tag: 'train' never holds a held-out composition, 'test' always does (so it has no
-    single-object scenes)."""
-    if split not in ("train", "test"):
-        raise ValueError(f"unknown split {split!r}; use 'train' or 'test'")
-    return {tag: [s for s in ss if is_held_out(s) == (split == "test")] for tag, ss in all_scenes().items()}
+    """The scenes of a split by tag: 'train' holds neither a held-out composition nor a fresh prompt; 'fresh' the
+    fresh prompts (trained compositions, prompts never trained on); 'test' only held-out compositions (so neither
+    'fresh' nor 'test' has single-object scenes)."""
+    if split not in ("train", "fresh", "test"):
+        raise ValueError(f"unknown split {split!r}; use 'train', 'fresh' or 'test'")
+    fresh = fresh_scenes()
+    which = {"train": lambda s: not is_held_out(s) and s not in fresh, "fresh": lambda s: s in fresh,
+             "test": is_held_out}[split]
+    return {tag: [s for s in ss if which(s)] for tag, ss in all_scenes().items()}
 
 
 # -- rendering ---------------------------------------------------------------------------------------------------

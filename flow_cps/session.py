@@ -75,7 +75,7 @@ def load_prompt_sets(cfg: Config):
         whole = cfg.eval_prompt_file and os.path.isfile(cfg.prompts)
         train = prompts.load(cfg.prompts, "all" if whole else "train", cfg.seed)
         held_out = prompts.load(cfg.eval_prompt_file, "all") if cfg.eval_prompt_file else \
-            prompts.load(cfg.prompts, "test", cfg.seed)
+            prompts.load(cfg.prompts, cfg.eval_split, cfg.seed)
     except (ValueError, OSError) as e:
         raise SystemExit("prompt error: " + plan.prompt_error(cfg, e)) from None
     n = cfg.eval_prompts or len(held_out[0])

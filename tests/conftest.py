@@ -13,6 +13,10 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # The built-in digits model and judge are pre-trained once (~20 s) into this cache and shared by all tests and the
 # subprocesses they start; a developer's own FLOW_CPS_CACHE is respected.
 os.environ.setdefault("FLOW_CPS_CACHE", os.path.join(tempfile.gettempdir(), "flow_cps_test_cache"))
+# The shapes model of the study pre-trains for many minutes (flow_cps/shapes.py, PRETRAIN_STEPS); the tests need its
+# code path, not its quality: a short pre-training, cached under its own key (the step count is part of it), which the
+# subprocesses the tests start inherit.
+os.environ.setdefault("FLOW_CPS_SHAPES_STEPS", "200")
 
 import torch  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402

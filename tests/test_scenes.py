@@ -44,6 +44,22 @@ def test_held_out_compositions_never_reach_training_and_every_test_prompt_holds_
     assert {tags.count(t) for t in scenes.TAGS} == {len(tags) // 4}  # the four tags equally often
 
 
+
+def test_fresh_prompts_are_new_strings_of_trained_compositions():
+    train, fresh = prompts.load("shapes", "train")[0], prompts.load("shapes", "fresh")
+    texts, meta = fresh
+    pretrain = {scenes.text(s) for ss in scenes.scenes("train").values() for s in ss}  # what pre-training draws
+    assert not set(texts) & (set(train) | pretrain | set(prompts.load("shapes", "test")[0]))
+    assert [m["tag"] for m in meta] == ["counting"] * 4 + ["two_object"] * 8 + ["position"] * 8
+    trained = {scenes.composition(scenes.parse(t)) for t in train if scenes.parse(t).tag != "single"}
+    fresh_comps = [scenes.composition(scenes.parse(t)) for t in texts]
+    assert set(fresh_comps) <= trained and len(set(fresh_comps)) == len(texts)  # trained; one prompt each
+    assert not any(scenes.is_held_out(scenes.parse(t)) for t in texts)
+    # the split is a fixed function of the grammar: the same list on every call (crc32, not hash())
+    assert prompts.load("shapes", "fresh", seed=5)[0] == texts and texts[0] == "two red circles"
+    with pytest.raises(ValueError, match="split"):
+        prompts.load("digits", "fresh")
+
 def test_the_encoder_reads_words_so_a_new_composition_conditions_differently():
     enc = shapes.PromptEncoder()
     train = sorted(set(prompts.load("shapes", "train")[0]))

@@ -9,6 +9,7 @@ import torch
 from flow_cps import digits, models, prompts, scenes, shapes
 from flow_cps.scoring import RewardModel
 from rewards import REGISTRY
+from tools import shapes_pilot
 
 
 def test_the_shapes_model_is_a_flux_transformer_on_packed_rgb_pixels():
@@ -61,3 +62,35 @@ def test_the_digits_judge_is_independent_of_the_digits_reward():
     xt, yt = digits.load("test")  # the SVM's training data, unseen by the reward's MLP
     assert float((judge(xt).argmax(1) == yt).float().mean()) > 0.9
     assert (svm.predict(digits.svm_features(xt)) == yt.numpy()).mean() == 1.0  # its own data: fitted exactly
+
+
+def test_a_pilot_snapshot_is_exactly_the_shorter_pre_training(tmp_path, monkeypatch):
+    """tools/shapes_pilot.py installs step k of a long pre-training as the k-step model: at a constant lr the two
+    are the same weights, bit for bit (same batches, noises and updates), and the longer run has moved on."""
+    from diffusers import FluxTransformer2DModel
+    from safetensors.torch import load_file
+
+    monkeypatch.setattr(shapes, "judge_accuracy", lambda *a, **k: 0.0)  # the weights are what is checked
+    snap = {}
+
+    def on_step(k, seconds, backbone, transformer, encoder):
+        if k == 3:
+            snap["t"] = {n: p.clone() for n, p in transformer.state_dict().items()}
+            snap["e"] = {n: p.clone() for n, p in encoder.state_dict().items()}
+    shapes._build(tmp_path / "long", models.shapes_backbone, False, 16, 5, on_step)
+    shapes._build(tmp_path / "short", models.shapes_backbone, False, 16, 3)
+    short = FluxTransformer2DModel.from_pretrained(tmp_path / "short", subfolder="transformer").state_dict()
+    long = FluxTransformer2DModel.from_pretrained(tmp_path / "long", subfolder="transformer").state_dict()
+    assert all(torch.equal(short[n], snap["t"][n]) for n in short)
+    assert any(not torch.equal(short[n], long[n]) for n in short)
+    enc = load_file(tmp_path / "short" / "prompt_encoder.safetensors")
+    assert all(torch.equal(enc[n], snap["e"][n]) for n in enc)
+    assert shapes.pretrain_steps(16) == 200 and shapes.cooldown_steps(16) == 0  # conftest's short pre-training
+    # a cooldown from the saved 3-step model (tools/shapes_pilot.py --cool) is exactly the 3 + 2 build
+    shapes._build(tmp_path / "cooled", models.shapes_backbone, False, 16, 3, cooldown=2)
+    bb, tr, en = shapes_pilot.load_snapshot(tmp_path / "short")
+    shapes.cool(bb, tr, en, 16, 2, progress=False)
+    cooled = FluxTransformer2DModel.from_pretrained(tmp_path / "cooled", subfolder="transformer").state_dict()
+    assert all(torch.equal(cooled[n], p) for n, p in tr.state_dict().items())
+    assert any(not torch.equal(cooled[n], short[n]) for n in short)
+    assert shapes.model_path(16, 3, 2) != shapes.model_path(16, 3, 0)

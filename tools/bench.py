@@ -3,9 +3,10 @@ the scale this project can run (the two built-in tasks, CPU).
 
     python -m tools.bench                            # everything -> results/report.md, figures, README's Results
     python -m tools.bench --quick                    # the same sections with tiny budgets (~3 min): CI's smoke test
-    python -m tools.bench --only cost,speed,scaling  # some sections: cost, speed, scaling, main_job, noise, study
+    python -m tools.bench --only cost,speed,scaling  # some sections: cost, speed, scaling, main_job, mechanism,
+                                                     # ocr, study
     python -m tools.bench --only study --tasks shapes   # one task's study
-    python -m tools.bench --seeds 200,201,202,203,204,205,206,207,208,209 --out my_results   # your report seeds
+    python -m tools.bench --only study --hours 2     # start study runs for two hours; run it again to go on
     python -m tools.bench --only speed --baseline 55484a0   # also time that commit's loop, interleaved, in this run
 
 Sections:
@@ -14,18 +15,20 @@ Sections:
             --baseline, the same for another commit, interleaved on this machine
   scaling   data-parallel efficiency: images/s of N processes x 1 thread over N x that of 1 process x 1 thread
   main_job  the Quickstart command (torchrun, 2 processes), cold (empty cache) and warm
-  noise     each task's reward, judge and quality measure against added Gaussian noise, and the residual noise each
-            sampler leaves, per eta (noise.py)
-  study     the sampler comparison on each task (study.py, docs/STUDY.md): eta tuned on tuning seeds, the primary
-            comparison and the Holm-adjusted secondary family on report seeds, equivalence tests, censored time to
-            threshold, reward hacking, the image-size dose-response (shapes), the paper's Figure 1
-Training runs are cached under <out>/runs/ by argv and code version, so an interrupted report resumes. Written to the
-default results/ folder, the report also regenerates the README's generated blocks (report.update_readme).
+  mechanism advantage distortion on each task's base model: the within-group rank correlation of the rewards of
+            the final samples with those of the last x0_hat, per sampler and eta (mechanism.py, docs/STUDY.md)
+  ocr       the OCR reward's score and within-group ranking against added noise (ocr_noise.py)
+  study     the study of docs/STUDY.md on each task (study.py): the primary comparison, the mechanism's prediction
+            and the Holm-adjusted secondary family on the report seeds, reward hacking, the paper's Figure 1
+The study's runs are committed records (<out>/runs/, tools/runs.py): a run already recorded on a code version that
+computes the same numbers (its probe) is not run again, so the study can be run in parts. Written to the default
+results/ folder, the report also regenerates the README's generated blocks (report.update_readme).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -43,39 +46,32 @@ import grpo
 import sampling
 import train
 from flow_cps import digits, models, prompts
-from tools import figures, noise, report, study
+from tools import figures, mechanism, ocr_noise, report, runs, study
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository root
 SDE = ["cps", "flow_sde", "dance_sde"]
 
 
 def budget(quick: bool) -> dict:
-    """Every budget of the bench; the study's are docs/STUDY.md's (written before any report seed ran)."""
+    """Every budget of the bench; the study's design is tools/study.py's DESIGNS (docs/STUDY.md)."""
     if quick:
-        study_budget = dict(tuning_seeds=[0], report_seeds=[1], etas={s: [0.7] for s in SDE},
-                            run=dict(iterations=4, eval_every=2, eval_per_prompt=2), budgets=[2, 4], noise=16)
-        return dict(repeats=2, speed_iterations=4, scaling_iterations=3, noise_sigmas=[0.1, 0.4],
-                    noise_etas={s: [0.7] for s in SDE}, noise_images=32,
-                    studies={"digits": dict(study_budget, thresholds=[0.85], sizes=[8]),
-                             "shapes": dict(study_budget, thresholds=[0.3], sizes=[16])})
-    report_seeds = list(range(100, 110))
-    # docs/STUDY.md's budgets, cut to what one 3-hour working session could run (its section "Cost"): the shapes
-    # study runs the primary comparison and the two CPS - Dance-SDE ones, at 16x16, tuned on two seeds; the digits
-    # study runs every group.
-    return dict(repeats=7, speed_iterations=12, scaling_iterations=10, noise_sigmas=[0.05, 0.1, 0.2, 0.4],
-                noise_etas={"cps": [0.15, 0.3, 0.5, 0.7, 1.0], "flow_sde": [0.5, 0.7, 0.9, 1.2],
-                            "dance_sde": [0.3, 0.5, 0.7, 0.9]}, noise_images=240,
-                studies={"digits": dict(tuning_seeds=[0, 1, 2], report_seeds=report_seeds,
-                                        etas={"cps": [0.15, 0.3, 0.7], "flow_sde": [0.7, 0.9, 1.2],
-                                              "dance_sde": [0.5, 0.7]},
-                                        run=dict(iterations=80, eval_every=10, eval_per_prompt=50),
-                                        budgets=[20, 40, 80], thresholds=[0.90, 0.95], noise=200, sizes=[8]),
-                         "shapes": dict(tuning_seeds=[0, 1], report_seeds=report_seeds,
-                                        etas={"cps": [0.3, 0.7], "flow_sde": [0.7, 1.2], "dance_sde": [0.3, 0.7]},
-                                        groups=["cps tuned", "flow_sde tuned", "dance_sde tuned",
-                                                "cps tuned, dance recipe"],
-                                        run=dict(iterations=60, eval_every=10, eval_per_prompt=12),
-                                        budgets=[20, 40, 60], thresholds=[0.08, 0.1], noise=200, sizes=[16])})
+        mechanism_budget = dict(groups=8, grid={s: [0.7] for s in SDE}, base_images=8, ocr_groups=2,
+                                ocr_sigmas=[0.2])
+        return dict(mechanism=mechanism_budget, repeats=2, speed_iterations=4, scaling_iterations=3)
+    # docs/STUDY.md, "The mechanism as a number": 128 groups per setting; the OCR table's 48 groups x 6 noise levels
+    # take ~10 min of OCR on one thread.
+    mechanism_budget = dict(groups=mechanism.GROUPS, grid=mechanism.GRID, base_images=192, ocr_groups=48,
+                            ocr_sigmas=ocr_noise.SIGMAS)
+    return dict(mechanism=mechanism_budget, repeats=7, speed_iterations=12, scaling_iterations=10)
+
+
+def designs(quick: bool, tasks: list[str]) -> dict[str, study.Design]:
+    """The study's designs: docs/STUDY.md's, or (quick) the same groups and comparisons for 4 iterations on 1 seed."""
+    tasks = [t for t in tasks if t in study.DESIGNS]
+    if not quick:
+        return {t: study.DESIGNS[t] for t in tasks}
+    return {t: dataclasses.replace(study.design(study.TASKS[t], 4, 2, 2, 0.01, seeds=(1,)), residual_samples=8)
+            for t in tasks}
 
 
 def spread(xs) -> dict:
@@ -222,33 +218,43 @@ def run_settings(config: dict) -> dict:
                 eval_prompts=n, eval_images=n * config["eval_per_prompt"], model=config["model"])
 
 
-# -- noise: the rewards' response and the samplers' residual noise ---------------------------------------------------
-def section_noise(b: dict) -> dict:
-    """Per task and image size, the reward / judge / quality against added noise, and the residual noise of the base
-    model's training samples per sampler and eta (noise.py)."""
-    return {name: dict(response=[noise.reward_response(task, size, b["noise_sigmas"], b["noise_images"])
-                                 for size in b["studies"][name]["sizes"]],
-                       residual=noise.residual_by_eta(task, b["studies"][name]["sizes"][0], b["noise_etas"]))
-            for name, task in study.TASKS.items()}
+# -- the mechanism: advantage distortion, and a real reward model against noise ---------------------------------------
+def section_mechanism(b: dict, out: Path, tasks: list[str], earlier: dict, workers: int) -> dict:
+    """Each task's distortion table on its base model (a run of some tasks keeps the others' last tables) and the
+    figure of all of them; the settings run in `workers` single-threaded processes."""
+    torch.set_num_threads(1)
+    m = b["mechanism"]
+    res = {**earlier, **{t: mechanism.task_table(study.TASKS[t], m["grid"], m["groups"], base_images=m["base_images"],
+                                                 workers=workers) for t in tasks}}
+    mechanism.figure(res, out / "mechanism_distortion.png")
+    return res
+
+
+def section_ocr(b: dict, out: Path) -> dict:
+    torch.set_num_threads(1)
+    res = ocr_noise.sensitivity(b["mechanism"]["ocr_groups"], b["mechanism"]["ocr_sigmas"])
+    ocr_noise.figure(res, out / "ocr_noise.png")
+    return res
 
 
 # -- the study -------------------------------------------------------------------------------------------------------
-def section_study(b: dict, out: Path, workers: int, tasks: list[str]) -> dict:
-    """Each task's study (study.run_study) and its figures: convergence, the dose-response (several sizes), and the
-    paper's Figure 1 from the first report seed's CPS-trained model at the largest size."""
-    res = {}
-    for name in tasks:
-        task, sb = study.TASKS[name], b["studies"][name]
-        st = study.run_study(task, sb, out, workers)
-        figures.convergence(st, sb, out / f"{name}_convergence.png")
-        if len(sb["sizes"]) > 1:
-            figures.dose_response(st, out / f"{name}_dose_response.png")
-        largest = sb["sizes"][-1]
-        group = "cps tuned" + (f" @{largest}" if largest != sb["sizes"][0] else "")
-        etas = {s: study.EQUAL_ETA for s in study.SDE} | st["tuned"]  # a sampler not tuned is shown at eta 0.7
-        st["figure1_residual"] = figures.figure1(task, st["run_dirs"][group][0], largest, etas,
-                                                 out / f"{name}_figure1.png")
+def section_study(quick: bool, out: Path, workers: int, tasks: list[str], hours: float | None) -> dict:
+    """Each task's study from its runs' records (tools/runs.py): the runs not yet recorded are run (only in the first
+    `hours`, if given), then every complete comparison is computed (study.analyse) and drawn."""
+    res, root = {}, out / "runs"
+    ds = designs(quick, tasks)
+    probe = [] if quick else study.probe_jobs(ds)  # quick: records are never reused across code versions
+    for name, d in ds.items():
+        records, missing = runs.run_missing(d.jobs(), probe, (study.measure_final,), workers, hours, root)
+        st = study.analyse(d, records)
+        figures.convergence(d, records, out / f"{name}_convergence.png")
+        first = runs.scratch(root) / name / study.C7.slug / f"seed{d.seeds[0]}"
+        if (first / "checkpoints").is_dir():  # the Figure-1 model: the first seed's CPS run, where it ran here
+            st["figure1_residual"] = figures.figure1(d.task, first, {study.C7.sampler: study.C7.eta,
+                                                                    "flow_sde": study.HI, "dance_sde": study.DANCE_ETA},
+                                                     out / f"{name}_figure1.png")
         res[name] = st
+        print(f"[bench] study {name}: {st['runs']} of {st['of']} runs recorded; {len(missing)} still to run")
     return res
 
 
@@ -256,20 +262,19 @@ def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny budgets (~2 min) for smoke tests")
     p.add_argument("--out", default=None, help="results folder (default: results/, or bench_out/ with --quick)")
-    p.add_argument("--only", default="", help="comma-separated sections: cost,speed,scaling,main_job,noise,study")
-    p.add_argument("--tasks", default="digits,shapes", help="the study's tasks, comma-separated")
+    p.add_argument("--only", default="", help="comma-separated sections: cost,speed,scaling,main_job,mechanism,"
+                                                "ocr,study")
+    p.add_argument("--tasks", default="digits,shapes", help="the study's and the mechanism's tasks, comma-separated")
     p.add_argument("--workers", type=int, default=2, help="training runs in parallel, one thread each")
-    p.add_argument("--seeds", default="", help="report seeds of the study, comma-separated (default: 100-109)")
+    p.add_argument("--hours", type=float, default=None, help="study: start new runs only in the first HOURS (the rest "
+                                                             "on the next invocation)")
     p.add_argument("--baseline", default="", help="a git commit whose loop the speed section also times")
     args = p.parse_args(argv)
     out = Path(args.out or ("bench_out" if args.quick else "results"))
     out.mkdir(parents=True, exist_ok=True)
     sections = set(filter(None, args.only.split(","))) or (
-        {"cost", "speed", "scaling", "noise", "study"} | (set() if args.quick else {"main_job"}))
+        {"cost", "speed", "scaling", "mechanism", "ocr", "study"} | (set() if args.quick else {"main_job"}))
     b = budget(args.quick)
-    if args.seeds:
-        for sb in b["studies"].values():
-            sb["report_seeds"] = [int(s) for s in args.seeds.split(",")]
     tasks = [t for t in args.tasks.split(",") if t]
     unknown = [t for t in tasks if t not in study.TASKS]
     if unknown:
@@ -284,12 +289,15 @@ def main(argv: list[str] | None = None) -> Path:
         for name, fn in (("cost", lambda: section_cost(b)), ("speed", lambda: section_speed(b, trees, out)),
                          ("scaling", lambda: {k: section_scaling(b, out, t, k) for k, t in trees.items()}),
                          ("main_job", lambda: {k: section_main_job(out, t, k) for k, t in trees.items()}),
-                         ("noise", lambda: section_noise(b)),
-                         ("study", lambda: section_study(b, out, args.workers, tasks))):
-            if name in sections:
+                         ("mechanism", lambda: section_mechanism(b, out, tasks, res.get("mechanism", {}),
+                                                                 args.workers)),
+                         ("ocr_noise", lambda: section_ocr(b, out)),
+                         ("study", lambda: section_study(args.quick, out, args.workers, tasks, args.hours))):
+            if name in sections or (name == "ocr_noise" and "ocr" in sections):
                 print(f"[bench] {name}", flush=True)
                 if name == "study":  # one entry per task: a run of some tasks keeps the others' last results
                     res["studies"] = {**res.get("studies", {}), **fn()}
+                    res["pilots"] = study.pilot_summary(out / "pilots" if args.quick else study.PILOT_ROOT)
                 else:
                     res[name] = fn()
     if args.baseline:

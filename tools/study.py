@@ -1,57 +1,41 @@
-"""The sampler comparison behind bench.py's report, on both built-in tasks. docs/STUDY.md is its design, written and
-committed before any report seed ran; this file is that design as code:
+"""The study of docs/STUDY.md as code: does the residual noise the SDE samplers leave slow GRPO down, and does CPS,
+which leaves none, train faster? Written, with docs/STUDY.md, before any of its report seeds ran.
 
-  * each task has a training reward and an independent judge (another model, other data) that is the held-out
-    metric, and a quality measure beside them, so reward hacking shows: the reward rising while the judge or the
-    quality falls;
-  * tuning seeds choose each sampler's eta (largest mean AUC of the judge); report seeds choose nothing;
-  * ONE primary comparison (PRIMARY): CPS - Flow-SDE, each at its tuned eta, held-out judge AUC, paired by seed;
-    every other comparison is secondary (SECONDARY), its p-values Holm-adjusted as one family;
-  * "level" is claimed only where TOST shows equivalence within MARGIN; an interval that merely contains 0 is
-    "inconclusive";
-  * time to a threshold counts the runs that never reach it (censored: Kaplan-Meier median, fraction reached);
-  * every setting is evaluated at the same iterations, so AUC is integrated alike;
-  * runs are cached by their argv and a hash of the training code, so a changed loop retrains.
+    python -m tools.bench --only study            # run what is missing (records: tools/runs.py), then the report
+    python -m tools.bench --only study --hours 2  # start runs for two hours only; run it again to go on
+
+The design (`DESIGNS`, one per task): groups of runs (a sampler, its eta, the log-prob it trains with, the recipe,
+and which image the reward scores), each on the same report seeds; ONE primary comparison; the mechanism's
+prediction, a difference of differences; a secondary family, Holm-adjusted. Every comparison is a - b paired by
+seed, on the judge (an independent metric, never the reward) averaged over the evaluations after training starts
+(`auc`: the shared base point left out). "level" is said only where a TOST margin was allowed (the pilots moved
+the metric by at least five times it) and equivalence is shown; otherwise an interval that contains 0 is
+"inconclusive". A comparison is reported only when every run of its groups has finished: a design run in parts
+says how far it got and reports nothing of the parts that are not complete.
 """
 from __future__ import annotations
 
-import ast
-import contextlib
-import hashlib
-import inspect
-import io
-import json
+import dataclasses
 import math
-import multiprocessing
-import shutil
-import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
-import diffusers
 import numpy as np
-import peft
 import torch
-import transformers
-from tqdm.auto import tqdm
 
 import grpo
 import sampling
 import train
 from flow_cps import models, prompts, scoring
-from tools import stats
+from tools import runs, stats
+from tools.runs import quiet
 
-ROOT = Path(__file__).resolve().parent.parent  # the repository root
+ROOT = runs.ROOT
 SDE = ["cps", "flow_sde", "dance_sde"]
-# Per-run GRPO settings of every comparison (one process, one thread).
+# Per-run GRPO settings of every group (one process, one thread): Flow-GRPO's recipe unless a group says "dance".
 RUN = dict(prompts_per_iter=8, group_size=8, updates_per_iter=2, report_to="none")
-RUN_ARGS = [x for k, v in RUN.items() for x in (f"--{k}", str(v))]
 SAMPLES_PER_ITERATION = RUN["prompts_per_iter"] * RUN["group_size"]
-# DanceGRPO's recipe (its advantage rule and a random 60% of the steps), for Dance-SDE and for CPS on that recipe.
-DANCE_ARGS = ["--advantage", "dance", "--timesteps", "random", "--timestep_fraction", "0.6"]
-MARGIN = 0.02  # equivalence margin of every TOST, in judge-accuracy AUC (docs/STUDY.md)
-EQUAL_ETA = 0.7  # the paper's eta for CPS and Flow-SDE
+DANCE_ARGS = ("--advantage", "dance", "--timesteps", "random", "--timestep_fraction", "0.6")
 
 
 @dataclass(frozen=True)
@@ -63,11 +47,13 @@ class Task:
     args: tuple[str, ...]  # train.py flags selecting the task
     figure_prompts: tuple[str, ...]  # the columns of the Figure-1 grid
     held_out: str  # what the held-out evaluation holds out, in words
+    eval_split: str = "test"  # the prompt split the runs evaluate (the primary metric's)
     quality: str = "clean_background"  # the quality measure beside the reward
+    final_split: str = ""  # a second split evaluated once, after training (a secondary measure)
 
     @property
     def eval_prompts(self) -> int:
-        return len(prompts.load(self.name, "test")[0])
+        return len(prompts.load(self.name, self.eval_split)[0])
 
 
 TASKS = {
@@ -78,112 +64,90 @@ TASKS = {
     "shapes": Task("shapes", "scene_judge", "scene_reward", ("--preset", "shapes"),
                    ("a red square", "two blue triangles", "three yellow circles", "a green circle and a red square",
                     "a yellow square above a blue triangle", "a red circle left of a green triangle"),
-                   "compositions never trained on (a count of a shape, or a pair of objects), besides the noises, the "
-                   "ODE sampler and the EMA weights"),
+                   "prompts never trained on, of trained compositions (the 'fresh' split), besides the noises, the "
+                   "ODE sampler and the EMA weights", eval_split="fresh", final_split="test"),
 }
 
-# The comparisons: label -> (a, b), each a - b paired by seed. Group labels are built by `groups`.
-PRIMARY = ("CPS − Flow-SDE, each at its tuned η", "cps tuned", "flow_sde tuned")
-SECONDARY = {
-    "CPS − Dance-SDE, each at its tuned η and recipe": ("cps tuned", "dance_sde tuned"),
-    "CPS − Dance-SDE, both on the Dance recipe (the sampler alone)": ("cps tuned, dance recipe", "dance_sde tuned"),
-    "CPS − Flow-SDE, both at η 0.7": ("cps 0.7", "flow_sde 0.7"),
-    "Flow-SDE η 0.7: CPS log-prob − Gaussian (App. D)": ("flow_sde 0.7 + cps log-prob", "flow_sde 0.7"),
-    "Flow-SDE η 0.7 + CPS log-prob − CPS tuned": ("flow_sde 0.7 + cps log-prob", "cps tuned"),
-}
-APPENDIX_D = list(SECONDARY)[3:5]  # how much of the gain the log-prob's form carries
+
+@dataclass(frozen=True)
+class Group:
+    """A setting the study trains on every report seed."""
+    sampler: str
+    eta: float
+    log_prob: str = ""  # "" = the sampler's own (CPS: Eq. 14; the SDEs: Eq. 13)
+    recipe: str = "flow_grpo"  # or "dance": DanceGRPO's advantage rule and a random 60% of the steps
+    reward_image: str = "final"  # or "x0_hat": the reward scores the last step's x0_hat, without residual noise
+
+    @property
+    def label(self) -> str:
+        lp = {"": "", "cps": ", CPS log-prob", "gaussian": ", Gaussian log-prob"}[self.log_prob]
+        return (f"{NAMES[self.sampler]} η {self.eta:g}{lp}" + (", Dance recipe" if self.recipe == "dance" else "")
+                + (", reward on x0_hat" if self.reward_image == "x0_hat" else ""))
+
+    @property
+    def slug(self) -> str:
+        return (f"{self.sampler}-eta{self.eta:g}-lp_{self.log_prob or 'own'}-{self.recipe}-"
+                f"reward_{self.reward_image}")
+
+    def argv(self, task: Task, seed: int, iterations: int, eval_every: int, eval_per_prompt: int) -> tuple:
+        return (*task.args, *(x for k, v in RUN.items() for x in (f"--{k}", str(v))),
+                "--iterations", str(iterations), "--eval_every", str(eval_every),
+                "--eval_per_prompt", str(eval_per_prompt), "--eval_split", task.eval_split,
+                "--sampler", self.sampler, "--eta", f"{self.eta:g}", "--seed", str(seed),
+                "--checkpoint_every", str(iterations), "--reward_image", self.reward_image,
+                *(DANCE_ARGS if self.recipe == "dance" else ()), *(("--log_prob", self.log_prob) if self.log_prob
+                                                                    else ()))
 
 
-def training_modules(entry: Path = ROOT / "train.py") -> list[Path]:
-    """Every project file the entry point imports, directly or through others (read from the import graph with ast,
-    so a module added to the training path joins the cache key without anyone listing it)."""
-    seen, todo = set(), [entry]
-    while todo:
-        path = todo.pop()
-        if path in seen:
-            continue
-        seen.add(path)
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-                names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
-            else:
-                continue
-            todo += [f for n in names if (f := ROOT / (n.replace(".", "/") + ".py")).is_file()]
-    return sorted(seen)
+NAMES = {"cps": "CPS", "flow_sde": "Flow-SDE", "dance_sde": "Dance-SDE", "ode": "ODE"}
 
 
-def code_version() -> str:
-    """The cache key's code part: the text of every module train.main imports, the study's own code that measures
-    a run (run_training, residual_noise), and the versions of the libraries that compute the numbers."""
-    h = hashlib.sha256(" ".join(f"{m.__name__} {m.__version__}" for m in (torch, diffusers, transformers, peft))
-                       .encode())
-    for path in training_modules():
-        h.update(str(path.relative_to(ROOT)).encode() + path.read_bytes())
-    for fn in (run_training, residual_noise):
-        h.update(inspect.getsource(fn).encode())
-    return h.hexdigest()[:12]
+@dataclass(frozen=True)
+class Comparison:
+    """a - b, paired by seed, of the judge's `auc`."""
+    label: str
+    a: Group
+    b: Group
 
 
-def quiet(fn, *args, **kwargs):
-    """fn with stdout/stderr captured (a training run prints its plan, a progress bar and a line per iteration)."""
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
-        return fn(*args, **kwargs)
+@dataclass(frozen=True)
+class Prediction:
+    """The mechanism's prediction as a difference of differences, paired by seed: (a_hi - b_hi) - (a_lo - b_lo) > 0,
+    the gap grows where the residual noise distorts the advantages more."""
+    label: str
+    hi: Comparison
+    lo: Comparison
 
 
-# -- training runs ---------------------------------------------------------------------------------------------------
-def job(task: Task, name: str, sampler: str, eta: float, seed: int, run: dict, out: Path, size: int,
-        log_prob: str = "", recipe: str = "", noise: int = 0) -> dict:
-    """One training run's description: its argv decides it (and its cache key). recipe 'dance' = DanceGRPO's
-    advantage rule and trained steps (the default for Dance-SDE)."""
-    dance = recipe == "dance" or (not recipe and sampler == "dance_sde")
-    argv = [*task.args, *RUN_ARGS, "--iterations", str(run["iterations"]), "--eval_every", str(run["eval_every"]),
-            "--eval_per_prompt", str(run["eval_per_prompt"]), "--sampler", sampler, "--eta", f"{eta:.6g}",
-            "--seed", str(seed), "--checkpoint_every", str(run["iterations"]), "--resolution", str(size),
-            *(DANCE_ARGS if dance else []), *(["--log_prob", log_prob] if log_prob else [])]
-    return dict(name=f"{task.name}/{name}", task=task.name, sampler=sampler, eta=eta, seed=seed, size=size,
-                log_prob=log_prob, argv=argv, noise=noise, dir=str(out / "runs" / task.name / name.replace("/", "_")))
+@dataclass(frozen=True)
+class Design:
+    task: Task
+    seeds: tuple[int, ...]
+    iterations: int
+    eval_every: int
+    eval_per_prompt: int
+    primary: Comparison
+    prediction: Prediction
+    secondary: tuple[Comparison, ...]
+    margin: float | None  # the TOST margin, where the pilots allowed one (None: no equivalence claims)
+    residual_samples: int = 128  # final training samples whose residual noise each run measures
+
+    @property
+    def groups(self) -> list[Group]:
+        """Every group, the primary's first (a study run in parts finishes those first)."""
+        cs = [self.primary, self.prediction.hi, self.prediction.lo, *self.secondary]
+        return list(dict.fromkeys(g for c in cs for g in (c.a, c.b)))
+
+    def jobs(self, seeds: tuple[int, ...] | None = None) -> list[runs.Job]:
+        """Seed-major within each group, groups in priority order."""
+        return [runs.Job(self.task.name, g.slug, k, g.argv(self.task, k, self.iterations, self.eval_every,
+                                                         self.eval_per_prompt), measure_final,
+                         dict(task=self.task.name, sampler=g.sampler, eta=g.eta, log_prob=g.log_prob,
+                              residual_samples=self.residual_samples, eval_per_prompt=self.eval_per_prompt))
+                for g in self.groups for k in (seeds or self.seeds)]
 
 
-def run_training(j: dict, version: str) -> dict:
-    """One GRPO run in this process (1 thread); cached by argv + code version. Keeps the final LoRA (for figures)
-    and measures the residual noise of the final training samples with the run's own sampler."""
-    torch.set_num_threads(1)
-    cache = Path(j["dir"]) / "result.json"
-    key = dict(argv=j["argv"], version=version)
-    if cache.exists():
-        cached = json.loads(cache.read_text())
-        if cached["key"] == key and (cached.get("noise") or not j["noise"]):
-            return cached
-    shutil.rmtree(j["dir"], ignore_errors=True)
-    t0 = time.perf_counter()
-    out = quiet(train.main, [*j["argv"], "--output_dir", j["dir"]])
-    res = dict(key=key, name=j["name"], wall=time.perf_counter() - t0, history=out["history"])
-    if j["noise"]:
-        res["noise"] = residual_noise(out["policy"].backbone, TASKS[j["task"]], j["sampler"], j["eta"], j["noise"],
-                                      j["log_prob"])
-    cache.write_text(json.dumps(res))
-    return res
-
-
-def run_jobs(jobs: list[dict], workers: int) -> dict[str, dict]:
-    """Every distinct job once, in a pool of single-threaded worker processes; results by name."""
-    unique = {}
-    for j in jobs:
-        if j["name"] in unique:
-            unique[j["name"]]["noise"] = max(unique[j["name"]]["noise"], j["noise"])
-        else:
-            unique[j["name"]] = dict(j)
-    version, results = code_version(), {}
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as ex:
-        futures = {ex.submit(run_training, j, version): name for name, j in unique.items()}
-        for f in tqdm(as_completed(futures), total=len(futures), desc="training runs"):
-            results[futures[f]] = f.result()
-    return results
-
-
+# -- what a run measures after training -----------------------------------------------------------------------------
 def sample(backbone, texts: list[str], sampler: str, eta: float, seed: int, log_prob: str = ""):
     """Training samples as a run draws them (10 steps, fixed noises): the trajectory, with its final x0_hat."""
     gens = train.generators(train.Stream.SAMPLE_NOISE, [(seed, 0, i, 0) for i in range(len(texts))])
@@ -201,162 +165,303 @@ def residual(traj) -> float:
 
 
 @torch.no_grad()
-def residual_noise(backbone, task: Task, sampler: str, eta: float, n: int, log_prob: str = "", seed: int = 999) -> dict:
-    """The final training samples of fixed prompts and noises: their residual noise and their quality measure."""
-    texts = (prompts.load(task.name, "train")[0] * n)[:n]
-    traj = quiet(sample, backbone, texts, sampler, eta, seed, log_prob)
-    quality = scoring.RewardModel(task.quality)(backbone.decode(traj.final), texts).total
-    return dict(residual=residual(traj), quality=float(quality.mean()))
+def measure_final(policy, job: runs.Job) -> dict:
+    """After training: the residual noise and quality of the trained policy's training samples (fixed prompts and
+    noises, the run's own sampler and eta), and the judge on the task's second split (held-out compositions) with
+    the EMA weights, on the same fixed noises as the evaluation."""
+    o = job.options
+    task = TASKS[o["task"]]
+    texts = (prompts.load(task.name, "train")[0] * o["residual_samples"])[:o["residual_samples"]]
+    traj = quiet(sample, policy.backbone, texts, o["sampler"], o["eta"], 999, o["log_prob"])
+    quality = scoring.RewardModel(task.quality)(policy.backbone.decode(traj.final), texts).total
+    out = dict(residual=residual(traj), quality=float(quality.mean()))
+    if task.final_split:
+        texts, meta = prompts.load(task.name, task.final_split)
+        metrics = scoring.RewardModel(f"{task.judge},scene_credit" if task.name == "shapes" else task.judge)
+        ev = train.evaluate(policy, metrics, texts, meta, steps=10, per_prompt=o["eval_per_prompt"], micro_batch=64,
+                            guidance=-1, rank=0, world=1, pad=False)
+        out[task.final_split] = ev.metrics
+    return out
 
 
-def load_runs(dirs: list[str]) -> list[dict]:
-    """Finished runs' results (result.json in each run folder)."""
-    return [json.loads((Path(d) / "result.json").read_text()) for d in dirs]
-
-
-def trained_backbone(task: Task, run_dir: str, size: int):
+def trained_backbone(task: Task, run_dir: Path):
     """The task's model with a finished run's final LoRA (the live weights that drew its last training samples)."""
-    bb = models.load_builtin_backbone(task.name, resolution=size)
+    bb = models.load_builtin_backbone(task.name)
     ckpt = sorted((Path(run_dir) / "checkpoints").glob("iter_*"))[-1]
     bb.transformer.load_lora_adapter(str(ckpt / "lora"), weight_name="pytorch_lora_weights.safetensors")
     return bb
 
 
 # -- what a run's held-out curve says -------------------------------------------------------------------------------
-def curve(run: dict, metric: str) -> tuple[np.ndarray, np.ndarray]:
-    rows = [h for h in run["history"] if f"eval/{metric}" in h]
-    return np.array([h["iteration"] for h in rows]), np.array([h[f"eval/{metric}"] for h in rows])
+def curve(record: dict, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    rows = [e for e in record["evals"] if f"eval/{metric}" in e]
+    return np.array([e["iteration"] for e in rows]), np.array([e[f"eval/{metric}"] for e in rows])
 
 
-def at(run: dict, metric: str, iteration: int) -> float:
-    its, acc = curve(run, metric)
-    return float(acc[its == iteration][0]) if iteration in its else math.nan
+def at(record: dict, metric: str, iteration: int) -> float:
+    its, values = curve(record, metric)
+    return float(values[its == iteration][0]) if iteration in its else math.nan
 
 
-def auc(run: dict, metric: str) -> float:
-    """Mean held-out value over the run: trapezoid area under the curve / its length."""
-    its, acc = curve(run, metric)
-    return float(np.trapezoid(acc, its) / (its[-1] - its[0]))
+def auc(record: dict, metric: str) -> float:
+    """The mean of the held-out metric over the evaluations after training starts (iterations e, 2e, ..., T): the
+    base point, shared by every group, is left out, so it cannot dilute a difference; evaluations are equally spaced
+    at every setting, so this is the trapezoid area but for the end points' weights."""
+    its, values = curve(record, metric)
+    return float(values[its > 0].mean())
 
 
-def iterations_to(run: dict, metric: str, threshold: float) -> float:
-    """First iteration whose held-out value reaches the threshold, linearly interpolated between evaluations;
-    inf if never (censored at the last evaluation by stats.time_to)."""
-    its, acc = curve(run, metric)
-    for k in range(len(its)):
-        if acc[k] >= threshold:
-            if k == 0:
-                return float(its[0])
-            return float(its[k - 1] + (threshold - acc[k - 1]) / (acc[k] - acc[k - 1]) * (its[k] - its[k - 1]))
-    return math.inf
-
-
-def training_reward(run: dict, first: bool, window: int = 5) -> float:
+def training_reward(record: dict, first: bool, window: int = 5) -> float:
     """The mean training reward (stochastic samples, the reward GRPO sees) of the first or last `window` iterations."""
-    r = [h["reward"] for h in run["history"] if "reward" in h]
+    r = record["training"]["reward"]
     return float(np.mean(r[:window] if first else r[-window:]))
 
 
-def describe(task: Task, runs: list[dict], b: dict) -> dict:
-    """A group of seeds' runs: the judge at each budget and its AUC, time to each threshold (censored), the reward
-    hacking measures (training reward, held-out reward and quality, base -> final), the residual noise."""
-    last = b["run"]["iterations"]
+def describe(task: Task, records: list[dict], iterations: int) -> dict:
+    """A group's runs: the judge's AUC and its value at each quarter of the run, the reward against the judge and
+    the quality measure (training reward first and last 5 iterations; held-out base -> final), the residual noise
+    of the trained policy's training samples, the second split's judge, minutes per run."""
+    quarters = [iterations * k // 4 for k in range(1, 5)]
 
     def change(metric):
-        return stats.summary([at(r, metric, last) - at(r, metric, 0) for r in runs])
-    return dict(acc={k: stats.summary([at(r, task.judge, k) for r in runs]) for k in b["budgets"]},
-                auc=stats.summary([auc(r, task.judge) for r in runs]),
-                reach={t: stats.time_to([iterations_to(r, task.judge, t) for r in runs], last)
-                       for t in b["thresholds"]},
-                hacking=dict(reward_first=stats.summary([training_reward(r, True) for r in runs]),
-                             reward_last=stats.summary([training_reward(r, False) for r in runs]),
-                             judge=change(task.judge), reward=change(task.reward), quality=change(task.quality)),
-                residual=stats.summary([r["noise"]["residual"] for r in runs if "noise" in r]),
-                quality=stats.summary([r["noise"]["quality"] for r in runs if "noise" in r]),
-                wall=float(np.mean([r["wall"] for r in runs])))
+        return stats.summary([at(r, metric, iterations) - at(r, metric, 0) for r in records])
+    out = dict(auc=stats.summary([auc(r, task.judge) for r in records]),
+               at={q: stats.summary([at(r, task.judge, q) for r in records]) for q in quarters},
+               base=stats.summary([at(r, task.judge, 0) for r in records]),
+               hacking=dict(reward_first=stats.summary([training_reward(r, True) for r in records]),
+                            reward_last=stats.summary([training_reward(r, False) for r in records]),
+                            judge=change(task.judge), reward=change(task.reward), quality=change(task.quality)),
+               residual=stats.summary([r["measured"]["residual"] for r in records]),
+               minutes=float(np.mean([r["wall"] for r in records]) / 60))
+    if task.final_split:
+        out[task.final_split] = {m: stats.summary([r["measured"][task.final_split][m] for r in records])
+                                 for m in records[0]["measured"][task.final_split]}
+    return out
 
 
-def compare(task: Task, a: list[dict], b: list[dict], measure: str, final: int) -> dict:
-    """a - b, paired by seed, on the judge's AUC ('auc') or its value at the last iteration ('final'): difference,
-    interval, p, sign test, and TOST at MARGIN."""
-    value = (lambda r: auc(r, task.judge)) if measure == "auc" else (lambda r: at(r, task.judge, final))
-    x, y = [value(r) for r in a], [value(r) for r in b]
-    return dict(stats.paired(x, y), measure=measure, tost=stats.tost(x, y, MARGIN))
+def compare(task: Task, a: list[dict], b: list[dict], margin: float | None) -> dict:
+    """a - b of the judge's AUC, paired by seed: difference, interval, p, sign test, and TOST where a margin is
+    allowed."""
+    x, y = [auc(r, task.judge) for r in a], [auc(r, task.judge) for r in b]
+    return dict(stats.paired(x, y), tost=stats.tost(x, y, margin) if margin else None)
 
 
-def verdict(d: dict, p_adjusted: float, tost_adjusted: float) -> str:
-    """The words a table may use (docs/STUDY.md): a difference only where the (adjusted) test rejects; "level" only
-    where TOST shows equivalence within the margin; otherwise "inconclusive"."""
-    within = tost_adjusted < 0.05
-    if p_adjusted < 0.05:
-        return ("higher" if d["diff"] > 0 else "lower") + (f", by less than {MARGIN:g}" if within else "")
-    return f"level (within ±{MARGIN:g})" if within else "inconclusive"
+def difference_of_differences(task: Task, hi: tuple[list, list], lo: tuple[list, list]) -> dict:
+    """(a_hi - b_hi) - (a_lo - b_lo) of the judge's AUC, paired by seed; one-sided p for > 0 beside the two-sided."""
+    d_hi = [auc(a, task.judge) - auc(b, task.judge) for a, b in zip(*hi)]
+    d_lo = [auc(a, task.judge) - auc(b, task.judge) for a, b in zip(*lo)]
+    out = stats.paired(d_hi, d_lo)
+    from scipy import stats as sps
+
+    out["p_greater"] = float(sps.ttest_rel(d_hi, d_lo, alternative="greater").pvalue) if out["sd"] > 0 else math.nan
+    return out
 
 
-# -- a task's study --------------------------------------------------------------------------------------------------
-def run_study(task: Task, b: dict, out: Path, workers: int) -> dict:
-    """Tuning seeds choose each sampler's eta; report seeds measure every group; the primary comparison, the Holm-
-    adjusted secondary family and the dose-response over image sizes (docs/STUDY.md)."""
-    sizes = b["sizes"]  # the first is the main size, the others the dose-response
-    for size in sizes:  # pre-train each size once, before the workers start
-        models.load_builtin_backbone(task.name, resolution=size)
-    tuning = [job(task, f"tune/{s}/eta{eta}/seed{seed}", s, eta, seed, b["run"], out, sizes[0])
-              for s, etas in b["etas"].items() for eta in etas for seed in b["tuning_seeds"]]
-    results = run_jobs(tuning, workers)
-    tuning_auc = {s: {e: [auc(results[f"{task.name}/tune/{s}/eta{e}/seed{k}"], task.judge) for k in b["tuning_seeds"]]
-                      for e in etas} for s, etas in b["etas"].items()}
-    tuned = {s: max(etas, key=lambda e, s=s: np.mean(tuning_auc[s][e])) for s, etas in b["etas"].items()}
-    jobs = groups(task, b, tuned, out)
-    results.update(run_jobs([j for js in jobs.values() for j in js], workers))
-    runs = {label: [results[j["name"]] for j in js] for label, js in jobs.items()}
-    final = b["run"]["iterations"]
-    primary = {m: compare(task, runs[PRIMARY[1]], runs[PRIMARY[2]], m, final) for m in ("auc", "final")}
-    for d in primary.values():
-        d["verdict"] = verdict(d, d["p"], d["tost"]["p"])
-    # A budget may run fewer groups (docs/STUDY.md): a comparison is made only where both of its groups ran.
-    secondary = {label: compare(task, runs[a], runs[c], "auc", final) for label, (a, c) in SECONDARY.items()
-                 if a in runs and c in runs}
-    secondary[f"{PRIMARY[0]}, final value"] = primary["final"]
-    for size in sizes[1:]:
-        secondary[f"{PRIMARY[0]}, at {size}×{size}"] = compare(task, runs[f"cps tuned @{size}"],
-                                                                 runs[f"flow_sde tuned @{size}"], "auc", final)
-    p_holm = stats.holm({k: d["p"] for k, d in secondary.items()})
-    tost_holm = stats.holm({k: d["tost"]["p"] for k, d in secondary.items()})
-    secondary = {k: dict(d, p_holm=p_holm[k], tost_p_holm=tost_holm[k], verdict=verdict(d, p_holm[k], tost_holm[k]))
-                 for k, d in secondary.items()}
-    return dict(task=task.name, judge=task.judge, reward=task.reward, quality=task.quality, held_out=task.held_out,
-                tuned=tuned,
-                samples=SAMPLES_PER_ITERATION, primary_label=PRIMARY[0], appendix_d=APPENDIX_D, margin=MARGIN,
-                tuning={s: {str(e): stats.summary(v) for e, v in es.items()} for s, es in tuning_auc.items()},
-                groups={label: describe(task, rs, b) for label, rs in runs.items()}, primary=primary,
-                secondary=secondary, eval_prompts=task.eval_prompts, sizes=sizes,
-                run_dirs={label: [j["dir"] for j in js] for label, js in jobs.items()},
-                base=stats.summary([at(r, task.judge, 0) for r in runs["cps tuned"]]),
-                process_minutes=sum(r["wall"] for r in results.values()) / 60, runs=len(results))
+def verdict(d: dict, p: float, margin: float | None) -> str:
+    """The words a table may use: a difference only where the (adjusted) test rejects; "level" only where a margin
+    was allowed and TOST shows equivalence within it; otherwise "inconclusive"."""
+    within = margin is not None and d["tost"] is not None and d["tost"]["p"] < 0.05
+    if p < 0.05:
+        return ("higher" if d["diff"] > 0 else "lower") + (f", by less than {margin:g}" if within else "")
+    return f"level (within ±{margin:g})" if within else "inconclusive"
 
 
-def groups(task: Task, b: dict, tuned: dict[str, float], out: Path) -> dict[str, list[dict]]:
-    """The report seeds' groups: each sampler at its tuned eta (Dance-SDE on its recipe), CPS on the Dance recipe,
-    CPS and Flow-SDE at the paper's eta 0.7, Flow-SDE with CPS's log-prob (App. D), and CPS / Flow-SDE at their tuned
-    eta at every other size. Residual noise is measured for the groups of the Figure-1 comparison. b["groups"], where
-    given, lists the groups to run (the primary's two always run); a sampler left out of tuning has no tuned group."""
-    jobs = {}
-    wanted = {*b["groups"], PRIMARY[1], PRIMARY[2]} if b.get("groups") else None
+# -- a design's results from its records ----------------------------------------------------------------------------
+def analyse(design: Design, records: dict[str, dict]) -> dict:
+    """Everything the report says of one task, from the runs' records; a comparison whose groups are not complete is
+    listed as pending, never computed on part of its seeds."""
+    task, done = design.task, {}
+    for g in design.groups:
+        rs = [records.get(f"{task.name}/{g.slug}/seed{k}") for k in design.seeds]
+        if all(rs):
+            done[g] = rs
+    complete = lambda *gs: all(g in done for g in gs)  # noqa: E731
+    out = dict(task=task.name, judge=task.judge, reward=task.reward, quality=task.quality, held_out=task.held_out,
+               eval_prompts=task.eval_prompts, final_split=task.final_split, seeds=list(design.seeds),
+               iterations=design.iterations, eval_every=design.eval_every, eval_per_prompt=design.eval_per_prompt,
+               margin=design.margin, samples=SAMPLES_PER_ITERATION,
+               progress={g.label: sum(f"{task.name}/{g.slug}/seed{k}" in records for k in design.seeds)
+                         for g in design.groups},
+               groups={g.label: describe(task, rs, design.iterations) for g, rs in done.items()},
+               primary=None, prediction=None, secondary={}, pending=[])
+    p = design.primary
+    if complete(p.a, p.b):
+        d = compare(task, done[p.a], done[p.b], design.margin)
+        out["primary"] = dict(d, label=p.label, verdict=verdict(d, d["p"], design.margin))
+    else:
+        out["pending"].append(p.label)
+    pr = design.prediction
+    if complete(pr.hi.a, pr.hi.b, pr.lo.a, pr.lo.b):
+        d = difference_of_differences(task, (done[pr.hi.a], done[pr.hi.b]), (done[pr.lo.a], done[pr.lo.b]))
+        out["prediction"] = dict(d, label=pr.label, verdict="the gap grows" if d["p_greater"] < 0.05 else
+                                 "not shown (one-sided p >= 0.05)")
+    else:
+        out["pending"].append(pr.label)
+    family = [c for c in design.secondary if complete(c.a, c.b)]
+    if len(family) == len(design.secondary):  # Holm needs the whole family
+        comps = {c.label: compare(task, done[c.a], done[c.b], design.margin) for c in family}
+        holm = stats.holm({k: d["p"] for k, d in comps.items()})
+        tost_holm = stats.holm({k: d["tost"]["p"] for k, d in comps.items()}) if design.margin else {}
+        for k, d in comps.items():
+            if design.margin:
+                d["tost"]["p_holm"] = tost_holm[k]
+            adjusted = dict(d, tost=dict(d["tost"], p=tost_holm[k]) if design.margin else None)
+            out["secondary"][k] = dict(d, p_holm=holm[k], verdict=verdict(adjusted, holm[k], design.margin))
+    else:
+        out["pending"] += [c.label for c in design.secondary]
+    out["runs"] = sum(out["progress"].values())
+    out["of"] = len(design.groups) * len(design.seeds)
+    out["process_minutes"] = sum(r["wall"] for rs in done.values() for r in rs) / 60
+    return out
 
-    def add(label, sampler, eta, size=b["sizes"][0], log_prob="", recipe="", noise=0):
-        if (wanted is not None and label not in wanted) or eta is None:
-            return
-        name = f"report/{size}/{sampler}/eta{eta}/{log_prob or 'own'}/{recipe or 'own'}"
-        jobs[label] = [job(task, f"{name}/seed{k}", sampler, eta, k, b["run"], out, size, log_prob, recipe, noise)
-                       for k in b["report_seeds"]]
-    for s in SDE:
-        add(f"{s} tuned", s, tuned.get(s), noise=b["noise"])
-    add("cps tuned, dance recipe", "cps", tuned["cps"], recipe="dance")
-    for s in ("cps", "flow_sde"):
-        add(f"{s} {EQUAL_ETA:g}", s, EQUAL_ETA, noise=b["noise"])
-    add(f"flow_sde {EQUAL_ETA:g} + cps log-prob", "flow_sde", EQUAL_ETA, log_prob="cps")
-    for size in b["sizes"][1:]:
-        for s in ("cps", "flow_sde"):
-            add(f"{s} tuned @{size}", s, tuned[s], size, noise=b["noise"])
-    return jobs
 
+# -- the design (docs/STUDY.md) -------------------------------------------------------------------------------------
+REPORT_SEEDS = tuple(range(3001, 3011))  # never used by any run of this repository before this design (STUDY.md)
+PILOT_SEEDS = (2001,)  # the pilots' only seed: pilots choose the shapes run length and the margins, nothing else
+LO, HI = 0.7, 1.4  # Flow-SDE's eta levels, chosen from the mechanism table (STUDY.md, "The η levels")
+DANCE_ETA = 0.3  # DanceGRPO's own eta
+C7, C7_DANCE = Group("cps", LO, "cps"), Group("cps", LO, "cps", recipe="dance")
+F_LO, F_LO_X0 = Group("flow_sde", LO, "cps"), Group("flow_sde", LO, "cps", reward_image="x0_hat")
+F_HI, F_HI_X0 = Group("flow_sde", HI, "cps"), Group("flow_sde", HI, "cps", reward_image="x0_hat")
+F_LO_OWN = Group("flow_sde", LO, "gaussian")
+DANCE = Group("dance_sde", DANCE_ETA, "gaussian", recipe="dance")
+
+
+def design(task: Task, iterations: int, eval_every: int, eval_per_prompt: int, margin: float | None,
+           seeds: tuple[int, ...] = REPORT_SEEDS) -> Design:
+    """The same comparisons on every task."""
+    return Design(
+        task, seeds, iterations, eval_every, eval_per_prompt,
+        primary=Comparison(f"Flow-SDE η {HI:g}: reward on x0_hat − reward on the final sample (the residual noise "
+                           "alone)", F_HI_X0, F_HI),
+        prediction=Prediction(f"the residual noise's cost grows with η: (x0_hat − final) at η {HI:g} − at η {LO:g}",
+                              hi=Comparison("", F_HI_X0, F_HI), lo=Comparison("", F_LO_X0, F_LO)),
+        secondary=(
+            Comparison(f"Flow-SDE η {LO:g}: reward on x0_hat − on the final sample", F_LO_X0, F_LO),
+            Comparison(f"CPS − Flow-SDE, both η {LO:g} with CPS's log-prob (the sampler alone, App. D)", C7, F_LO),
+            Comparison(f"CPS − Flow-SDE, both η {LO:g}, each with its own log-prob (as the papers run them)", C7,
+                       F_LO_OWN),
+            Comparison(f"Flow-SDE η {LO:g}: CPS log-prob − Gaussian log-prob (App. D)", F_LO, F_LO_OWN),
+            Comparison(f"CPS η {LO:g} − Dance-SDE η {DANCE_ETA:g}, each on its own recipe", C7, DANCE),
+            Comparison(f"CPS η {LO:g} − Dance-SDE η {DANCE_ETA:g}, both on the Dance recipe (the sampler alone)",
+                       C7_DANCE, DANCE)),
+        margin=margin)
+
+
+# digits' margin: its pilots moved the judge by 0.090 (CPS) and 0.072 (Flow-SDE η 1.4); 0.072 / 5 rounds down to 0.01.
+# The shapes task is not trained: its pilots lowered the judge on every split in every recipe tried (docs/STUDY.md).
+DESIGNS = {"digits": design(TASKS["digits"], iterations=80, eval_every=10, eval_per_prompt=50, margin=0.01)}
+NOT_TRAINED = {"shapes": "its pilots (results/pilots) lowered the judge on training, fresh and held-out prompts alike "
+                         "while the training reward rose: GRPO hacks `scene_reward`, so the judge cannot show which "
+                         "sampler learns faster (docs/STUDY.md, \"Pilots\")"}
+
+
+def probe_jobs(designs: dict[str, Design] = DESIGNS) -> list[runs.Job]:
+    """The probe (tools/runs.py): every group of the study, 3 iterations, both tasks, one seed."""
+    return [j for d in designs.values()
+            for j in dataclasses.replace(design(d.task, 3, 3, 2, None, seeds=(0,)), residual_samples=8).jobs()]
+
+
+# -- the pilots: what chose the shapes run length and the margins (docs/STUDY.md, "Pilots") ------------------------
+PILOT_ROOT = runs.RECORDS.parent / "pilots"  # records of the pilots; their run folders in results/cache-pilots
+
+
+def pilot(task: Task, iterations: int, eval_every: int, eval_per_prompt: int, groups=(C7, F_HI)) -> Design:
+    """Groups on the pilot seed: how far the judge moves, and when it stops rising."""
+    a, b = groups if len(groups) == 2 else (groups[0], groups[0])
+    pair = Comparison("pilot", a, b)
+    return Design(task, PILOT_SEEDS, iterations, eval_every, eval_per_prompt, primary=pair,
+                  prediction=Prediction("", pair, pair), secondary=(), margin=None)
+
+
+def recipe(task: Task, *flags: str) -> Task:
+    """The task with other training flags: a recipe the shapes pilots tried (docs/STUDY.md, "Pilots")."""
+    return dataclasses.replace(task, name=task.name, args=(*task.args, *flags))
+
+
+PILOTS = {"digits": pilot(TASKS["digits"], 80, 10, 50), "shapes": pilot(TASKS["shapes"], 200, 20, 12),
+          # the shapes preset's CPS pilot hacked its reward (docs/STUDY.md): two recipes tried next, CPS only
+          "shapes-lr1e-3": pilot(recipe(TASKS["shapes"], "--lr", "1e-3"), 120, 20, 12, groups=(C7,)),
+          "shapes-kl": pilot(recipe(TASKS["shapes"], "--beta", "0.04"), 120, 20, 12, groups=(C7,))}
+
+
+def pilot_summary(root: Path = PILOT_ROOT) -> dict:
+    """Every pilot's record in brief (the report's pilot table), and the shapes models' judge per split."""
+    out = []
+    for path in sorted(root.glob("*/*/seed*.json")):
+        r = runs.load(path)
+        task = TASKS[path.parent.parent.name]
+        its, judge = curve(r, task.judge)
+        out.append(dict(task=task.name, pilot=path.parent.name, seed=int(path.stem[4:]), judge=task.judge,
+                        curve=[[int(i), float(v)] for i, v in zip(its, judge)],
+                        quality=[at(r, task.quality, 0), at(r, task.quality, int(its[-1]))],
+                        reward=[training_reward(r, True), training_reward(r, False)],
+                        residual=r["measured"]["residual"], minutes=r["wall"] / 60,
+                        argv=" ".join(a for a in r["argv"] if a not in ("--report_to", "none"))))
+    return dict(runs=out, shapes_splits=runs.load(root / "shapes_splits.json"))
+
+
+@torch.no_grad()
+def split_judge(backbone, split: str, per_tag: int = 24, noises: int = 4, seed: int = 11) -> dict:
+    """The shapes judge (mean over tags) and clean_background of 10-step ODE samples of up to `per_tag` prompts per
+    tag of a split (a fixed draw), `noises` fixed noises each."""
+    texts, meta = prompts.load("shapes", split)
+    by_tag: dict[str, list[int]] = {}
+    for i, m in enumerate(meta):
+        by_tag.setdefault(m["tag"], []).append(i)
+    rng = np.random.default_rng(seed)
+    chosen = [i for tag in sorted(by_tag) for i in rng.permutation(by_tag[tag])[:per_tag].tolist()]
+    texts, meta = [texts[i] for i in chosen], [meta[i] for i in chosen]
+    metric, cond = scoring.RewardModel("scene_judge,clean_background"), backbone.encode(texts)
+    judge, background = [], []
+    for k in range(noises):
+        gens = train.generators(train.Stream.EVAL_NOISE, [(10_000 + i, k) for i in range(len(texts))])
+        x1 = torch.stack([sampling.randn(backbone.latent_shape, g) for g in gens])
+        traj = sampling.rollout(lambda x, t: backbone.velocity(x, t, cond), x1, backbone.sigmas(10), "ode")
+        out = metric(backbone.decode(traj.final), texts, meta).components
+        judge += out["scene_judge"].tolist()
+        background += out["clean_background"].tolist()
+    tags = [m["tag"] for m in meta] * noises
+    per_tag_mean = [np.mean([j for j, t in zip(judge, tags) if t == tag]) for tag in sorted(set(tags))]
+    return dict(judge=float(np.mean(per_tag_mean)), clean_background=float(np.mean(background)),
+                images=len(judge), prompts=len(texts))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """python -m tools.study pilots [task ...]: run the pilots (records under results/pilots) and print what they
+    show; python -m tools.study splits: the shapes judge of the base model and of every finished shapes pilot's final
+    weights on the training, fresh and held-out splits (results/pilots/shapes_splits.json)."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("what", choices=["pilots", "splits"])
+    p.add_argument("tasks", nargs="*", default=list(PILOTS))
+    p.add_argument("--workers", type=int, default=2)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    if args.what == "splits":
+        models_ = {"base model": models.load_builtin_backbone("shapes")}
+        for folder in sorted(runs.scratch(PILOT_ROOT).glob("shapes/*/seed*")):
+            if (folder / "checkpoints").is_dir():
+                models_[folder.parent.name] = trained_backbone(TASKS["shapes"], folder)
+        out = {name: {split: split_judge(bb, split) for split in ("train", "fresh", "test")}
+               for name, bb in models_.items()}
+        runs.write(PILOT_ROOT / "shapes_splits.json", out)
+        for name, splits in out.items():
+            print(name, {k: (round(v["judge"], 3), round(v["clean_background"], 3)) for k, v in splits.items()})
+        return
+    jobs = [dataclasses.replace(j, group=f"{t}-{j.group}" if t != j.task else j.group)
+            for t in args.tasks for j in PILOTS[t].jobs()]
+    version = runs.code_version(measure_final)
+    todo = [(j, PILOT_ROOT) for j in jobs if runs.load(j.path(PILOT_ROOT)) is None]
+    runs.pool(todo, version, args.workers, desc="pilot runs")
+    for j in jobs:
+        r = runs.load(j.path(PILOT_ROOT))
+        task = TASKS[j.task]
+        its, values = curve(r, task.judge)
+        print(f"{j.name}: {task.judge} " + ", ".join(f"{i}: {v:.3f}" for i, v in zip(its, values)) +
+              f"; residual {r['measured']['residual']:.3f}; {r['wall'] / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
