@@ -34,8 +34,8 @@ Two partial-credit rules for training (the mean over a prompt's checks):
   * position, per include with "position": fraction of (object, target object) pairs in the right relation,
     over count x target count pairs (missing objects count as failed pairs);
   * exclude on a class no include names: 1 if respected, else 0.
-`evaluate_flow_grpo` (the `geneval_flow_grpo` reward): Flow-GRPO's reward server as it is, quirks included (see
-its docstring), scored on JPEG-compressed images with the detector seeing red and blue swapped, as the server does.
+`evaluate_flow_grpo` (the `geneval_flow_grpo` reward): Flow-GRPO's reward server as it is, quirks included, on
+JPEG-compressed images with red and blue swapped for the detector, as the server does (its docstring).
 
 Model path (`Scorer`): transformers' `Mask2FormerForUniversalSegmentation` with `facebook/mask2former-swin-small-
 coco-instance` (the benchmark's architecture and training data; the weights are the original Mask2Former release
@@ -43,9 +43,7 @@ converted to transformers, not mmdet's retrained checkpoint, so scores can diffe
 evaluator) and `CLIPModel` `openai/clip-vit-large-patch14` (the same OpenAI weights as open_clip's "ViT-L-14/openai").
 Instance post-processing follows the benchmark's mmdet Mask2Former: top 100 (query, class) pairs by softmax score,
 masks upsampled to the image, score = class probability x mean mask probability inside the mask, box = the mask's
-extent.
-
-Run `python rewards.py geneval_overall IMAGE --prompt ... --metadata '{...}'` to score files.
+extent. To score files: `python rewards.py geneval_overall IMAGE --prompt ... --metadata '{...}'`.
 """
 from __future__ import annotations
 
@@ -62,9 +60,8 @@ from torch import Tensor
 
 from flow_cps.clip import CLIP_MEAN, CLIP_STD, as_dtype, clip_preprocess, load_pretrained, rgb, to_uint8
 
-# The 80 COCO instance classes in COCO's contiguous label order (= the segmenter's label ids 0..79), named as
-# GenEval's object_names.txt names them (it says "computer mouse", "tv remote", "computer keyboard" where COCO says
-# "mouse", "remote", "keyboard", so the prompts are unambiguous).
+# The 80 COCO instance classes in label order (the segmenter's ids 0..79), named as GenEval's object_names.txt
+# names them ("computer mouse", "tv remote", "computer keyboard" for COCO's "mouse", "remote", "keyboard").
 COCO_CLASSES = [
     "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
     "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow", "elephant",

@@ -141,7 +141,8 @@ def test_each_choice_is_declared_once_and_shared():
     registries = {"sampler": sampling.SAMPLERS, "log_prob": {"": None, **sampling.LOG_PROBS},
                   "advantage": grpo.ADVANTAGES, "kl_form": {"": None, **grpo.KL_FORMS}, "timesteps": grpo.TIMESTEPS,
                   "parallel": policy.PARALLEL, "precision": ("auto", *precision.PRECISIONS),
-                  "reward_image": ("final", "x0_hat"), "report_to": logs.REPORT_TO, "device": distributed.DEVICES}
+                  "reward_image": ("final", "x0_hat"), "eval_split": ("test", "fresh"), "report_to": logs.REPORT_TO,
+                  "device": distributed.DEVICES}
     declared = {f.name: f.metadata["choices"] for f in dataclasses.fields(config.Config) if "choices" in f.metadata}
     assert declared == {k: tuple(v) for k, v in registries.items()}
     for name in declared:

@@ -78,14 +78,15 @@ def test_analyse_reports_only_complete_comparisons():
 
 
 def test_the_design_groups_seeds_and_argv():
-    d = study.DESIGNS["shapes"]
+    d = study.DESIGNS["digits"]
+    assert set(study.DESIGNS) == {"digits"} and set(study.NOT_TRAINED) == {"shapes"}  # docs/STUDY.md, "Pilots"
     assert d.groups[:2] == [d.primary.a, d.primary.b]  # a study run in parts finishes the primary first
     assert len(d.groups) == len(set(g.slug for g in d.groups)) == 8
     assert set(study.REPORT_SEEDS).isdisjoint({0, 1, 2, 7, 42, 999, 7000, 7001, *range(100, 110), *range(200, 210),
                                                *study.PILOT_SEEDS})  # never used before (docs/STUDY.md)
-    argv = " ".join(d.primary.a.argv(d.task, 3001, 120, 20, 12))
-    assert "--eval_split fresh" in argv and "--reward_image x0_hat" in argv and "--log_prob cps" in argv
-    assert "--sampler flow_sde --eta 1.4" in argv and "--preset shapes" in argv
+    argv = " ".join(d.primary.a.argv(d.task, 3001, 80, 10, 50))
+    assert "--eval_split test" in argv and "--reward_image x0_hat" in argv and "--log_prob cps" in argv
+    assert "--sampler flow_sde --eta 1.4" in argv and "--model digits" in argv
     assert " ".join(study.DANCE.argv(d.task, 1, 4, 2, 2)).count("--advantage dance") == 1
     jobs = d.jobs()
-    assert len(jobs) == 80 and jobs[0].name == f"shapes/{d.primary.a.slug}/seed3001"
+    assert len(jobs) == 80 and jobs[0].name == f"digits/{d.primary.a.slug}/seed3001"

@@ -42,9 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import grpo
 import sampling
-import train
 from flow_cps import digits, models, prompts
 from tools import figures, mechanism, ocr_noise, report, runs, study
 
@@ -85,14 +83,11 @@ def section_cost(b: dict) -> dict:
     """Each sampler's rollout against the ODE's: same model, prompts, noise and 10 steps; interleaved repeats."""
     bb = models.load_builtin_backbone("digits")
     texts = digits.prompts("train")[:32] * 2
-    gens = lambda: train.generators(train.Stream.SAMPLE_NOISE, [(1, 0, i, 0) for i in range(len(texts))])  # noqa: E731
     times = {s: [] for s in ["ode", *SDE]}
     for _ in range(b["repeats"] + 1):  # interleaved: machine noise hits all samplers alike; round 1 warms up
         for s in times:
             t0 = time.perf_counter()
-            J = train.Objective(sampling.SAMPLERS[s], 0.7 if s != "ode" else 0.0,
-                                sampling.LOG_PROBS[sampling.DEFAULT_LOG_PROB[s]], grpo.kl_mse, 0.0, 1.0)
-            train.rollout(bb, J, bb.sigmas(10), train.Samples(texts, [None] * len(texts), gens(), gens()), None, 64)
+            study.sample(bb, texts, s, 0.7 if s != "ode" else 0.0, seed=1)
             times[s].append(time.perf_counter() - t0)
     times = {s: t[1:] for s, t in times.items()}
     x = torch.randn(64, *bb.latent_shape)

@@ -122,10 +122,10 @@ def measure(backbone, task: study.Task, sampler: str, eta: float, iterations: in
     train_set, grid = prompts.load(task.name, "train"), backbone.sigmas(STEPS)
     r_final, r_clean, j_clean, residual = [], [], [], []
     for it in range(1, iterations + 1):
-        texts, meta, gens, noise = train.draw_prompts(train_set, seed, it, b, 0, False)
-        traj, _ = train.rollout(backbone, texts, gens, noise, grid=grid, step=sampling.SAMPLERS[sampler],
-                                log_prob=sampling.LOG_PROBS[sampling.DEFAULT_LOG_PROB[sampler]], eta=eta,
-                                window=None, micro_batch=64, device="cpu")
+        samples = train.draw(train_set, seed, it, b, 0, False)
+        J = study.objective(sampler, eta)
+        traj, _ = train.rollout(backbone, J, grid, samples, None, 64)
+        texts, meta = samples.texts, samples.meta
         final, clean = backbone.decode(traj.final), backbone.decode(traj.x0_hat)
         scores = [m(im, texts, meta).total.numpy() for m, im in ((reward, final), (reward, clean), (judge, clean))]
         for out, s in zip((r_final, r_clean, j_clean), scores):

@@ -27,6 +27,7 @@ import grpo
 import sampling
 import train
 from flow_cps import models, prompts, scoring
+from flow_cps.evaluation import HeldOut
 from tools import runs, stats
 from tools.runs import quiet
 
@@ -148,14 +149,17 @@ class Design:
 
 
 # -- what a run measures after training -----------------------------------------------------------------------------
+def objective(sampler: str, eta: float, log_prob: str = "") -> train.Objective:
+    """The objective of a rollout: only the sampler, eta and the log-prob (the sampler's own by default) roll out."""
+    lp = log_prob or sampling.DEFAULT_LOG_PROB.get(sampler, "gaussian")
+    return train.Objective(sampling.SAMPLERS[sampler], eta, sampling.LOG_PROBS[lp], grpo.kl_mse, 0.0, 1.0)
+
+
 def sample(backbone, texts: list[str], sampler: str, eta: float, seed: int, log_prob: str = ""):
     """Training samples as a run draws them (10 steps, fixed noises): the trajectory, with its final x0_hat."""
     gens = train.generators(train.Stream.SAMPLE_NOISE, [(seed, 0, i, 0) for i in range(len(texts))])
-    J = train.Objective(sampling.SAMPLERS[sampler], eta,
-                        sampling.LOG_PROBS[log_prob or sampling.DEFAULT_LOG_PROB.get(sampler, "gaussian")],
-                        grpo.kl_mse, 0.0, 1.0)  # only the sampler, eta and log-prob roll out
-    return train.rollout(backbone, J, backbone.sigmas(10), train.Samples(texts, [None] * len(texts), gens, gens),
-                         None, 64)[0]
+    samples = train.Samples(texts, [None] * len(texts), gens, gens)
+    return train.rollout(backbone, objective(sampler, eta, log_prob), backbone.sigmas(10), samples, None, 64)[0]
 
 
 def residual(traj) -> float:
@@ -178,8 +182,8 @@ def measure_final(policy, job: runs.Job) -> dict:
     if task.final_split:
         texts, meta = prompts.load(task.name, task.final_split)
         metrics = scoring.RewardModel(f"{task.judge},scene_credit" if task.name == "shapes" else task.judge)
-        ev = train.evaluate(policy, metrics, texts, meta, steps=10, per_prompt=o["eval_per_prompt"], micro_batch=64,
-                            guidance=-1, rank=0, world=1, pad=False)
+        ev = train.evaluate(policy, HeldOut(texts, meta, metrics, steps=10, per_prompt=o["eval_per_prompt"],
+                                            micro_batch=64))
         out[task.final_split] = ev.metrics
     return out
 
