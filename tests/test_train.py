@@ -238,7 +238,9 @@ def test_evaluation_grid_shows_the_first_prompts_at_scale():
 
 
 def _run(args, env=None, check=True):
-    p = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
+    """args run from the repository root; env's entries set (None: unset) over this process's environment."""
+    env = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
+    p = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     if check and p.returncode != 0:
         raise AssertionError(f"{args} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p
@@ -290,7 +292,8 @@ def test_one_result_whatever_the_world_size(pretrained, tmp_path):
     held, logs = {}, {}
     for world in (1, 2, 4):
         out = tmp_path / f"world{world}"
-        env = {} if world == 2 else {"OMP_NUM_THREADS": "1"}  # world 2: as a user runs it (torchrun's OMP notice)
+        # world 2: as a user runs it, with torchrun's OMP notice (whatever the environment pytest runs in)
+        env = {"OMP_NUM_THREADS": None if world == 2 else "1"}
         p = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
                   "tests/ddp_check.py", *WORLD_RUN, "--output_dir", str(out)], env=env)
         logs[world] = p.stdout + p.stderr

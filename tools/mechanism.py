@@ -5,7 +5,7 @@ does an SDE sampler's residual noise reorder the rewards within a GRPO group?
     python -m tools.mechanism --tasks digits --groups 16    # a quick look
     python -m tools.bench --only mechanism,ocr      # the same, into results.json and report.md
 
-On a task's base model, groups are drawn exactly as training draws them (`train.draw_prompts`, `train.rollout`: 8
+On a task's base model, groups are drawn exactly as training draws them (`train.draw`, `train.rollout`: 8
 training prompts x G = 8 samples per iteration, 10 steps on the model's grid, the sampler's step and eta). Per
 trajectory: r_final = the reward of the final sample (what GRPO trains on), r_clean = the reward of the last step's
 x0_hat (the same trajectory without its residual noise), j_clean = the independent judge of x0_hat. Within a group

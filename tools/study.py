@@ -320,9 +320,9 @@ def analyse(design: Design, records: dict[str, dict]) -> dict:
 
 
 # -- the design (docs/STUDY.md) -------------------------------------------------------------------------------------
-REPORT_SEEDS = tuple(range(3001, 3011))  # never used by any run of this repository before this design (STUDY.md)
+REPORT_SEEDS = tuple(range(3001, 3011))  # never used by any run of this repository before this design (docs/STUDY.md)
 PILOT_SEEDS = (2001,)  # the pilots' only seed: pilots choose the shapes run length and the margins, nothing else
-LO, HI = 0.7, 1.4  # Flow-SDE's eta levels, chosen from the mechanism table (STUDY.md, "The η levels")
+LO, HI = 0.7, 1.4  # Flow-SDE's eta levels, chosen from the mechanism table (docs/STUDY.md, "The design")
 DANCE_ETA = 0.3  # DanceGRPO's own eta
 C7, C7_DANCE = Group("cps", LO, "cps"), Group("cps", LO, "cps", recipe="dance")
 F_LO, F_LO_X0 = Group("flow_sde", LO, "cps"), Group("flow_sde", LO, "cps", reward_image="x0_hat")
