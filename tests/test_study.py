@@ -87,6 +87,7 @@ def test_the_design_groups_seeds_and_argv():
     argv = " ".join(d.primary.a.argv(d.task, 3001, 80, 10, 50))
     assert "--eval_split test" in argv and "--reward_image x0_hat" in argv and "--log_prob cps" in argv
     assert "--sampler flow_sde --eta 1.4" in argv and "--model digits" in argv
-    assert " ".join(study.DANCE.argv(d.task, 1, 4, 2, 2)).count("--advantage dance") == 1
+    dance = " ".join(study.DANCE.argv(d.task, 1, 4, 2, 2))  # DanceGRPO as run: its recipe, rewarding x0_hat
+    assert dance.count("--advantage dance") == 1 and "--reward_image x0_hat" in dance
     jobs = d.jobs()
     assert len(jobs) == 80 and jobs[0].name == f"digits/{d.primary.a.slug}/seed3001"

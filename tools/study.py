@@ -328,7 +328,7 @@ C7, C7_DANCE = Group("cps", LO, "cps"), Group("cps", LO, "cps", recipe="dance")
 F_LO, F_LO_X0 = Group("flow_sde", LO, "cps"), Group("flow_sde", LO, "cps", reward_image="x0_hat")
 F_HI, F_HI_X0 = Group("flow_sde", HI, "cps"), Group("flow_sde", HI, "cps", reward_image="x0_hat")
 F_LO_OWN = Group("flow_sde", LO, "gaussian")
-DANCE = Group("dance_sde", DANCE_ETA, "gaussian", recipe="dance")
+DANCE = Group("dance_sde", DANCE_ETA, "gaussian", recipe="dance", reward_image="x0_hat")  # DanceGRPO as run
 
 
 def design(task: Task, iterations: int, eval_every: int, eval_per_prompt: int, margin: float | None,
@@ -361,7 +361,7 @@ NOT_TRAINED = {"shapes": "its pilots (results/pilots) lowered the judge on train
 
 
 def probe_jobs(designs: dict[str, Design] = DESIGNS) -> list[runs.Job]:
-    """The probe (tools/runs.py): every group of the study, 3 iterations, both tasks, one seed."""
+    """The probe (tools/runs.py): every group of each design, 3 iterations, one seed (0)."""
     return [j for d in designs.values()
             for j in dataclasses.replace(design(d.task, 3, 3, 2, None, seeds=(0,)), residual_samples=8).jobs()]
 
