@@ -50,6 +50,12 @@ def pval(p) -> str:
     return "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
+def p_is(name: str, p) -> str:
+    """'name = 0.297' or 'name < 0.001'."""
+    v = pval(p)
+    return f"{name} {v}" if v.startswith("<") else f"{name} = {v}"
+
+
 def seeds(st: dict) -> str:
     s = st["seeds"]
     return f"{s[0]}–{s[-1]} (n = {len(s)})" if s == list(range(s[0], s[-1] + 1)) and len(s) > 2 else \
@@ -61,9 +67,9 @@ def meaning(d: dict) -> str:
     if d["verdict"].startswith(("higher", "lower")):
         return f"**{d['verdict']}**"
     if d["verdict"].startswith("level"):
-        return f"**{d['verdict']}** (TOST p = {pval(d['tost']['p'])})"
+        return f"**{d['verdict']}** ({p_is('TOST p', d['tost']['p'])})"
     return "**inconclusive**: the interval contains 0" + (
-        f" and equivalence within ±{d['tost']['margin']:g} is not shown (TOST p = {pval(d['tost']['p'])})"
+        f" and equivalence within ±{d['tost']['margin']:g} is not shown ({p_is('TOST p', d['tost']['p'])})"
         if d.get("tost") else " (no equivalence margin was allowed: docs/STUDY.md)")
 
 
@@ -94,15 +100,15 @@ def primary(st: dict) -> list[str]:
     if d is None:
         return []
     return [f"**Primary comparison** (declared in docs/STUDY.md before any report seed ran): {d['label']}, held-out "
-            f"`{st['judge']}` AUC: **{interval(d)}**, paired t p = {pval(d['p'])}, ahead on {d['wins']} of {d['n']} "
-            f"seeds (sign test p = {pval(d['sign_p'])}): {meaning(d)}.", ""]
+            f"`{st['judge']}` AUC: **{interval(d)}**, {p_is('paired t p', d['p'])}, ahead on {d['wins']} of {d['n']} "
+            f"seeds (sign test {p_is('p', d['sign_p'])}): {meaning(d)}.", ""]
 
 
 def prediction(st: dict) -> list[str]:
     d = st["prediction"]
     if d is None:
         return []
-    return [f"**The mechanism's prediction**, {d['label']}: {interval(d)}, one-sided p = {pval(d['p_greater'])}: "
+    return [f"**The mechanism's prediction**, {d['label']}: {interval(d)}, {p_is('one-sided p', d['p_greater'])}: "
             f"{d['verdict']}.", ""]
 
 
@@ -369,8 +375,15 @@ def results_block(res: dict) -> list[str]:
                      "primary result is not reported until every one of its runs has finished.")
         else:
             d = st["primary"]
-            L.append(f"- **{task}**, primary ({d['label']}): {interval(d)}, p = {pval(d['p'])}, {d['wins']}/{d['n']} "
+            L.append(f"- **{task}**, primary ({d['label']}): {interval(d)}, {p_is('p', d['p'])}, {d['wins']}/{d['n']} "
                      f"seeds: {meaning(d)}.")
+            if (pr := st.get("prediction")) is not None:
+                L.append(f"- **{task}**, the mechanism's prediction ({pr['label']}): {interval(pr)}, "
+                         f"{p_is('one-sided p', pr['p_greater'])}: {pr['verdict']}.")
+            for label, c in st.get("secondary", {}).items():
+                if "the sampler alone, App. D" in label:  # the paper's own question, CPS against Flow-SDE
+                    L.append(f"- **{task}**, secondary: {label}: {interval(c)}, {c['wins']}/{c['n']} seeds, Holm "
+                             f"{p_is('p', c['p_holm'])}: **{c['verdict']}**.")
     return L + [""]
 
 
