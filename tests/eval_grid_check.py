@@ -47,4 +47,4 @@ else:
 every = distributed.all_gather_objects(mine.metrics)
 assert all(m == every[0] for m in every)
 distributed.teardown()
-print(f"rank {rank}: ok")
+print(f"rank {rank}: ok", flush=True)
