@@ -222,12 +222,6 @@ def _parameters(name: str) -> dict[str, inspect.Parameter] | None:
             (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
-def accepted_options(name: str) -> list[str] | None:
-    """The option names reward `name` takes (None: any)."""
-    params = _parameters(name)
-    return None if params is None else sorted(params)
-
-
 # Option values with a fixed set of meanings; integer options count something (>= 1), except those with their own
 # range: a JPEG quality is in [0, 100] (geneval_flow_grpo: 0 = no JPEG); these float options are fractions.
 OPTION_CHOICES = {"dtype": ("float32", "float16", "bfloat16"), "scale": ("raw", "flow_grpo")}

@@ -192,7 +192,7 @@ def test_parse_options_accepts_what_factories_take():
     assert scoring.parse_options(text, USED) == {"ocr": {"det_limit_side_len": 320},
                                                  "geneval_flow_grpo": {"jpeg_quality": 90, "detector_size": 512}}
     assert scoring.parse_options("{}", USED) == {}
-    assert scoring.accepted_options("clean_background") == []
+    assert scoring._parameters("clean_background") == {}  # it takes no options
     with pytest.raises(ValueError, match="reward 'clean_background' has no option 'scale'; its options are: "
                                          r"\(none\)"):
         RewardModel("clean_background", clean_background={"scale": 2})  # not a TypeError deep in the factory
